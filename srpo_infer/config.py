@@ -1,0 +1,89 @@
+"""Pipeline configuration: one dataclass that says what to load and how to run it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_MODEL = "tencent/SRPO"
+DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
+TINY_RANDOM = "tiny-random"
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU. A CUDA device without CUDA is a clear error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` means bfloat16 on CUDA (the official SRPO setting) and float32 on CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    return dtype
+
+
+@dataclass
+class PipelineConfig:
+    """What :func:`srpo_infer.load_pipeline` loads and how the pipeline runs.
+
+    ``model`` is a Hugging Face repo id, a local folder, a single ``.safetensors`` file, or
+    ``"tiny-random"``. ``base`` supplies VAE, text encoders, tokenizers and scheduler; ``"tiny-random"``
+    pairs any transformer with the tiny in-code components.
+
+    >>> PipelineConfig(model="tiny-random").resolved().device.type in ("cpu", "cuda")
+    True
+    """
+
+    model: str = DEFAULT_MODEL
+    base: str | None = None  # None: "tiny-random" for the tiny model, else DEFAULT_BASE
+    device: torch.device | str | None = None
+    dtype: torch.dtype | str | None = None
+    max_sequence_length: int = 512
+    progress: bool = True
+
+    def resolved(self) -> PipelineConfig:
+        """A copy with ``device``, ``dtype`` and ``base`` turned into concrete values."""
+        device = resolve_device(self.device)
+        base = self.base
+        if base is None:
+            base = TINY_RANDOM if self.model == TINY_RANDOM else DEFAULT_BASE
+        return PipelineConfig(
+            model=os.fspath(self.model),
+            base=os.fspath(base),
+            device=device,
+            dtype=resolve_dtype(self.dtype, device),
+            max_sequence_length=self.max_sequence_length,
+            progress=self.progress,
+        )
+
+    def describe(self) -> dict:
+        """Plain-JSON view, for logs and benchmark records."""
+        d = asdict(self)
+        d["device"] = str(self.device)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d

@@ -1,0 +1,169 @@
+"""Request rules of the ``flux/srpo`` API: sizes, presets, ranges and defaults.
+
+Every violation raises :class:`ValueError` naming the field, the value and the allowed range, so a
+library caller, the CLI and the HTTP server all report the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Presets of the hosted API (width, height).
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+DEFAULT_WIDTH, DEFAULT_HEIGHT = IMAGE_SIZE_PRESETS["landscape_4_3"]
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 512, 1536, 32
+MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 50, 28
+MIN_GUIDANCE, MAX_GUIDANCE, DEFAULT_GUIDANCE = 1.0, 20.0, 4.5
+MIN_IMAGES, MAX_IMAGES, DEFAULT_IMAGES = 1, 4, 1
+MAX_PROMPT_CHARS = 4000
+MAX_SEED = 2**63  # exclusive; seed + num_images - 1 still fits a torch.Generator (< 2**64)
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as in the official SRPO settings
+# Step caching ("regular", "high") is not implemented yet; the API field exists so requests can name it.
+ACCELERATIONS = ("none",)
+OUTPUT_FORMATS = ("jpeg", "png")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated generation request.
+
+    Build it with :func:`validate_request`, which checks every field; constructing it directly skips
+    the checks.
+    """
+
+    prompt: str
+    width: int = DEFAULT_WIDTH
+    height: int = DEFAULT_HEIGHT
+    seed: int | None = None
+    num_inference_steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    num_images: int = DEFAULT_IMAGES
+    acceleration: str = "none"
+
+    @property
+    def image_tokens(self) -> int:
+        """Number of packed latent tokens the transformer sees for one image (16×16 pixels each)."""
+        return (self.width // 16) * (self.height // 16)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: object, lo: int, hi: int) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{field} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{field} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _check_side(field: str, value: object) -> int:
+    if not _is_int(value) or not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
+        raise ValueError(
+            f"{field} must be an integer in [{MIN_SIDE}, {MAX_SIDE}] and a multiple of {SIDE_MULTIPLE}, got {value!r}"
+        )
+    return value
+
+
+def resolve_image_size(
+    image_size: str | dict | None = None, width: object = None, height: object = None
+) -> tuple[int, int]:
+    """Turn a preset name, an ``{"width", "height"}`` object or explicit sides into ``(width, height)``.
+
+    >>> resolve_image_size("square_hd")
+    (1024, 1024)
+    >>> resolve_image_size(width=1440, height=512)
+    (1440, 512)
+    """
+    if image_size is not None:
+        if width is not None or height is not None:
+            raise ValueError("give either image_size or width/height, not both")
+        if isinstance(image_size, str):
+            if image_size not in IMAGE_SIZE_PRESETS:
+                raise ValueError(
+                    f"image_size must be one of {sorted(IMAGE_SIZE_PRESETS)} or an object with width and "
+                    f"height, got {image_size!r}"
+                )
+            return IMAGE_SIZE_PRESETS[image_size]
+        if isinstance(image_size, dict):
+            unknown = set(image_size) - {"width", "height"}
+            if unknown:
+                raise ValueError(f"image_size has unknown fields {sorted(unknown)}; allowed: width, height")
+            width = image_size.get("width", DEFAULT_WIDTH)
+            height = image_size.get("height", DEFAULT_HEIGHT)
+        else:
+            raise ValueError(f"image_size must be a preset name or an object, got {image_size!r}")
+    # A preset name is accepted in the width slot too, so `generate(p, width="square_hd")` works.
+    if isinstance(width, str) and height is None:
+        return resolve_image_size(width)
+    width = DEFAULT_WIDTH if width is None else width
+    height = DEFAULT_HEIGHT if height is None else height
+    return _check_side("width", width), _check_side("height", height)
+
+
+def validate_request(
+    prompt: object,
+    width: object = None,
+    height: object = None,
+    seed: object = None,
+    num_inference_steps: object = DEFAULT_STEPS,
+    guidance_scale: object = DEFAULT_GUIDANCE,
+    num_images: object = DEFAULT_IMAGES,
+    acceleration: object = "none",
+    image_size: str | dict | None = None,
+) -> GenerationRequest:
+    """Check every field of a request against the ``flux/srpo`` rules and return it validated.
+
+    >>> validate_request("a cat", width=1440, height=512, seed=7).image_tokens
+    2880
+    >>> validate_request("a cat", num_inference_steps=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_inference_steps must be in [1, 50], got 0
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string of 1 to {MAX_PROMPT_CHARS} characters, got {prompt!r}")
+    if not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {prompt!r}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} characters")
+    w, h = resolve_image_size(image_size, width, height)
+    if seed is not None:
+        if not _is_int(seed) or not 0 <= seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1] or None, got {seed!r}")
+    steps = _check_int("num_inference_steps", num_inference_steps, MIN_STEPS, MAX_STEPS)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale!r}")
+    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # also rejects NaN
+        raise ValueError(f"guidance_scale must be in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale}")
+    n = _check_int("num_images", num_images, MIN_IMAGES, MAX_IMAGES)
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {list(ACCELERATIONS)}, got {acceleration!r}")
+    return GenerationRequest(
+        prompt=prompt,
+        width=w,
+        height=h,
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        num_images=n,
+        acceleration=acceleration,
+    )
+
+
+def check_output_format(output_format: object) -> str:
+    """Return ``"jpeg"`` or ``"png"``; ``"jpg"`` is accepted as ``"jpeg"``."""
+    fmt = output_format.lower() if isinstance(output_format, str) else output_format
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+    return fmt

@@ -1,0 +1,33 @@
+"""Shared fixtures: one tiny pipeline per session, and helpers that write test checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    import srpo_infer
+
+    return srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_state():
+    """The tiny transformer's state dict (diffusers names, float32)."""
+    from srpo_infer.tiny import build_tiny_transformer
+
+    return {k: v.clone() for k, v in build_tiny_transformer().state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def cpu_only():
+    return not torch.cuda.is_available()

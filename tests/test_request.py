@@ -1,0 +1,109 @@
+"""Every request rule of the flux/srpo contract, through the public generate() and the validator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from srpo_infer import IMAGE_SIZE_PRESETS, validate_request
+from srpo_infer.request import check_output_format, resolve_image_size
+
+BAD = [
+    # (kwargs, words the message must contain)
+    (dict(width=480), ["width", "480", "[512, 1536]", "32"]),
+    (dict(width=1568), ["width", "1568"]),
+    (dict(width=1000), ["width", "1000", "multiple of 32"]),
+    (dict(height=500), ["height", "500"]),
+    (dict(height=1024.0), ["height", "1024.0"]),
+    (dict(width=True), ["width", "True"]),
+    (dict(num_inference_steps=0), ["num_inference_steps", "0", "[1, 50]"]),
+    (dict(num_inference_steps=51), ["num_inference_steps", "51"]),
+    (dict(num_inference_steps=2.5), ["num_inference_steps", "2.5"]),
+    (dict(guidance_scale=0.5), ["guidance_scale", "0.5", "[1.0, 20.0]"]),
+    (dict(guidance_scale=20.5), ["guidance_scale", "20.5"]),
+    (dict(guidance_scale=math.nan), ["guidance_scale", "nan"]),
+    (dict(guidance_scale="4"), ["guidance_scale", "'4'"]),
+    (dict(num_images=0), ["num_images", "0", "[1, 4]"]),
+    (dict(num_images=5), ["num_images", "5"]),
+    (dict(seed=-1), ["seed", "-1"]),
+    (dict(seed=2**63), ["seed", str(2**63)]),
+    (dict(seed="7"), ["seed", "'7'"]),
+    (dict(acceleration="turbo"), ["acceleration", "turbo"]),
+    (dict(image_size="huge"), ["image_size", "huge", "square_hd"]),
+    (dict(image_size={"width": 512, "depth": 3}), ["image_size", "depth"]),
+    (dict(image_size={"width": 500, "height": 512}), ["width", "500"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, words", BAD, ids=[str(k) for k, _ in BAD])
+def test_invalid_fields_name_field_value_and_range(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        validate_request("a cat", **kwargs)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "prompt, word", [("", "non-empty"), ("   ", "non-empty"), (None, "string"), ("x" * 4001, "4001")]
+)
+def test_prompt_rules(prompt, word):
+    with pytest.raises(ValueError, match="prompt") as err:
+        validate_request(prompt)
+    assert word in str(err.value)
+
+
+def test_limits_are_inclusive():
+    r = validate_request(
+        "x" * 4000, width=512, height=1536, seed=2**63 - 1, num_inference_steps=50, guidance_scale=20, num_images=4
+    )
+    assert (r.width, r.height, r.num_inference_steps, r.guidance_scale, r.num_images) == (512, 1536, 50, 20.0, 4)
+    r = validate_request("x", width=1536, height=512, seed=0, num_inference_steps=1, guidance_scale=1)
+    assert (r.width, r.height, r.seed) == (1536, 512, 0)
+
+
+def test_defaults_follow_the_api():
+    r = validate_request("a cat")
+    assert (r.width, r.height) == (1024, 768)
+    assert (r.num_inference_steps, r.guidance_scale, r.num_images, r.seed) == (28, 4.5, 1, None)
+
+
+@pytest.mark.parametrize("name, size", sorted(IMAGE_SIZE_PRESETS.items()))
+def test_presets(name, size):
+    assert resolve_image_size(name) == size
+    assert (validate_request("a", image_size=name).width, validate_request("a", image_size=name).height) == size
+    assert resolve_image_size(width=name) == size  # a preset in the width slot
+
+
+def test_presets_match_the_api_table():
+    assert IMAGE_SIZE_PRESETS == {
+        "square_hd": (1024, 1024),
+        "square": (512, 512),
+        "portrait_4_3": (768, 1024),
+        "portrait_16_9": (576, 1024),
+        "landscape_4_3": (1024, 768),
+        "landscape_16_9": (1024, 576),
+    }
+
+
+def test_image_size_object_and_sides_are_exclusive():
+    assert resolve_image_size({"width": 1440, "height": 512}) == (1440, 512)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_image_size("square", width=512)
+
+
+def test_every_valid_size_is_accepted():
+    sides = range(512, 1537, 32)
+    assert len(sides) ** 2 == 1089
+    for w in sides:
+        validate_request("a", width=w, height=1536 + 512 - w)
+
+
+@pytest.mark.parametrize("fmt, want", [("jpeg", "jpeg"), ("JPG", "jpeg"), ("png", "png")])
+def test_output_format(fmt, want):
+    assert check_output_format(fmt) == want
+
+
+def test_output_format_rejects_others():
+    with pytest.raises(ValueError, match=r"output_format.*webp"):
+        check_output_format("webp")
