@@ -1,0 +1,79 @@
+"""``load_pipeline`` and the cached module-level ``generate``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from .config import DEFAULT_MODEL, PipelineConfig
+from .pipeline import SRPOPipeline
+from .result import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    base: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    max_sequence_length: int = 512,
+    progress: bool = True,
+) -> SRPOPipeline:
+    """Load SRPO (or any Flux transformer checkpoint) with the FLUX.1-dev base components.
+
+    ``model``: Hugging Face repo id (default ``tencent/SRPO``), local folder, single ``.safetensors``
+    file (diffusers or BFL key names), or ``"tiny-random"`` (tiny random model built in code).
+    ``base``: where VAE, text encoders, tokenizers and scheduler come from (default FLUX.1-dev, or the
+    tiny ones for ``"tiny-random"``). ``device`` defaults to CUDA when available; ``dtype`` to bfloat16
+    on CUDA and float32 on CPU.
+
+    >>> pipe = load_pipeline("tiny-random", progress=False)
+    >>> pipe.generate("a cat", width=512, height=512, seed=1, num_inference_steps=1).images[0].size
+    (512, 512)
+    """
+    from .components import load_components
+
+    if not 1 <= max_sequence_length <= 512:
+        raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+    config = PipelineConfig(
+        model=os.fspath(model),
+        base=base,
+        device=device,
+        dtype=dtype,
+        max_sequence_length=max_sequence_length,
+        progress=progress,
+    ).resolved()
+    components = load_components(config)
+    pipe = SRPOPipeline(components, config)
+    log.info("srpo_infer pipeline ready: %s", config.describe())
+    return pipe
+
+
+_default: dict[str, SRPOPipeline] = {}
+_default_lock = threading.Lock()
+
+
+def default_pipeline() -> SRPOPipeline:
+    """The pipeline behind :func:`generate`, built once per ``SRPO_MODEL`` value (default ``tencent/SRPO``)."""
+    model = os.environ.get("SRPO_MODEL", DEFAULT_MODEL)
+    with _default_lock:
+        if model not in _default:
+            _default[model] = load_pipeline(model)
+        return _default[model]
+
+
+def generate(
+    prompt: str, width: int | str = 1024, height: int = 768, seed: int | None = None, **kwargs
+) -> GenerationResult:
+    """Generate with the default pipeline, loading it on first use.
+
+    >>> import os; os.environ["SRPO_MODEL"] = "tiny-random"
+    >>> generate("a cat", 512, 512, seed=3, num_inference_steps=1, progress=False).seed
+    3
+    """
+    return default_pipeline().generate(prompt, width=width, height=height, seed=seed, **kwargs)

@@ -1,0 +1,264 @@
+"""The SRPO pipeline: prompt encoding, the denoising loop and VAE decoding, with per-stage timings.
+
+The loop is ours (so later layers can time it, cache steps and batch requests) but every piece of
+Flux math comes from diffusers' ``FluxPipeline``: prompt encoding, latent packing, position ids, the
+timestep shift. A test checks that our loop gives the same latents as ``FluxPipeline.__call__``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .config import PipelineConfig
+from .request import MAX_SEED, GenerationRequest, validate_request
+from .result import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class PromptTruncatedWarning(UserWarning):
+    """The prompt is longer than the T5 encoder's token limit; the tail is ignored."""
+
+
+def _flux_pipeline_class():
+    # FluxPipeline's module imports image processors that log torchvision notices; they are noise here.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers import FluxPipeline
+    finally:
+        hf_logging.set_verbosity(level)
+    return FluxPipeline
+
+
+class SRPOPipeline:
+    """A loaded SRPO (Flux) pipeline. Build it with :func:`srpo_infer.load_pipeline`.
+
+    >>> pipe = load_pipeline(model="tiny-random")                              # doctest: +SKIP
+    >>> pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=1).images[0].size  # doctest: +SKIP
+    (1440, 512)
+    """
+
+    def __init__(self, components: dict, config: PipelineConfig):
+        self.config = config
+        self.flux = _flux_pipeline_class()(**components)
+        self.flux.set_progress_bar_config(disable=True)
+        self._lock = threading.Lock()  # one generation at a time: the modules are shared state
+
+    # Components, for code that wants to reach in.
+    @property
+    def transformer(self):
+        """The Flux transformer (``diffusers.FluxTransformer2DModel``)."""
+        return self.flux.transformer
+
+    @property
+    def vae(self):
+        """The VAE."""
+        return self.flux.vae
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline runs."""
+        return self.config.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype."""
+        return self.config.dtype
+
+    def generate(
+        self,
+        prompt: str,
+        width: int | str | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 4.5,
+        num_images: int = 1,
+        *,
+        acceleration: str = "none",
+        image_size: str | dict | None = None,
+        progress: bool | None = None,
+    ) -> GenerationResult:
+        """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
+
+        Arguments follow the ``flux/srpo`` API (see :func:`srpo_infer.request.validate_request`);
+        ``image_size`` takes a preset name or ``{"width", "height"}`` instead of the two sides. Image
+        ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in the result.
+
+        >>> r = pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=490733907)  # doctest: +SKIP
+        >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
+        ((1440, 512), 490733907)
+        """
+        req = validate_request(
+            prompt, width, height, seed, num_inference_steps, guidance_scale, num_images, acceleration, image_size
+        )
+        if req.seed is None:
+            req = GenerationRequest(**{**req.__dict__, "seed": secrets.randbelow(2**32)})
+        show = self.config.progress if progress is None else progress
+        with self._lock, torch.inference_mode():
+            latents, timings, text_tokens = self._run(req, show)
+            t0 = time.perf_counter()
+            images = self.decode(latents, req.width, req.height)
+            timings["decode"] = self._elapsed(t0)
+        timings["inference"] = timings["encode"] + timings["denoise"] + timings["decode"]
+        return GenerationResult(
+            images=images,
+            seed=req.seed,
+            seeds=[req.seed + i for i in range(req.num_images)],
+            prompt=req.prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            timings=timings,
+            has_nsfw_concepts=[None] * req.num_images,
+            tokens_used=req.num_images * req.image_tokens + text_tokens,
+        )
+
+    def generate_latents(self, req: GenerationRequest, progress: bool = False) -> torch.Tensor:
+        """The final packed latents ``(num_images, tokens, 64)`` of a validated request, no decoding.
+
+        Benchmarks and numerical checks compare these; ``req.seed`` must be set.
+        """
+        with self._lock, torch.inference_mode():
+            return self._run(req, progress)[0]
+
+    # ------------------------------------------------------------------ stages
+
+    def _elapsed(self, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _run(self, req: GenerationRequest, progress: bool) -> tuple[torch.Tensor, dict[str, float], int]:
+        if req.seed is None or not 0 <= req.seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {req.seed!r}")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
+        timings["encode"] = self._elapsed(t0)
+        t0 = time.perf_counter()
+        noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
+        latents = self.denoise(
+            noise,
+            prompt_embeds,
+            pooled,
+            text_ids,
+            req.width,
+            req.height,
+            req.num_inference_steps,
+            req.guidance_scale,
+            progress,
+        )
+        timings["denoise"] = self._elapsed(t0)
+        return latents, timings, text_tokens
+
+    def encode_prompt(self, prompt: str, num_images: int = 1):
+        """CLIP pooled + T5 sequence embeddings, repeated ``num_images`` times, and the T5 token count.
+
+        Warns with :class:`PromptTruncatedWarning` when T5 drops tokens past ``max_sequence_length``.
+        """
+        max_len = self.config.max_sequence_length
+        n_tokens = len(self.flux.tokenizer_2(prompt, truncation=False).input_ids)
+        if n_tokens > max_len:
+            warnings.warn(
+                f"prompt is {n_tokens} T5 tokens; only the first {max_len} are used",
+                PromptTruncatedWarning,
+                stacklevel=4,
+            )
+        prompt_embeds, pooled, text_ids = self.flux.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=num_images,
+            max_sequence_length=max_len,
+        )
+        return prompt_embeds, pooled, text_ids, min(n_tokens, max_len)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """``(channels, latent_height, latent_width)`` of the unpacked noise for an image size."""
+        f = self.flux.vae_scale_factor * 2
+        return self.transformer.config.in_channels // 4, 2 * (height // f), 2 * (width // f)
+
+    def prepare_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
+        """Packed noise ``(len(seeds), tokens, in_channels)``, one CPU generator per seed.
+
+        Drawn in float32 on the CPU and then cast and moved, so a seed gives the same noise on any
+        device and in any dtype, and image ``i`` of a batch equals a single run with ``seeds[i]``.
+        """
+        c, h, w = self.latent_shape(width, height)
+        noise = torch.stack(
+            [
+                torch.randn((c, h, w), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+                for s in seeds
+            ]
+        )
+        packed = self.flux._pack_latents(noise, len(seeds), c, h, w)
+        return packed.to(device=self.device, dtype=self.dtype)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        text_ids: torch.Tensor,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Run the flow-matching Euler loop from packed noise to packed latents."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from tqdm.auto import tqdm
+
+        _, h, w = self.latent_shape(width, height)
+        img_ids = self.flux._prepare_latent_image_ids(latents.shape[0], h // 2, w // 2, self.device, self.dtype)
+        scheduler = copy.deepcopy(self.flux.scheduler)  # it keeps a step index; never share it across calls
+        cfg = scheduler.config
+        mu = calculate_shift(
+            latents.shape[1],
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([latents.shape[0]], guidance_scale, device=self.device, dtype=torch.float32)
+        for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = self.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> list:
+        """Packed latents → PIL images."""
+        vae = self.vae
+        x = self.flux._unpack_latents(latents, height, width, self.flux.vae_scale_factor)
+        x = x / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        return self.flux.image_processor.postprocess(image, output_type="pil")

@@ -1,0 +1,100 @@
+"""The result of one generation call and its ``flux/srpo`` API response shape."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .request import check_output_format
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+def encode_image(image: Image.Image, output_format: str = "jpeg", quality: int = 95) -> bytes:
+    """The image as JPEG or PNG bytes."""
+    fmt = check_output_format(output_format)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(image: Image.Image, output_format: str = "jpeg") -> str:
+    """A ``data:`` URI holding the encoded image (what the API returns with ``sync_mode``)."""
+    fmt = check_output_format(output_format)
+    return f"data:{CONTENT_TYPES[fmt]};base64," + base64.b64encode(encode_image(image, fmt)).decode("ascii")
+
+
+@dataclass
+class GenerationResult:
+    """Images and facts of one :meth:`SRPOPipeline.generate` call.
+
+    ``seeds[i]`` is the seed of ``images[i]`` (``seed + i``); ``timings`` holds seconds per stage and
+    ``inference`` (their sum). ``has_nsfw_concepts`` holds ``None`` per image when no safety checker ran:
+    ``None`` means "not checked", never "safe".
+    """
+
+    images: list[Image.Image]
+    seed: int
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    timings: dict[str, float]
+    seeds: list[int] = field(default_factory=list)
+    has_nsfw_concepts: list[bool | None] = field(default_factory=list)
+    tokens_used: int = 0
+    urls: list[str] | None = None
+    output_format: str = "jpeg"
+
+    def save(self, target: str | Path, output_format: str | None = None) -> list[Path]:
+        """Write the images and remember their paths as URLs for :meth:`to_dict`.
+
+        ``target`` is a folder (files ``srpo_<seed>.<ext>`` go in it) or, for one image, a file name.
+        """
+        fmt = check_output_format(output_format or self.output_format)
+        ext = "jpg" if fmt == "jpeg" else "png"
+        target = Path(target)
+        if target.suffix and len(self.images) == 1:
+            paths = [target]
+        elif target.suffix:
+            paths = [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(self.images))]
+        else:
+            paths = [target / f"srpo_{s}.{ext}" for s in self.seeds]
+        for path, image in zip(paths, self.images, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_image(image, fmt))
+        self.urls = [str(p) for p in paths]
+        self.output_format = fmt
+        return paths
+
+    def to_dict(self, output_format: str | None = None) -> dict:
+        """The ``flux/srpo`` response: ``images``, ``timings``, ``seed``, ``has_nsfw_concepts``, ``prompt``,
+        ``data``, ``meta``. URLs are the saved paths, or data URIs when nothing was saved.
+
+        ``meta.usage.tokens_used`` is ours: image tokens (width·height/256 per image) plus prompt tokens.
+        """
+        # Saved files keep the format they were written in.
+        fmt = self.output_format if self.urls else check_output_format(output_format or self.output_format)
+        urls = self.urls or [data_uri(im, fmt) for im in self.images]
+        images = [
+            {"url": u, "width": im.width, "height": im.height, "content_type": CONTENT_TYPES[fmt]}
+            for u, im in zip(urls, self.images, strict=True)
+        ]
+        return {
+            "images": images,
+            "timings": dict(self.timings),
+            "seed": self.seed,
+            "seeds": list(self.seeds),
+            "has_nsfw_concepts": list(self.has_nsfw_concepts),
+            "prompt": self.prompt,
+            "data": [dict(i) for i in images],
+            "meta": {"usage": {"tokens_used": self.tokens_used}},
+        }
