@@ -1,0 +1,134 @@
+"""The srpo-infer command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from srpo_infer.cli import main
+
+
+def test_generate_writes_images_and_prints_api_json(tmp_path, capsys):
+    code = main(
+        [
+            "generate",
+            "a T-Rex relaxing on a beach",
+            "--model",
+            "tiny-random",
+            "--width",
+            "1024",
+            "--height",
+            "512",
+            "--seed",
+            "490733907",
+            "--steps",
+            "2",
+            "--num-images",
+            "2",
+            "--output",
+            str(tmp_path),
+            "--format",
+            "png",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seed"] == 490733907 and out["seeds"] == [490733907, 490733908]
+    assert [i["content_type"] for i in out["images"]] == ["image/png"] * 2
+    for item in out["images"]:
+        assert Image.open(item["url"]).size == (1024, 512)
+        assert Path(item["url"]).parent == tmp_path
+    assert out["timings"]["inference"] > 0 and out["data"] == out["images"]
+
+
+def test_output_file_name_picks_the_format(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                "tiny-random",
+                "--image-size",
+                "square",
+                "--seed",
+                "1",
+                "--steps",
+                "1",
+                "-o",
+                str(tmp_path / "cat.jpg"),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"][0]["url"] == str(tmp_path / "cat.jpg")
+    assert out["images"][0]["content_type"] == "image/jpeg"
+    assert Image.open(tmp_path / "cat.jpg").format == "JPEG"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--width", "1000"], ["width", "1000", "multiple of 32"]),
+        (["--steps", "60"], ["num_inference_steps", "60", "[1, 50]"]),
+        (["--guidance", "30"], ["guidance_scale", "30"]),
+        (["--num-images", "9"], ["num_images", "9"]),
+        (["--model", "/no/such/file.safetensors"], ["does not exist"]),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(args, words, capsys, tmp_path):
+    code = main(["generate", "a cat", "--model", "tiny-random", "-o", str(tmp_path), "-q", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("srpo-infer: error:") and "Traceback" not in err
+    for w in words:
+        assert w in err
+
+
+def test_help_explains_the_command():
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--help"])
+    assert exit_.value.code == 0
+
+
+def test_installed_console_script(tmp_path):
+    """The real entry point, in a fresh process: progress bar on stderr, JSON on stdout."""
+    exe = shutil.which("srpo-infer") or str(Path(sys.executable).parent / "srpo-infer")
+    if not Path(exe).exists():
+        pytest.skip("srpo-infer is not installed in this environment")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [
+            exe,
+            "generate",
+            "a cat",
+            "--model",
+            "tiny-random",
+            "--image-size",
+            "square",
+            "--seed",
+            "4",
+            "--steps",
+            "3",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "denoising" in out.stderr  # the progress bar
+    data = json.loads(out.stdout)
+    assert Path(data["images"][0]["url"]).exists()
