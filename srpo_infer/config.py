@@ -64,10 +64,13 @@ class PipelineConfig:
     device: torch.device | str | None = None
     dtype: torch.dtype | str | None = None
     max_sequence_length: int = 512
+    attention: str = "auto"  # auto | sdpa | triton | triton-fp8
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
         """A copy with ``device``, ``dtype`` and ``base`` turned into concrete values."""
+        from .attention import resolve_backend
+
         device = resolve_device(self.device)
         base = self.base
         if base is None:
@@ -78,6 +81,7 @@ class PipelineConfig:
             device=device,
             dtype=resolve_dtype(self.dtype, device),
             max_sequence_length=self.max_sequence_length,
+            attention=resolve_backend(self.attention, device),
             progress=self.progress,
         )
 

@@ -22,6 +22,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     *,
     max_sequence_length: int = 512,
+    attention: str = "auto",
     progress: bool = True,
 ) -> SRPOPipeline:
     """Load SRPO (or any Flux transformer checkpoint) with the FLUX.1-dev base components.
@@ -30,7 +31,8 @@ def load_pipeline(
     file (diffusers or BFL key names), or ``"tiny-random"`` (tiny random model built in code).
     ``base``: where VAE, text encoders, tokenizers and scheduler come from (default FLUX.1-dev, or the
     tiny ones for ``"tiny-random"``). ``device`` defaults to CUDA when available; ``dtype`` to bfloat16
-    on CUDA and float32 on CPU.
+    on CUDA and float32 on CPU. ``attention``: ``sdpa``, ``triton`` or ``triton-fp8`` (our kernels);
+    ``auto`` is ``sdpa`` until our kernels are measured faster on the device.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
     >>> pipe.generate("a cat", width=512, height=512, seed=1, num_inference_steps=1).images[0].size
@@ -46,6 +48,7 @@ def load_pipeline(
         device=device,
         dtype=dtype,
         max_sequence_length=max_sequence_length,
+        attention=attention,
         progress=progress,
     ).resolved()
     components = load_components(config)

@@ -50,7 +50,10 @@ class SRPOPipeline:
     """
 
     def __init__(self, components: dict, config: PipelineConfig):
+        from .attention import set_attention_backend
+
         self.config = config
+        set_attention_backend(components["transformer"], config.attention)
         self.flux = _flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.Lock()  # one generation at a time: the modules are shared state

@@ -1,0 +1,14 @@
+"""Helpers for the attention tests (inputs and error measure come from the library)."""
+
+from __future__ import annotations
+
+import torch
+
+from srpo_infer.attention import random_attention_inputs as make_inputs
+from srpo_infer.metrics import relative_error as rel_err
+
+__all__ = ["as_float64", "make_inputs", "rel_err"]
+
+
+def as_float64(kw: dict) -> dict:
+    return {k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
