@@ -1,0 +1,168 @@
+"""Attention benchmark at Flux shapes: our Triton kernels against every SDPA backend, in one run.
+
+Every candidate is timed with the prologue it needs (q/k RMSNorm, RoPE, text+image concat), from the
+same projection outputs, so the numbers compare whole attention calls. For each image size the text
+stream is 512 tokens and the image stream (width/16)·(height/16). Reported per candidate: median ms,
+TFLOP/s (4·S²·D per head), ratio to the best stock SDPA backend, and relative error against an fp32
+reference computed from the same bf16 inputs.
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention-h100.json
+    python benchmarks/bench_attention.py --smoke --out /tmp/a.json     # CPU, Triton interpreter
+
+On a GPU the goals are bf16 ≥ 1.1× and fp8 ≥ 1.5× the best stock backend (H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SIZES = {"1024x768": (1024, 768), "1440x512": (1440, 512), "1024x1024": (1024, 1024), "1536x1536": (1536, 1536)}
+
+
+def _timer(fn, device: str, warmup: int, repeats: int) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def candidates(device: str):
+    """(name, kind, callable(kw) -> out) for every backend that can run on ``device``."""
+    import torch
+    from srpo_infer.kernels.launch import flux_attention
+    from torch.nn.attention import SDPBackend
+
+    from srpo_infer.attention import flux_attention_reference
+
+    out = [("sdpa-default", "stock", lambda kw: flux_attention_reference(**kw))]
+    if device == "cuda":
+        pinned = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                  ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH))  # fmt: skip
+        for name, backend in pinned:
+            out.append((name, "stock", lambda kw, b=backend: flux_attention_reference(**kw, sdpa_backend=b)))
+    out.append(("triton-prepass", "ours", lambda kw: flux_attention(**kw, design="prepass")))
+    out.append(("triton-fused", "ours", lambda kw: flux_attention(**kw, design="fused")))
+    fp8_ok = device == "cpu" or torch.cuda.get_device_capability() >= (8, 9)
+    if fp8_ok:
+        out.append(("triton-fp8", "ours", lambda kw: flux_attention(**kw, mode="fp8")))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    import triton
+
+    from srpo_infer.attention import attention_flops, flux_attention_reference, random_attention_inputs
+    from srpo_infer.metrics import relative_error
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.smoke:
+        # Interpreter: tiny shapes in fp16 (bf16 dots are wrong there); this checks the harness only.
+        shapes = {"smoke": dict(s_txt=5, s_img=27, heads=2, head_dim=32)}
+        dtype, warmup, repeats = torch.float16, 0, 2
+    else:
+        shapes = {name: dict(s_txt=512, s_img=(w // 16) * (h // 16), heads=24, head_dim=128)
+                  for name, (w, h) in SIZES.items() if name in args.sizes}  # fmt: skip
+        dtype, warmup, repeats = torch.bfloat16, args.warmup, args.repeats
+    rows = []
+    for size, shape in shapes.items():
+        kw = random_attention_inputs(1, shape["heads"], shape["head_dim"], shape["s_txt"], shape["s_img"], dtype,
+                                     device, seed=1)  # fmt: skip
+        tokens = shape["s_txt"] + shape["s_img"]
+        flops = attention_flops(1, shape["heads"], shape["head_dim"], tokens)
+        ref_kw = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        reference = flux_attention_reference(**ref_kw)
+        size_rows = []
+        for name, kind, fn in candidates(device):
+            row = dict(size=size, tokens=tokens, candidate=name, kind=kind)
+            try:
+                out = fn(kw)
+                row["rel_err_vs_fp32"] = relative_error(out, reference)
+                times = _timer(lambda fn=fn, kw=kw: fn(kw), device, warmup, repeats)
+                row["ms"] = statistics.median(times)
+                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            except (RuntimeError, ValueError) as exc:  # a backend that cannot run this shape (OOM, unsupported)
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            size_rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        stock = [r["ms"] for r in size_rows if r["kind"] == "stock" and "ms" in r]
+        best = min(stock) if stock else None
+        for r in size_rows:
+            if best and "ms" in r:
+                r["speedup_vs_best_stock"] = best / r["ms"]
+        rows.extend(size_rows)
+    return dict(
+        benchmark="attention",
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+        interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
+        dtype=str(dtype).replace("torch.", ""),
+        warmup=warmup,
+        repeats=repeats,
+        rows=rows,
+    )
+
+
+def markdown(result: dict) -> str:
+    """The rows as a Markdown table."""
+    lines = [f"Attention on {result['device']} ({result['dtype']}, {result['date']})", "",
+             "| size | tokens | candidate | ms | TFLOP/s | × best stock | rel. err vs fp32 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        if "ms" not in r:
+            lines.append(f"| {r['size']} | {r['tokens']} | {r['candidate']} | – | – | – | {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['size']} | {r['tokens']} | {r['candidate']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+            f"{r.get('speedup_vs_best_stock', float('nan')):.2f} | {r['rel_err_vs_fp32']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the JSON here (a .md table goes beside it)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    result = run(args)
+    table = markdown(result)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

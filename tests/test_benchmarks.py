@@ -1,0 +1,29 @@
+"""The benchmark harnesses run end to end on the CPU (smoke mode) and write valid results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    out = tmp_path / "attention.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = ROOT / "benchmarks" / "bench_attention.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "attention" and result["versions"]["torch"]
+    names = {r["candidate"] for r in result["rows"]}
+    assert {"sdpa-default", "triton-prepass", "triton-fused", "triton-fp8"} <= names
+    for r in result["rows"]:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_best_stock"] > 0
+        assert r["rel_err_vs_fp32"] < (0.08 if r["candidate"] == "triton-fp8" else 2e-3), r
+    assert "| candidate |" in out.with_suffix(".md").read_text()
