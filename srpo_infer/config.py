@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+
+from .compile import DEFAULT_CACHE_DIR
+from .quantize import DEFAULT_SKIP, check_quantize_available
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "tencent/SRPO"
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
 TINY_RANDOM = "tiny-random"
+FULL_RANDOM = "full-random"  # FLUX.1-dev sizes, random weights, built on the GPU
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -65,6 +73,13 @@ class PipelineConfig:
     dtype: torch.dtype | str | None = None
     max_sequence_length: int = 512
     attention: str = "auto"  # auto | sdpa | triton | triton-fp8
+    quantize: str | None = "auto"  # auto | fp8 | fp8-weight | None
+    quantize_skip: tuple[str, ...] = field(default_factory=lambda: DEFAULT_SKIP)
+    quantize_text_encoder: bool = False  # T5 in fp8-weight: ~4.7 GB less memory
+    compile: bool | str = "auto"  # auto: on CUDA
+    compile_backend: str = "inductor"
+    fuse_qkv: bool = False  # implied by compile
+    cache_dir: Path | None = DEFAULT_CACHE_DIR  # compiled artifacts; None: do not persist
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
@@ -74,7 +89,7 @@ class PipelineConfig:
         device = resolve_device(self.device)
         base = self.base
         if base is None:
-            base = TINY_RANDOM if self.model == TINY_RANDOM else DEFAULT_BASE
+            base = self.model if self.model in (TINY_RANDOM, FULL_RANDOM) else DEFAULT_BASE
         return PipelineConfig(
             model=os.fspath(self.model),
             base=os.fspath(base),
@@ -82,6 +97,13 @@ class PipelineConfig:
             dtype=resolve_dtype(self.dtype, device),
             max_sequence_length=self.max_sequence_length,
             attention=resolve_backend(self.attention, device),
+            quantize=resolve_quantize(self.quantize, device),
+            quantize_skip=tuple(self.quantize_skip),
+            quantize_text_encoder=bool(self.quantize_text_encoder),
+            compile=resolve_compile(self.compile, device),
+            compile_backend=self.compile_backend,
+            fuse_qkv=bool(self.fuse_qkv),
+            cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir is not None else None,
             progress=self.progress,
         )
 
@@ -90,4 +112,24 @@ class PipelineConfig:
         d = asdict(self)
         d["device"] = str(self.device)
         d["dtype"] = str(self.dtype).replace("torch.", "")
+        d["quantize_skip"] = list(self.quantize_skip)
+        d["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
         return d
+
+
+def resolve_quantize(mode: str | None, device: torch.device) -> str | None:
+    """``auto`` → no quantization, on every device, until the benchmark has measured fp8's deviation
+    from bf16 on real SRPO weights (the model card warns naive fp8 can under-denoise)."""
+    if mode == "auto":
+        return None
+    check_quantize_available(mode, device)
+    return mode
+
+
+def resolve_compile(value: bool | str, device: torch.device) -> bool:
+    """``auto`` → compile on CUDA (where it pays), eager on CPU (where compiling costs more than it saves)."""
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
+    return value

@@ -23,7 +23,10 @@ def load_pipeline(
     *,
     max_sequence_length: int = 512,
     attention: str = "auto",
+    quantize: str | None = "auto",
+    compile: bool | str = "auto",
     progress: bool = True,
+    **options,
 ) -> SRPOPipeline:
     """Load SRPO (or any Flux transformer checkpoint) with the FLUX.1-dev base components.
 
@@ -32,7 +35,12 @@ def load_pipeline(
     ``base``: where VAE, text encoders, tokenizers and scheduler come from (default FLUX.1-dev, or the
     tiny ones for ``"tiny-random"``). ``device`` defaults to CUDA when available; ``dtype`` to bfloat16
     on CUDA and float32 on CPU. ``attention``: ``sdpa``, ``triton`` or ``triton-fp8`` (our kernels);
-    ``auto`` is ``sdpa`` until our kernels are measured faster on the device.
+    ``auto`` is ``sdpa`` until our kernels are measured faster on the device. ``quantize``: ``fp8``
+    (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device, memory only) or ``None``;
+    ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
+    the transformer and VAE decoder (``auto``: on CUDA). Other :class:`PipelineConfig` fields
+    (``quantize_skip``, ``quantize_text_encoder``, ``compile_backend``, ``fuse_qkv``, ``cache_dir``)
+    pass through ``options``.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
     >>> pipe.generate("a cat", width=512, height=512, seed=1, num_inference_steps=1).images[0].size
@@ -42,6 +50,11 @@ def load_pipeline(
 
     if not 1 <= max_sequence_length <= 512:
         raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+    from dataclasses import fields
+
+    unknown = sorted(set(options) - {f.name for f in fields(PipelineConfig)})
+    if unknown:
+        raise ValueError(f"unknown load_pipeline options {unknown}; see PipelineConfig for the fields")
     config = PipelineConfig(
         model=os.fspath(model),
         base=base,
@@ -49,7 +62,10 @@ def load_pipeline(
         dtype=dtype,
         max_sequence_length=max_sequence_length,
         attention=attention,
+        quantize=quantize,
+        compile=compile,
         progress=progress,
+        **options,
     ).resolved()
     components = load_components(config)
     pipe = SRPOPipeline(components, config)

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from .compile import compiled_graphs, mark_dynamic, save_artifacts
 from .config import PipelineConfig
 from .request import MAX_SEED, GenerationRequest, validate_request
 from .result import GenerationResult
@@ -50,10 +51,10 @@ class SRPOPipeline:
     """
 
     def __init__(self, components: dict, config: PipelineConfig):
-        from .attention import set_attention_backend
+        from .optimize import optimize
 
         self.config = config
-        set_attention_backend(components["transformer"], config.attention)
+        self.optimized = optimize(components, config)
         self.flux = _flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.Lock()  # one generation at a time: the modules are shared state
@@ -128,6 +129,30 @@ class SRPOPipeline:
             has_nsfw_concepts=[None] * req.num_images,
             tokens_used=req.num_images * req.image_tokens + text_tokens,
         )
+
+    def warmup(self, sizes: list[tuple[int, int]] | None = None, num_images: int = 1) -> dict[str, float]:
+        """Compile (or load compiled artifacts) for ``sizes`` ahead of the first request.
+
+        Runs a 2-step generation per size (two steps, so CUDA graphs record too) and, when compiled,
+        saves the compile caches so the next process starts warm. Returns seconds per size.
+        With dynamic shapes the first size pays the compile; the rest should take a normal call.
+
+        >>> pipe.warmup([(1024, 1024), (1440, 512)])  # doctest: +SKIP
+        """
+        sizes = sizes or [(1024, 768)]
+        timings = {}
+        for width, height in sizes:
+            t0 = time.perf_counter()
+            self.generate("warm-up", width=width, height=height, seed=0, num_inference_steps=2,
+                          num_images=num_images, progress=False)  # fmt: skip
+            timings[f"{width}x{height}"] = time.perf_counter() - t0
+        if self.optimized.compiled and self.optimized.cache_file is not None:
+            save_artifacts(self.optimized.cache_file)
+        return timings
+
+    def compiled_graphs(self) -> int:
+        """Graphs torch.compile has built in this process (the recompile counter)."""
+        return compiled_graphs()
 
     def generate_latents(self, req: GenerationRequest, progress: bool = False) -> torch.Tensor:
         """The final packed latents ``(num_images, tokens, 64)`` of a validated request, no decoding.
@@ -243,9 +268,12 @@ class SRPOPipeline:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([latents.shape[0]], guidance_scale, device=self.device, dtype=torch.float32)
+        run = self.optimized.transformer
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = self.transformer(
+            if self.optimized.compiled:
+                mark_dynamic(latents, img_ids)
+            noise_pred = run(
                 hidden_states=latents,
                 timestep=timestep / 1000,
                 guidance=guidance,
@@ -263,5 +291,9 @@ class SRPOPipeline:
         vae = self.vae
         x = self.flux._unpack_latents(latents, height, width, self.flux.vae_scale_factor)
         x = x / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        x = x.to(vae.dtype).contiguous()
+        if self.optimized.compiled:
+            for dim in (0, 2, 3):
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        image = self.optimized.vae_decode(x, return_dict=False)[0]
         return self.flux.image_processor.postprocess(image, output_type="pil")
