@@ -68,6 +68,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="image format [default: from --output's extension, else jpeg]",
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark diffusers vs our pipeline, one optimization at a time (JSON, Markdown, PNG)",
+        description="Runs stock diffusers FluxPipeline (baseline) and our pipeline with each optimization "
+        "added one at a time, on the same weights, prompt and seed, in one process. On a CPU only the "
+        "smoke set runs (baseline, eager, fp8-weight, compile).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--model", default=None,
+                   help="full-random (FLUX.1-dev sizes, random, GPU), tiny-random, or real weights "
+                   "[default: full-random on CUDA, tiny-random on CPU]")  # fmt: skip
+    b.add_argument("--base", default=None, help="base components for real weights [default: FLUX.1-dev]")
+    b.add_argument("--device", default=None, help="cpu, cuda … [default: cuda if available]")
+    b.add_argument("--sizes", nargs="+", default=["1024x768", "1440x512", "1024x1024"], help="WIDTHxHEIGHT …")
+    b.add_argument("--steps", type=int, default=28, help="denoising steps per image")
+    b.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the official SRPO setting: 1024x1024, 50 steps")  # fmt: skip
+    b.add_argument("--configs", nargs="+", default=None, help="only these configurations (names as in the table)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
+    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
+    b.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json, bench.md, bench.png")
     return parser
 
 
@@ -104,6 +126,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import BenchArgs, Setting, run_benchmark, write_reports
+    from .request import resolve_image_size
+
+    settings = []
+    for text in args.sizes:
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes takes WIDTHxHEIGHT values such as 1024x768, got {text!r}") from None
+        resolve_image_size(width=w, height=h)
+        settings.append(Setting(w, h, args.steps))
+    if args.official:
+        settings.append(Setting(1024, 1024, 50))
+    model = args.model or ("full-random" if torch.cuda.is_available() else "tiny-random")
+    result = run_benchmark(BenchArgs(
+        model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
+        repeats=args.repeats, compile_backend=args.compile_backend, out_dir=Path(args.out),
+    ))  # fmt: skip
+    paths = write_reports(result, Path(args.out))
+    print(paths["md"].read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``srpo-infer`` command; returns the exit code.
 
@@ -111,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(message)s"
+    )
     try:
-        return {"generate": _generate}[args.command](args)
+        return {"generate": _generate, "bench": _bench}[args.command](args)
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {exc}", file=sys.stderr)
         return 2

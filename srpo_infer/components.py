@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_transformer
-from .config import TINY_RANDOM, PipelineConfig
+from .config import FULL_RANDOM, TINY_RANDOM, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def _load_pretrained_base(base: str, dtype: torch.dtype) -> dict:
 
 def load_components(config: PipelineConfig) -> dict:
     """Transformer plus base components for a resolved :class:`PipelineConfig`."""
+    if config.model == FULL_RANDOM:
+        from .full_random import build_full_random
+
+        return build_full_random(config.device, config.dtype)
     if config.model == TINY_RANDOM:
         from .tiny import build_tiny_transformer
 

@@ -1,0 +1,397 @@
+"""``srpo-infer bench``: diffusers' FluxPipeline against our pipeline with each optimization added one
+at a time, in one process, on the same weights, seeds and prompt.
+
+Per configuration and setting (size, steps): median seconds per image, ms per transformer step,
+speed-up against the baseline, achieved TFLOP/s (FLOPs counted with hooks on one forward), peak GPU
+memory, first-call (compile) seconds, graphs compiled after the first size (recompiles), and the
+deviation from the baseline output (latent relative error, PSNR of the decoded image).
+Output: JSON, a Markdown table and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import PipelineConfig
+from .metrics import psnr, relative_error
+from .request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+PROMPT = "A T-Rex relaxing on a beach, lying on a sun lounger and wearing sunglasses."
+SEED = 490733907
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One column of the ablation: our pipeline with these switches (``baseline`` = stock diffusers)."""
+
+    name: str
+    baseline: bool = False
+    compile: bool = False
+    quantize: str | None = None
+    attention: str = "sdpa"
+
+
+# Each adds one optimization on top of compile, then everything together.
+ABLATION = (
+    BenchConfig("diffusers", baseline=True),
+    BenchConfig("ours-eager"),
+    BenchConfig("+compile", compile=True),
+    BenchConfig("+compile+fp8", compile=True, quantize="fp8"),
+    BenchConfig("+compile+triton", compile=True, attention="triton"),
+    BenchConfig("+compile+triton-fp8", compile=True, attention="triton-fp8"),
+    BenchConfig("all", compile=True, quantize="fp8", attention="triton-fp8"),
+)
+CPU_SMOKE = (
+    BenchConfig("diffusers", baseline=True),
+    BenchConfig("ours-eager"),
+    BenchConfig("+fp8-weight", quantize="fp8-weight"),
+    BenchConfig("+compile", compile=True),
+)
+
+
+@dataclass
+class Setting:
+    width: int
+    height: int
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height}@{self.steps}"
+
+
+@dataclass
+class BenchArgs:
+    model: str = "full-random"
+    base: str | None = None
+    device: str | None = None
+    settings: list[Setting] = field(default_factory=list)
+    configs: list[str] | None = None
+    repeats: int = 3
+    compile_backend: str = "inductor"
+    out_dir: Path = Path("benchmarks/results/latest")
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+
+
+def transformer_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, int]:
+    """FLOPs of one transformer forward: 2·in·out per row for every linear layer, plus 4·S²·D per
+    head for every attention, counted with forward hooks on one call (a meta-device model works).
+
+    Returns ``{"linear", "attention", "total"}``. FLUX.1-dev at 1024² (4096 + 512 tokens): 59.5 and
+    14.9 TFLOP, as in DESIGN.md's cost model (a test checks it).
+    """
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    total = {"linear": 0, "attention": 0}
+
+    def on_linear(module, args, _out):
+        x = args[0]
+        total["linear"] += 2 * x.numel() // x.shape[-1] * module.in_features * module.out_features
+
+    def on_attention(module, args, kwargs, _out):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        extra = kwargs.get("encoder_hidden_states")
+        tokens = hidden.shape[1] + (extra.shape[1] if extra is not None else 0)
+        total["attention"] += 4 * hidden.shape[0] * tokens * tokens * module.heads * module.head_dim
+
+    hooks = [m.register_forward_hook(on_linear) for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in transformer.modules()
+              if isinstance(m, FluxAttention)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            transformer(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**total, "total": total["linear"] + total["attention"]}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Baseline:
+    """Stock diffusers ``FluxPipeline`` over the same components, with diffusers' own processors."""
+
+    def __init__(self, components: dict, ours):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.ours = ours  # for identical noise and latent shapes
+        self.flux = ours.flux
+        self.flux.transformer.set_attn_processor(FluxAttnProcessor())
+
+    def run(self, setting: Setting) -> tuple[torch.Tensor, object, float, float]:
+        """Latents, decoded image, total seconds, and seconds spent in transformer calls."""
+        noise = self.ours.prepare_noise([SEED], setting.width, setting.height)
+        device = self.ours.device
+        spent = [0.0, 0.0]
+
+        def before(*_):
+            _sync(device)
+            spent[1] = time.perf_counter()
+
+        def after(*_):
+            _sync(device)
+            spent[0] += time.perf_counter() - spent[1]
+
+        hooks = [self.flux.transformer.register_forward_pre_hook(before),
+                 self.flux.transformer.register_forward_hook(after)]  # fmt: skip
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            latents = self.flux(PROMPT, height=setting.height, width=setting.width,
+                                num_inference_steps=setting.steps, guidance_scale=4.5, latents=noise,
+                                output_type="latent", max_sequence_length=512).images  # fmt: skip
+            image = self.ours.decode(latents, setting.width, setting.height)[0]
+        _sync(device)
+        for h in hooks:
+            h.remove()
+        return latents, image, time.perf_counter() - t0, spent[0]
+
+
+def _ours_run(pipe, setting: Setting) -> tuple[torch.Tensor, object, float, float]:
+    req = GenerationRequest(PROMPT, setting.width, setting.height, seed=SEED, num_inference_steps=setting.steps)
+    _sync(pipe.device)
+    t0 = time.perf_counter()
+    with pipe._lock, torch.inference_mode():
+        latents, timings, _ = pipe._run(req, progress=False)
+        image = pipe.decode(latents, setting.width, setting.height)[0]
+    _sync(pipe.device)
+    return latents, image, time.perf_counter() - t0, timings["denoise"]
+
+
+def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> dict:
+    from .components import load_components
+
+    config = PipelineConfig(model=args.model, base=args.base, device=device, dtype=dtype, attention="sdpa",
+                            quantize=None, compile=False, progress=False).resolved()  # fmt: skip
+    return load_components(config)
+
+
+def run_benchmark(args: BenchArgs) -> dict:
+    """Run the ablation and return the result record (see module docstring)."""
+    import triton
+
+    from .config import resolve_device
+    from .pipeline import SRPOPipeline
+
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = ABLATION if device.type == "cuda" else CPU_SMOKE
+    configs = [c for c in table if args.configs is None or c.name in args.configs]
+    t0 = time.perf_counter()
+    pristine = _pristine_components(args, device, dtype)
+    load_s = time.perf_counter() - t0
+    flops = {}
+    reference: dict[str, tuple[torch.Tensor, object]] = {}
+    rows = []
+    for bench in configs:
+        log.info("benchmarking %s", bench.name)
+        parts = dict(pristine)
+        parts["transformer"] = copy.deepcopy(pristine["transformer"])
+        parts["vae"] = copy.deepcopy(pristine["vae"])  # compile wraps decode; keep the pristine one eager
+        try:
+            config = PipelineConfig(
+                model=args.model, base=args.base, device=device, dtype=dtype, attention=bench.attention,
+                quantize=bench.quantize, compile=bench.compile, compile_backend=args.compile_backend,
+                cache_dir=None, progress=False,
+            ).resolved()  # fmt: skip
+            pipe = SRPOPipeline(parts, config)
+        except ValueError as exc:  # e.g. fp8 on a GPU without fp8 GEMMs: recorded, not fatal
+            rows.append(dict(config=bench.name, error=str(exc)))
+            continue
+        runner = _Baseline(parts, pipe) if bench.baseline else None
+        graphs_start = pipe.compiled_graphs()
+        graphs_after_first = None
+        for setting in args.settings:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            row = dict(config=bench.name, setting=setting.label, width=setting.width, height=setting.height,
+                       steps=setting.steps)  # fmt: skip
+            try:
+                first = None
+                times, denoise = [], []
+                for i in range(args.repeats + 1):  # call 0 is the warm-up (and the compile)
+                    if runner is not None:
+                        latents, image, seconds, den = runner.run(setting)
+                    else:
+                        latents, image, seconds, den = _ours_run(pipe, setting)
+                    if i == 0:
+                        first = seconds
+                        if graphs_after_first is None:
+                            graphs_after_first = pipe.compiled_graphs()
+                    else:
+                        times.append(seconds)
+                        if den is not None:
+                            denoise.append(den)
+            except (RuntimeError, ValueError) as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                rows.append(row)
+                _free(device)
+                continue
+            median = statistics.median(times)
+            if setting.label not in flops:
+                flops[setting.label] = _count_flops(pristine, pipe, setting)
+            row.update(
+                seconds_per_image=median,
+                first_call_seconds=first,
+                ms_per_step=statistics.median(denoise) / setting.steps * 1e3,
+                transformer_tflops=flops[setting.label] * setting.steps / median / 1e12,
+                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                graphs_compiled=pipe.compiled_graphs() - graphs_start,
+                recompiles_after_first_size=pipe.compiled_graphs() - (graphs_after_first or graphs_start),
+            )
+            if bench.baseline:
+                reference[setting.label] = (latents.float().cpu(), image)
+            if setting.label in reference:
+                ref_latents, ref_image = reference[setting.label]
+                row["latent_rel_err_vs_baseline"] = relative_error(latents.float().cpu(), ref_latents)
+                row["psnr_vs_baseline_db"] = psnr(image, ref_image)
+            rows.append(row)
+        del pipe, parts, runner
+        _free(device)
+    base_times = {
+        r["setting"]: r["seconds_per_image"] for r in rows if r.get("config") == "diffusers" and "error" not in r
+    }
+    for r in rows:
+        if r.get("setting") in base_times and "seconds_per_image" in r:
+            r["speedup_vs_baseline"] = base_times[r["setting"]] / r["seconds_per_image"]
+    return dict(
+        benchmark="pipeline",
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        model=args.model,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=str(dtype).replace("torch.", ""),
+        versions=_versions(triton.__version__),
+        repeats=args.repeats,
+        load_seconds=load_s,
+        prompt=PROMPT,
+        seed=SEED,
+        note="random weights: speeds are real, deviations and images are not representative of SRPO"
+        if args.model in ("tiny-random", "full-random")
+        else "",
+        rows=rows,
+    )
+
+
+def _count_flops(pristine: dict, pipe, setting: Setting) -> int:
+    req = GenerationRequest(PROMPT, setting.width, setting.height, seed=SEED, num_inference_steps=1)
+    with torch.inference_mode():
+        embeds, pooled, text_ids, _ = pipe.encode_prompt(req.prompt)
+        noise = pipe.prepare_noise([SEED], setting.width, setting.height)
+        _, h, w = pipe.latent_shape(setting.width, setting.height)
+        img_ids = pipe.flux._prepare_latent_image_ids(1, h // 2, w // 2, pipe.device, pipe.dtype)
+    inputs = dict(hidden_states=noise, timestep=torch.full((1,), 0.5, device=pipe.device, dtype=pipe.dtype),
+                  guidance=torch.full((1,), 4.5, device=pipe.device), pooled_projections=pooled,
+                  encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)  # fmt: skip
+    return transformer_flops(pristine["transformer"], inputs)["total"]
+
+
+def _versions(triton_version: str) -> dict:
+    import diffusers
+    import transformers
+
+    versions = dict(torch=torch.__version__, triton=triton_version, diffusers=diffusers.__version__,
+                    transformers=transformers.__version__, python=platform.python_version())  # fmt: skip
+    for name in ("torchao", "optimum.quanto"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            versions[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table."""
+    head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
+            f"median of {result['repeats']}")  # fmt: skip
+    lines = [head, "", "| setting | config | s/image | ms/step | × baseline | TFLOP/s | peak GB | first call s | "
+             "recompiles | latent rel. err | PSNR dB |", "|" + "---|" * 11]  # fmt: skip
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['config']} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
+            f"{f(r.get('speedup_vs_baseline'), '.2f')} | {f(r['transformer_tflops'], '.3g')} | "
+            f"{f(r['peak_memory_gb'], '.1f')} | {f(r['first_call_seconds'], '.1f')} | "
+            f"{r['recompiles_after_first_size']} | {f(r.get('latent_rel_err_vs_baseline'), '.2e')} | "
+            f"{f(r.get('psnr_vs_baseline_db'), '.1f')} |"
+        )
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: Path) -> None:
+    """Seconds per image per configuration, one group of bars per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "seconds_per_image" in r]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(settings) * max(1, len(configs)) / 3), 4.5))
+    width = 0.8 / max(1, len(configs))
+    for i, name in enumerate(configs):
+        mine = {r["setting"]: r for r in rows if r["config"] == name}
+        points = [(j + i * width, mine[s]["seconds_per_image"], mine[s].get("speedup_vs_baseline"))
+                  for j, s in enumerate(settings) if s in mine]  # fmt: skip
+        ax.bar([p[0] for p in points], [p[1] for p in points], width, label=name)
+        for x, y, speed in points:
+            if speed:
+                ax.annotate(f"{speed:.1f}×", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(settings))], settings)
+    ax.set_ylabel("seconds per image (median)")
+    ax.set_title(f"{result['model']} on {result['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(result: dict, out_dir: Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    paths["md"].write_text(markdown_table(result) + "\n")
+    chart(result, paths["png"])
+    return paths
