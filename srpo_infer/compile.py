@@ -52,6 +52,14 @@ def mark_dynamic(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> None:
     torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
 
 
+def mark_stage_dynamic(hidden_states: torch.Tensor, *rope: torch.Tensor) -> None:
+    """The same for the step cache's later stages: image tokens (and batch), rotary tables' rows."""
+    torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+    torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
+    for table in rope:
+        torch._dynamo.maybe_mark_dynamic(table, 0)
+
+
 def compiled_graphs() -> int:
     """Graphs compiled so far in this process (``torch._dynamo`` counters)."""
     from torch._dynamo.utils import counters

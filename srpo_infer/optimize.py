@@ -13,6 +13,7 @@ from .attention import set_attention_backend
 from .compile import cache_key, compile_module, load_artifacts
 from .config import PipelineConfig
 from .quantize import quantize_module
+from .step_cache import FluxStages
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class Optimized:
 
     transformer: Any
     vae_decode: Any
+    stages: tuple[Any, Any, Any]  # front, rest, head of the first-block cache (each compiled separately)
     compiled: bool = False
     steps: list[str] = field(default_factory=list)
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
@@ -45,6 +47,8 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
     set_attention_backend(transformer, config.attention)
     steps.append(f"attention:{config.attention}")
     transformer_fn, decode_fn, cache_file = transformer, vae.decode, None
+    split = FluxStages(transformer)
+    stages = (split.front, split.rest, split.head)
     if config.compile:
         if config.cache_dir is not None:
             key = cache_key(
@@ -55,6 +59,8 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
             load_artifacts(cache_file)
         transformer_fn = compile_module(transformer, config.device, config.compile_backend)
         decode_fn = compile_module(vae.decode, config.device, config.compile_backend)
+        # Step caching decides between the stages in Python, so each stage is its own full graph.
+        stages = tuple(compile_module(fn, config.device, config.compile_backend) for fn in stages)
         steps.append(f"compile:{config.compile_backend}")
     log.info("optimizations: %s", " → ".join(steps))
-    return Optimized(transformer_fn, decode_fn, bool(config.compile), steps, cache_file)
+    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file)

@@ -17,10 +17,11 @@ import warnings
 import numpy as np
 import torch
 
-from .compile import compiled_graphs, mark_dynamic, save_artifacts
+from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
 from .request import MAX_SEED, GenerationRequest, validate_request
 from .result import GenerationResult
+from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,15 @@ def _flux_pipeline_class():
     finally:
         hf_logging.set_verbosity(level)
     return FluxPipeline
+
+
+def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:
+    """The first-block cache threshold of an ``acceleration`` level (``None``: no cache)."""
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, (int, float)) or not override >= 0:
+            raise ValueError(f"cache_threshold must be a number >= 0, got {override!r}")
+        return float(override)
+    return ACCELERATION_THRESHOLDS[acceleration]
 
 
 class SRPOPipeline:
@@ -93,12 +103,16 @@ class SRPOPipeline:
         acceleration: str = "none",
         image_size: str | dict | None = None,
         progress: bool | None = None,
+        cache_threshold: float | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
 
         Arguments follow the ``flux/srpo`` API (see :func:`srpo_infer.request.validate_request`);
         ``image_size`` takes a preset name or ``{"width", "height"}`` instead of the two sides. Image
         ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in the result.
+        ``acceleration``: ``none`` (exact), ``regular`` or ``high`` first-block caching (see
+        :mod:`srpo_infer.step_cache`); ``cache_threshold`` sets the cache's threshold directly (research).
+        ``result.timings["transformer_evaluations"]`` counts the full transformer evaluations.
 
         >>> r = pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=490733907)  # doctest: +SKIP
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
@@ -109,9 +123,10 @@ class SRPOPipeline:
         )
         if req.seed is None:
             req = GenerationRequest(**{**req.__dict__, "seed": secrets.randbelow(2**32)})
+        threshold = cache_threshold_for(req.acceleration, cache_threshold)
         show = self.config.progress if progress is None else progress
         with self._lock, torch.inference_mode():
-            latents, timings, text_tokens = self._run(req, show)
+            latents, timings, text_tokens = self._run(req, show, threshold)
             t0 = time.perf_counter()
             images = self.decode(latents, req.width, req.height)
             timings["decode"] = self._elapsed(t0)
@@ -154,13 +169,15 @@ class SRPOPipeline:
         """Graphs torch.compile has built in this process (the recompile counter)."""
         return compiled_graphs()
 
-    def generate_latents(self, req: GenerationRequest, progress: bool = False) -> torch.Tensor:
+    def generate_latents(
+        self, req: GenerationRequest, progress: bool = False, cache_threshold: float | None = None
+    ) -> torch.Tensor:
         """The final packed latents ``(num_images, tokens, 64)`` of a validated request, no decoding.
 
         Benchmarks and numerical checks compare these; ``req.seed`` must be set.
         """
         with self._lock, torch.inference_mode():
-            return self._run(req, progress)[0]
+            return self._run(req, progress, cache_threshold_for(req.acceleration, cache_threshold))[0]
 
     # ------------------------------------------------------------------ stages
 
@@ -169,7 +186,9 @@ class SRPOPipeline:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def _run(self, req: GenerationRequest, progress: bool) -> tuple[torch.Tensor, dict[str, float], int]:
+    def _run(
+        self, req: GenerationRequest, progress: bool, cache_threshold: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, float], int]:
         if req.seed is None or not 0 <= req.seed < MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {req.seed!r}")
         timings: dict[str, float] = {}
@@ -178,18 +197,12 @@ class SRPOPipeline:
         timings["encode"] = self._elapsed(t0)
         t0 = time.perf_counter()
         noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
-        latents = self.denoise(
-            noise,
-            prompt_embeds,
-            pooled,
-            text_ids,
-            req.width,
-            req.height,
-            req.num_inference_steps,
-            req.guidance_scale,
-            progress,
-        )
+        latents, evaluations = self.denoise(
+            noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
+            req.guidance_scale, progress, cache_threshold,
+        )  # fmt: skip
         timings["denoise"] = self._elapsed(t0)
+        timings["transformer_evaluations"] = evaluations
         return latents, timings, text_tokens
 
     def encode_prompt(self, prompt: str, num_images: int = 1):
@@ -246,8 +259,13 @@ class SRPOPipeline:
         num_inference_steps: int,
         guidance_scale: float,
         progress: bool = False,
-    ) -> torch.Tensor:
-        """Run the flow-matching Euler loop from packed noise to packed latents."""
+        cache_threshold: float | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Run the flow-matching Euler loop from packed noise to packed latents.
+
+        Returns the latents and the number of full transformer evaluations (fewer than the steps
+        when ``cache_threshold`` lets the first-block cache skip some).
+        """
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
         from tqdm.auto import tqdm
 
@@ -269,22 +287,22 @@ class SRPOPipeline:
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([latents.shape[0]], guidance_scale, device=self.device, dtype=torch.float32)
         run = self.optimized.transformer
+        cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
+        compiled = self.optimized.compiled
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            if self.optimized.compiled:
+            if compiled:
                 mark_dynamic(latents, img_ids)
-            noise_pred = run(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
+            inputs = dict(
+                hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
+            )  # fmt: skip
+            if cache is None:
+                noise_pred = run(**inputs, return_dict=False)[0]
+            else:
+                noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if compiled else None, **inputs)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        return latents
+        return latents, cache.full_evaluations if cache is not None else len(timesteps)
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list:
         """Packed latents → PIL images."""

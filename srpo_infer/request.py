@@ -26,8 +26,7 @@ MIN_IMAGES, MAX_IMAGES, DEFAULT_IMAGES = 1, 4, 1
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**63  # exclusive; seed + num_images - 1 still fits a torch.Generator (< 2**64)
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as in the official SRPO settings
-# Step caching ("regular", "high") is not implemented yet; the API field exists so requests can name it.
-ACCELERATIONS = ("none",)
+ACCELERATIONS = ("none", "regular", "high")  # step caching levels, see srpo_infer.step_cache
 OUTPUT_FORMATS = ("jpeg", "png")
 
 
