@@ -42,6 +42,7 @@ class BenchConfig:
     compile: bool = False
     quantize: str | None = None
     attention: str = "sdpa"
+    acceleration: str = "none"
 
 
 # Each adds one optimization on top of compile, then everything together.
@@ -52,13 +53,17 @@ ABLATION = (
     BenchConfig("+compile+fp8", compile=True, quantize="fp8"),
     BenchConfig("+compile+triton", compile=True, attention="triton"),
     BenchConfig("+compile+triton-fp8", compile=True, attention="triton-fp8"),
+    BenchConfig("+compile+cache-regular", compile=True, acceleration="regular"),
+    BenchConfig("+compile+cache-high", compile=True, acceleration="high"),
     BenchConfig("all", compile=True, quantize="fp8", attention="triton-fp8"),
+    BenchConfig("all+cache-high", compile=True, quantize="fp8", attention="triton-fp8", acceleration="high"),
 )
 CPU_SMOKE = (
     BenchConfig("diffusers", baseline=True),
     BenchConfig("ours-eager"),
     BenchConfig("+fp8-weight", quantize="fp8-weight"),
     BenchConfig("+compile", compile=True),
+    BenchConfig("+cache-high", acceleration="high"),
 )
 
 
@@ -174,15 +179,17 @@ class _Baseline:
         return latents, image, time.perf_counter() - t0, spent[0]
 
 
-def _ours_run(pipe, setting: Setting) -> tuple[torch.Tensor, object, float, float]:
+def _ours_run(pipe, setting: Setting, acceleration: str) -> tuple[torch.Tensor, object, float, float, int]:
+    from .pipeline import cache_threshold_for
+
     req = GenerationRequest(PROMPT, setting.width, setting.height, seed=SEED, num_inference_steps=setting.steps)
     _sync(pipe.device)
     t0 = time.perf_counter()
     with pipe._lock, torch.inference_mode():
-        latents, timings, _ = pipe._run(req, progress=False)
+        latents, timings, _ = pipe._run(req, progress=False, cache_threshold=cache_threshold_for(acceleration))
         image = pipe.decode(latents, setting.width, setting.height)[0]
     _sync(pipe.device)
-    return latents, image, time.perf_counter() - t0, timings["denoise"]
+    return latents, image, time.perf_counter() - t0, timings["denoise"], timings["transformer_evaluations"]
 
 
 def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> dict:
@@ -239,8 +246,9 @@ def run_benchmark(args: BenchArgs) -> dict:
                 for i in range(args.repeats + 1):  # call 0 is the warm-up (and the compile)
                     if runner is not None:
                         latents, image, seconds, den = runner.run(setting)
+                        evaluations = setting.steps
                     else:
-                        latents, image, seconds, den = _ours_run(pipe, setting)
+                        latents, image, seconds, den, evaluations = _ours_run(pipe, setting, bench.acceleration)
                     if i == 0:
                         first = seconds
                         if graphs_after_first is None:
@@ -261,6 +269,7 @@ def run_benchmark(args: BenchArgs) -> dict:
                 seconds_per_image=median,
                 first_call_seconds=first,
                 ms_per_step=statistics.median(denoise) / setting.steps * 1e3,
+                transformer_evaluations=evaluations,
                 transformer_tflops=flops[setting.label] * setting.steps / median / 1e12,
                 peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 graphs_compiled=pipe.compiled_graphs() - graphs_start,
@@ -292,7 +301,8 @@ def run_benchmark(args: BenchArgs) -> dict:
         load_seconds=load_s,
         prompt=PROMPT,
         seed=SEED,
-        note="random weights: speeds are real, deviations and images are not representative of SRPO"
+        note="random weights: speeds are real; deviations, images and how often the step cache skips are "
+        "not representative of SRPO (a trained model's residuals evolve differently)"
         if args.model in ("tiny-random", "full-random")
         else "",
         rows=rows,
@@ -336,18 +346,19 @@ def markdown_table(result: dict) -> str:
     """The rows as a Markdown table."""
     head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
             f"median of {result['repeats']}")  # fmt: skip
-    lines = [head, "", "| setting | config | s/image | ms/step | × baseline | TFLOP/s | peak GB | first call s | "
-             "recompiles | latent rel. err | PSNR dB |", "|" + "---|" * 11]  # fmt: skip
+    lines = [head, "", "| setting | config | s/image | ms/step | full evals | × baseline | TFLOP/s | peak GB | "
+             "first call s | recompiles | latent rel. err | PSNR dB |", "|" + "---|" * 12]  # fmt: skip
 
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 8)
+            lines.append(f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 9)
             continue
         lines.append(
             f"| {r['setting']} | {r['config']} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
+            f"{r['transformer_evaluations']}/{r['steps']} | "
             f"{f(r.get('speedup_vs_baseline'), '.2f')} | {f(r['transformer_tflops'], '.3g')} | "
             f"{f(r['peak_memory_gb'], '.1f')} | {f(r['first_call_seconds'], '.1f')} | "
             f"{r['recompiles_after_first_size']} | {f(r.get('latent_rel_err_vs_baseline'), '.2e')} | "

@@ -38,6 +38,12 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale, 1–20")
     g.add_argument("--num-images", type=int, default=1, help="1–4; image i uses seed + i")
     g.add_argument(
+        "--acceleration",
+        default="none",
+        choices=["none", "regular", "high"],
+        help="first-block step caching: none is exact; regular/high skip work on steps that change little",
+    )
+    g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help="transformer: HF repo id, folder, .safetensors file, or 'tiny-random' (no download)",
@@ -106,7 +112,9 @@ def _generate(args: argparse.Namespace) -> int:
         width, height = resolve_image_size(width=args.width, height=args.height)
     from .request import validate_request
 
-    validate_request(args.prompt, width, height, args.seed, args.steps, args.guidance, args.num_images)
+    validate_request(
+        args.prompt, width, height, args.seed, args.steps, args.guidance, args.num_images, args.acceleration
+    )
     output = Path(args.output)
     fmt = args.output_format
     if fmt is None:
@@ -120,6 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images=args.num_images,
+        acceleration=args.acceleration,
     )
     result.save(output, fmt)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))

@@ -20,7 +20,7 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     result = json.loads((out / "bench.json").read_text())
     assert result["versions"]["torch"] == torch.__version__ and result["note"]
     rows = {(r["config"], r["setting"]): r for r in result["rows"]}
-    assert set(rows) == {(c, s) for c in ("diffusers", "ours-eager", "+fp8-weight", "+compile")
+    assert set(rows) == {(c, s) for c in ("diffusers", "ours-eager", "+fp8-weight", "+compile", "+cache-high")
                          for s in ("512x512@2", "640x512@2")}  # fmt: skip
     for (config, _), r in rows.items():
         assert "error" not in r, r
@@ -33,6 +33,8 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     assert rows[("+compile", "640x512@2")]["latent_rel_err_vs_baseline"] < 1e-5
     assert rows[("+compile", "640x512@2")]["recompiles_after_first_size"] == 0
     assert 1e-4 < rows[("+fp8-weight", "512x512@2")]["latent_rel_err_vs_baseline"] < 0.2
+    assert rows[("ours-eager", "512x512@2")]["transformer_evaluations"] == 2
+    assert 1 <= rows[("+cache-high", "512x512@2")]["transformer_evaluations"] <= 2
     assert "| setting | config |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
