@@ -1,0 +1,282 @@
+"""The flux/srpo HTTP API, driven over real HTTP on a loopback port with the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from live_server import LiveServer
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from srpo_infer.server import SafetyChecker, create_app  # noqa: E402
+
+SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_c8be228e0ff0d73b.txt"
+FAST = {"num_inference_steps": 2, "image_size": "square"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    (out.parent / "secret.txt").write_text("do not serve me")
+    with LiveServer(create_app(tiny_pipe, output_dir=out, max_queue=32)) as live:
+        live.out = out
+        yield live
+
+
+def post(server, body, **kw):
+    return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120, **kw)
+
+
+def test_seed_example_body(server):
+    body = {"model": "flux/srpo", "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing "
+            "sunglasses.", "image_size": {"width": 1440, "height": 512}, "num_inference_steps": 3}  # fmt: skip
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert set(data) >= {"images", "timings", "seed", "has_nsfw_concepts", "prompt", "data", "meta"}
+    image = data["images"][0]
+    assert (image["width"], image["height"], image["content_type"]) == (1440, 512, "image/jpeg")
+    assert data["data"] == data["images"] and data["prompt"] == body["prompt"]
+    assert isinstance(data["timings"]["inference"], float) and isinstance(data["seed"], int)
+    assert data["has_nsfw_concepts"] == [None]  # no checker configured: null, never false
+    assert isinstance(data["meta"]["usage"]["tokens_used"], int)
+    fetched = httpx.get(image["url"])
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(fetched.content)).size == (1440, 512)
+
+
+@pytest.mark.skipif(not SEED_DOC.exists(), reason="shared/seed not beside this checkout")
+def test_the_seed_docs_python_example_runs_unchanged_but_for_the_url(server, capsys):
+    pytest.importorskip("requests")
+    code = SEED_DOC.read_text().split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace("https://api.aimlapi.com", server.url)
+    exec(compile(code, "seed_example.py", "exec"), {"__name__": "__main__"})
+    data = json.loads(capsys.readouterr().out)
+    assert data["images"][0]["width"] == 1440 and data["images"][0]["height"] == 512
+
+
+@pytest.mark.parametrize(
+    "change, status, field",
+    [
+        ({"image_size": {"width": 1000, "height": 512}}, 422, "image_size.ImageSize.width"),
+        ({"image_size": {"width": 512, "height": 2048}}, 422, "image_size.ImageSize.height"),
+        ({"image_size": "huge"}, 422, "image_size"),
+        ({"image_size": {"width": 512, "height": 512, "depth": 1}}, 422, "image_size"),
+        ({"num_inference_steps": 0}, 422, "num_inference_steps"),
+        ({"num_inference_steps": 51}, 422, "num_inference_steps"),
+        ({"guidance_scale": 0.5}, 422, "guidance_scale"),
+        ({"guidance_scale": 21}, 422, "guidance_scale"),
+        ({"num_images": 5}, 422, "num_images"),
+        ({"seed": -1}, 422, "seed"),
+        ({"seed": 2**63}, 422, "seed"),
+        ({"prompt": ""}, 422, "prompt"),
+        ({"prompt": "   "}, 422, "prompt"),
+        ({"prompt": "x" * 4001}, 422, "prompt"),
+        ({"output_format": "webp"}, 422, "output_format"),
+        ({"acceleration": "turbo"}, 422, "acceleration"),
+        ({"model": "flux/dev"}, 404, "model"),
+    ],
+)
+def test_invalid_fields(server, change, status, field):
+    r = post(server, {"prompt": "a cat", **FAST, **change})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status
+    assert error.get("field", "").startswith(field.split(".")[0]), error
+    assert field.split(".")[-1] in error["message"] or field.split(".")[-1] in error.get("field", "")
+
+
+@pytest.mark.parametrize("preset, size", [("square_hd", (1024, 1024)), ("portrait_16_9", (576, 1024)),
+                                          ("landscape_16_9", (1024, 576))])  # fmt: skip
+def test_presets(server, preset, size):
+    r = post(server, {"prompt": "a cat", "num_inference_steps": 1, "image_size": preset})
+    assert r.status_code == 200, r.text
+    assert (r.json()["images"][0]["width"], r.json()["images"][0]["height"]) == size
+
+
+def test_sync_mode_returns_data_uris_and_png(server):
+    r = post(server, {"prompt": "a cat", **FAST, "sync_mode": True, "output_format": "png", "num_images": 2,
+                      "seed": 77})  # fmt: skip
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["seed"] == 77 and len(data["images"]) == 2
+    for image in data["images"]:
+        assert image["url"].startswith("data:image/png;base64,") and image["content_type"] == "image/png"
+        png = base64.b64decode(image["url"].split(",", 1)[1])
+        assert Image.open(io.BytesIO(png)).format == "PNG"
+
+
+def test_malformed_json_and_non_object_bodies(server):
+    r = httpx.post(f"{server.url}/v1/images/generations", content=b"{not json",
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/images/generations", json=[1, 2])
+    assert r.status_code == 400
+    r = httpx.post(f"{server.url}/v1/images/generations", json={})
+    assert r.status_code in (400, 422) and "prompt" in r.json()["error"]["message"]
+
+
+def test_oversized_bodies_get_413(server):
+    big = {"prompt": "a" * 100_000}
+    assert post(server, big).status_code == 413
+
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1024
+
+    r = httpx.post(f"{server.url}/v1/images/generations", content=chunks(),
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 413
+
+
+def test_twenty_concurrent_clients_all_answered(server):
+    def one(i):
+        return post(server, {"prompt": f"a cat number {i}", **FAST, "seed": 1000 + i})
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(one, range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
+    seeds = sorted(r.json()["seed"] for r in responses)
+    assert seeds == list(range(1000, 1020))
+    names = {Path(r.json()["images"][0]["url"]).name for r in responses}
+    assert len(names) == 20 and all((server.out / n).is_file() for n in names)
+
+
+@pytest.mark.parametrize("path", [
+    "/files/..%2fsecret.txt", "/files/%2e%2e%2fsecret.txt", "/files/../secret.txt", "/files/..%5csecret.txt",
+    "/files/secret.txt", "/files/%2fetc%2fpasswd", "/files/" + "0" * 32 + ".png", "/files/.",
+])  # fmt: skip
+def test_no_path_outside_the_output_folder(server, path):
+    r = httpx.get(server.url + path)
+    assert r.status_code == 404
+    assert b"do not serve me" not in r.content and b"root:" not in r.content
+
+
+def test_health_metrics_and_playground(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    post(server, {"prompt": "a cat", **FAST})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("srpo_queue_depth", "srpo_images_served_total", "srpo_generation_seconds_bucket",
+                 'srpo_responses_total{code="200"}'):  # fmt: skip
+        assert name in text
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "v1/images/generations" in page.text and 'id="prompt"' in page.text
+
+
+class Wrapped:
+    """The tiny pipeline with a hook before each generation (block, fail, …)."""
+
+    def __init__(self, pipe, before):
+        self.pipe, self.before = pipe, before
+
+    def generate(self, *args, **kwargs):
+        self.before()
+        return self.pipe.generate(*args, **kwargs)
+
+
+def test_auth(tiny_pipe, tmp_path):
+    with LiveServer(create_app(tiny_pipe, output_dir=tmp_path, api_key="s3cret")) as live:
+        body = {"prompt": "a cat", **FAST}
+        assert post(live, body).status_code == 401
+        r = post(live, body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert post(live, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{live.url}/health").status_code == 200  # probes need no key
+
+
+def test_queue_full_gets_429_with_retry_after(tiny_pipe, tmp_path):
+    gate = threading.Event()
+    app = create_app(Wrapped(tiny_pipe, lambda: gate.wait(60)), output_dir=tmp_path, max_queue=1)
+    with LiveServer(app) as live, ThreadPoolExecutor(3) as pool:
+        running = pool.submit(post, live, {"prompt": "first", **FAST})
+        while not app.state.worker.busy:
+            threading.Event().wait(0.01)
+        queued = pool.submit(post, live, {"prompt": "second", **FAST})
+        while app.state.worker.depth < 1:
+            threading.Event().wait(0.01)
+        refused = post(live, {"prompt": "third", **FAST})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+        gate.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+
+
+def test_out_of_memory_fails_one_request_and_the_server_keeps_serving(tiny_pipe, tmp_path):
+    failures = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")]
+
+    def maybe_fail():
+        if failures:
+            raise failures.pop()
+
+    with LiveServer(create_app(Wrapped(tiny_pipe, maybe_fail), output_dir=tmp_path)) as live:
+        r = post(live, {"prompt": "a cat", **FAST})
+        assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"]
+        assert "Traceback" not in r.text
+        assert post(live, {"prompt": "a cat", **FAST}).status_code == 200
+
+
+def test_internal_errors_leak_no_details(tiny_pipe, tmp_path):
+    def boom():
+        raise RuntimeError("secret internals at /srv/model.py line 42")
+
+    with LiveServer(create_app(Wrapped(tiny_pipe, boom), output_dir=tmp_path)) as live:
+        r = post(live, {"prompt": "a cat", **FAST})
+        assert r.status_code == 500 and r.json() == {"error": {"message": "internal server error", "status": 500}}
+
+
+def test_loading_state_answers_503(tiny_pipe, tmp_path):
+    app = create_app(None, output_dir=tmp_path)
+    with LiveServer(app) as live:
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        r = post(live, {"prompt": "a cat", **FAST})
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
+        app.state.set_pipeline(tiny_pipe)
+        assert post(live, {"prompt": "a cat", **FAST}).status_code == 200
+
+
+def test_safety_checker_blacks_out_flagged_images(tiny_pipe, tmp_path):
+    checker = SafetyChecker.load("tiny-random")
+    with torch.no_grad():
+        checker.model.concept_embeds_weights.fill_(-1.0)  # every image scores above its threshold
+    with LiveServer(create_app(tiny_pipe, output_dir=tmp_path, safety_checker=checker)) as live:
+        r = post(live, {"prompt": "a cat", **FAST, "sync_mode": True, "num_images": 2})
+        assert r.json()["has_nsfw_concepts"] == [True, True]
+        png = base64.b64decode(r.json()["images"][0]["url"].split(",", 1)[1])
+        assert Image.open(io.BytesIO(png)).convert("L").getextrema() == (0, 0)
+        r = post(live, {"prompt": "a cat", **FAST, "enable_safety_checker": False})
+        assert r.json()["has_nsfw_concepts"] == [None]  # not checked, said so
+
+
+def test_safety_checker_passes_clean_images(tiny_pipe, tmp_path):
+    checker = SafetyChecker.load("tiny-random")
+    with torch.no_grad():
+        checker.model.concept_embeds_weights.fill_(10.0)  # nothing scores that high
+        checker.model.special_care_embeds_weights.fill_(10.0)
+    with LiveServer(create_app(tiny_pipe, output_dir=tmp_path, safety_checker=checker)) as live:
+        r = post(live, {"prompt": "a cat", **FAST})
+        assert r.json()["has_nsfw_concepts"] == [False]
+
+
+def test_mount_inside_another_fastapi_app(tiny_pipe, tmp_path):
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+
+    @outer.get("/ping")
+    def ping():
+        return {"pong": True}
+
+    outer.mount("/srpo", create_app(tiny_pipe, output_dir=tmp_path))
+    with LiveServer(outer) as live:
+        assert httpx.get(f"{live.url}/ping").json() == {"pong": True}
+        r = httpx.post(f"{live.url}/srpo/v1/images/generations", json={"prompt": "a cat", **FAST}, timeout=60)
+        assert r.status_code == 200
+        url = r.json()["images"][0]["url"]
+        assert "/srpo/files/" in url and httpx.get(url).status_code == 200
