@@ -96,6 +96,31 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
     b.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json, bench.md, bench.png")
+
+    s = sub.add_parser(
+        "serve",
+        help="serve the flux/srpo HTTP API (needs the [server] extra)",
+        description="Starts an HTTP server with the hosted flux/srpo API at POST /v1/images/generations, "
+        "a playground page at /, /health and /metrics. The model loads and warms in the background; "
+        "/health answers 503 until it is ready.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; tiny-random for a quick try")
+    s.add_argument("--base", default=None, help="as for generate")
+    s.add_argument("--device", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
+    s.add_argument("--output-dir", default="outputs", help="where generated images are stored and served from")
+    s.add_argument("--public-url", default=None, help="base URL for image links [default: the request's]")
+    s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    s.add_argument("--safety-checker", default=None,
+                   help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
+    s.add_argument("--default-acceleration", default="regular", choices=["none", "regular", "high"],
+                   help="acceleration for requests that do not say (the hosted API's default is regular)")  # fmt: skip
+    s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "triton-fp8"])
+    s.add_argument("--quantize", default="auto", choices=["auto", "fp8", "fp8-weight", "none"])
+    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     return parser
 
 
@@ -162,6 +187,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise ValueError(f"the server needs its extra: pip install 'srpo-infer[server]' ({exc})") from exc
+    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
+    serve(
+        args.model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
+        public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
+        default_acceleration=args.default_acceleration, base=args.base, device=args.device,
+        attention=args.attention, quantize=None if args.quantize == "none" else args.quantize, compile=compile_flag,
+    )  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``srpo-infer`` command; returns the exit code.
 
@@ -173,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
-        return {"generate": _generate, "bench": _bench}[args.command](args)
+        return {"generate": _generate, "bench": _bench, "serve": _serve}[args.command](args)
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {exc}", file=sys.stderr)
         return 2
