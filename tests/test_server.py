@@ -16,7 +16,7 @@ from live_server import LiveServer
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from srpo_infer.server import SafetyChecker, create_app  # noqa: E402
+from srpo_infer.server import SafetyChecker, create_app
 
 SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_c8be228e0ff0d73b.txt"
 FAST = {"num_inference_steps": 2, "image_size": "square"}
