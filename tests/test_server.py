@@ -280,3 +280,44 @@ def test_mount_inside_another_fastapi_app(tiny_pipe, tmp_path):
         assert r.status_code == 200
         url = r.json()["images"][0]["url"]
         assert "/srpo/files/" in url and httpx.get(url).status_code == 200
+
+
+def test_serve_command_end_to_end(tmp_path):
+    """srpo-infer serve: /health says loading, then ok; the API answers; an API key is enforced."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    exe = shutil.which("srpo-infer") or str(Path(sys.executable).parent / "srpo-infer")
+    if not Path(exe).exists():
+        pytest.skip("srpo-infer is not installed in this environment")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SRPO_API_KEY": "k3y", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([exe, "serve", "--model", "tiny-random", "--port", str(port), "--output-dir",
+                             str(tmp_path), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        statuses = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                statuses.append(httpx.get(f"{url}/health", timeout=5).status_code)
+            except httpx.TransportError:
+                pass
+            if statuses and statuses[-1] == 200:
+                break
+            time.sleep(0.2)
+        assert statuses and statuses[-1] == 200, statuses
+        body = {"prompt": "a cat", **FAST}
+        assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 401
+        r = httpx.post(f"{url}/v1/images/generations", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
+        assert r.status_code == 200 and httpx.get(r.json()["images"][0]["url"]).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
