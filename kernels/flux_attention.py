@@ -67,29 +67,15 @@ def _rows_ptr(txt_ptr, t_sb, t_sh, t_ss, img_ptr, i_sb, i_sh, i_ss, b, h, rows, 
     return tl.where(is_txt[:, None], p_t, p_i)
 
 
+# fmt: off
 @triton.jit
 def _load_norm_rope(
-    txt_ptr,
-    t_sb,
-    t_sh,
-    t_ss,
-    img_ptr,
-    i_sb,
-    i_sh,
-    i_ss,
-    w_txt_ptr,
-    w_img_ptr,
-    cos_ptr,
-    sin_ptr,
-    rope_stride,
-    b,
-    h,
-    rows,
-    S_txt,
-    S,
-    eps,
+    txt_ptr, t_sb, t_sh, t_ss, img_ptr, i_sb, i_sh, i_ss,
+    w_txt_ptr, w_img_ptr, cos_ptr, sin_ptr, rope_stride,
+    b, h, rows, S_txt, S, eps,
     HEAD_DIM: tl.constexpr,
 ):
+    # fmt: on
     """Load a [rows, HEAD_DIM] tile of q or k and return RMSNorm(x) * w, rotated, in fp32."""
     cols = tl.arange(0, HEAD_DIM)
     partner = cols ^ 1
@@ -115,57 +101,18 @@ def _load_norm_rope(
     return xn * cos + sign * xpn * sin
 
 
+# fmt: off
 @triton.jit
 def _prologue_kernel(
-    # q, k, v streams: (txt ptr, strides b/h/s, img ptr, strides b/h/s)
-    qt,
-    qt_sb,
-    qt_sh,
-    qt_ss,
-    qi,
-    qi_sb,
-    qi_sh,
-    qi_ss,
-    kt,
-    kt_sb,
-    kt_sh,
-    kt_ss,
-    ki,
-    ki_sb,
-    ki_sh,
-    ki_ss,
-    vt,
-    vt_sb,
-    vt_sh,
-    vt_ss,
-    vi,
-    vi_sb,
-    vi_sh,
-    vi_ss,
-    wq_txt,
-    wk_txt,
-    wq_img,
-    wk_img,
-    cos_ptr,
-    sin_ptr,
-    rope_stride,
-    # outputs: q/k head-major [B, H, S, D]; fp8 also v [B, H, S, D] and scales
-    q_out,
-    k_out,
-    v_out,
-    q_scale,
-    k_scale,
-    v_scale,
-    S_txt,
-    S,
-    H,
-    n_tiles,
-    eps,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-    FP8: tl.constexpr,
-    ROUND_FP8: tl.constexpr,
+    qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
+    kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
+    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
+    wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
+    q_out, k_out, v_out, q_scale, k_scale, v_scale,  # outputs: head-major q/k (fp8: v too) and fp8 scales
+    S_txt, S, H, n_tiles, eps,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
+    # fmt: on
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -238,59 +185,20 @@ def _prologue_kernel(
         tl.store(k_out + out_off, k.to(k_out.dtype.element_ty), mask=valid)
 
 
+# fmt: off
 @triton.jit
 def _attention_kernel(
-    qt,
-    qt_sb,
-    qt_sh,
-    qt_ss,
-    qi,
-    qi_sb,
-    qi_sh,
-    qi_ss,
-    kt,
-    kt_sb,
-    kt_sh,
-    kt_ss,
-    ki,
-    ki_sb,
-    ki_sh,
-    ki_ss,
-    vt,
-    vt_sb,
-    vt_sh,
-    vt_ss,
-    vi,
-    vi_sb,
-    vi_sh,
-    vi_ss,
-    wq_txt,
-    wk_txt,
-    wq_img,
-    wk_img,
-    cos_ptr,
-    sin_ptr,
-    rope_stride,
-    q_scale,
-    k_scale,
-    v_scale,
-    out,
-    o_sb,
-    o_sh,
-    o_ss,
-    S_txt,
-    S,
-    H,
-    n_tiles,
-    qk_scale,
-    eps,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PROLOGUE: tl.constexpr,
-    FP8: tl.constexpr,
-    ROUND_FP8: tl.constexpr,
+    qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
+    kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
+    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
+    wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
+    q_scale, k_scale, v_scale,
+    out, o_sb, o_sh, o_ss,
+    S_txt, S, H, n_tiles, qk_scale, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROLOGUE: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
+    # fmt: on
     """Non-causal flash attention forward (online softmax in base 2, fp32 accumulation).
 
     ``PROLOGUE``: q/k are raw projections, normalised and rotated on load (the fused design).
