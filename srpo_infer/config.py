@@ -76,7 +76,7 @@ class PipelineConfig:
     quantize: str | None = "auto"  # auto | fp8 | fp8-weight | None
     quantize_skip: tuple[str, ...] = field(default_factory=lambda: DEFAULT_SKIP)
     quantize_text_encoder: bool = False  # T5 in fp8-weight: ~4.7 GB less memory
-    compile: bool | str = "auto"  # auto: on CUDA
+    compile: bool | str = "auto"  # auto: off until measured on a GPU (see resolve_compile)
     compile_backend: str = "inductor"
     fuse_qkv: bool = False  # implied by compile
     cache_dir: Path | None = DEFAULT_CACHE_DIR  # compiled artifacts; None: do not persist
@@ -127,9 +127,11 @@ def resolve_quantize(mode: str | None, device: torch.device) -> str | None:
 
 
 def resolve_compile(value: bool | str, device: torch.device) -> bool:
-    """``auto`` → compile on CUDA (where it pays), eager on CPU (where compiling costs more than it saves)."""
+    """``auto`` → eager, on every device, for now: the compiled GPU path (Inductor, CUDA graphs,
+    dynamic sizes) has not run on a GPU yet, and a default must not be the first test of it. On a CPU
+    compiling costs more than it saves. ``compile=True`` opts in."""
     if value == "auto":
-        return device.type == "cuda"
+        return False
     if not isinstance(value, bool):
         raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
     return value

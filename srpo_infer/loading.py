@@ -38,7 +38,7 @@ def load_pipeline(
     ``auto`` is ``sdpa`` until our kernels are measured faster on the device. ``quantize``: ``fp8``
     (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device, memory only) or ``None``;
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
-    the transformer and VAE decoder (``auto``: on CUDA). Other :class:`PipelineConfig` fields
+    the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
     (``quantize_skip``, ``quantize_text_encoder``, ``compile_backend``, ``fuse_qkv``, ``cache_dir``)
     pass through ``options``.
 
