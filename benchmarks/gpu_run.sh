@@ -24,7 +24,7 @@ for m in ("diffusers", "transformers", "torchao", "optimum.quanto"):
 print(json.dumps(v, indent=2))
 PY
 # 1. correctness at real shapes (bf16, fp8)
-timeout 240 python -m pytest -q tests/test_kernels_gpu.py tests/test_kernels.py tests/test_attention_processor.py \
+timeout 300 python -m pytest -q tests/test_kernels_gpu.py tests/test_fast_path_gpu.py tests/test_kernels.py tests/test_attention_processor.py \
   -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu-tests.txt"
 # 2. attention: ours vs every SDPA backend
 timeout 180 python benchmarks/bench_attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
