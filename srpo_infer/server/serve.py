@@ -29,11 +29,15 @@ def serve(
     """Start the server; blocks until it stops. ``pipeline_options`` go to :func:`load_pipeline`."""
     import uvicorn
 
+    from ..config import resolve_device
     from ..loading import load_pipeline
     from .safety import SafetyChecker
 
     api_key = api_key or os.environ.get("SRPO_API_KEY") or None
-    checker = SafetyChecker.load(safety_checker) if safety_checker else None
+    # The checker is small (CLIP-L vision); it runs where the model runs.
+    checker = (
+        SafetyChecker.load(safety_checker, resolve_device(pipeline_options.get("device"))) if safety_checker else None
+    )
     app = create_app(None, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
                      safety_checker=checker, default_acceleration=default_acceleration)  # fmt: skip
 
