@@ -202,8 +202,6 @@ def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dty
 
 def run_benchmark(args: BenchArgs) -> dict:
     """Run the ablation and return the result record (see module docstring)."""
-    import triton
-
     from .config import resolve_device
     from .pipeline import SRPOPipeline
 
@@ -296,7 +294,7 @@ def run_benchmark(args: BenchArgs) -> dict:
         model=args.model,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         dtype=str(dtype).replace("torch.", ""),
-        versions=_versions(triton.__version__),
+        versions=_versions(),
         repeats=args.repeats,
         load_seconds=load_s,
         prompt=PROMPT,
@@ -322,13 +320,13 @@ def _count_flops(pristine: dict, pipe, setting: Setting) -> int:
     return transformer_flops(pristine["transformer"], inputs)["total"]
 
 
-def _versions(triton_version: str) -> dict:
+def _versions() -> dict:
     import diffusers
     import transformers
 
-    versions = dict(torch=torch.__version__, triton=triton_version, diffusers=diffusers.__version__,
-                    transformers=transformers.__version__, python=platform.python_version())  # fmt: skip
-    for name in ("torchao", "optimum.quanto"):
+    versions = dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
+                    python=platform.python_version())  # fmt: skip
+    for name in ("triton", "torchao", "optimum.quanto"):
         try:
             module = __import__(name, fromlist=["__version__"])
             versions[name] = getattr(module, "__version__", "?")

@@ -69,11 +69,15 @@ def compiled_graphs() -> int:
 
 def cache_key(parts: dict) -> str:
     """A file-name-safe key for compiled artifacts: model shape, dtype, device, software versions."""
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:  # Inductor on a CPU needs no Triton
+        triton_version = None
     device = parts.get("device")
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
-    text = repr(sorted({**parts, "torch": torch.__version__, "triton": triton.__version__, "gpu": name}.items()))
+    text = repr(sorted({**parts, "torch": torch.__version__, "triton": triton_version, "gpu": name}.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
