@@ -73,6 +73,7 @@ def candidates(device: str):
 def run(args: argparse.Namespace) -> dict:
     import torch
     import triton
+    from srpo_infer.kernels.launch import tuned_configs
 
     from srpo_infer.attention import attention_flops, flux_attention_reference, random_attention_inputs
     from srpo_infer.metrics import relative_error
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype=str(dtype).replace("torch.", ""),
         warmup=warmup,
         repeats=repeats,
+        tuned_configs=tuned_configs(),  # the autotuner's block-size choice per (S, head_dim, design)
         rows=rows,
     )
 

@@ -7,6 +7,7 @@ text stream; the result is ``[B, S_txt + S_img, H*D]``, text rows first, in the 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,19 +28,47 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner for bf16/fp16 on a GPU. The first
+# is the Triton flash-attention tutorial's Hopper choice for D=128; the rest trade tile size for
+# occupancy. Which one wins at each Flux shape has not been measured yet (no GPU was lent when this
+# was written): benchmarks/bench_attention.py records the winner (``tuned_configs``) next to the timings.
+GPU_CANDIDATES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+
+
 def _blocks(head_dim: int, fp8: bool) -> dict:
-    """Block sizes and launch settings.
+    """Fixed block sizes: the fp8 path (its key tile must equal the pre-pass's V-scale tile, so it is
+    not autotuned) and the pre-pass.
 
     Under the interpreter every program is numpy work, so tiles are small (and odd lengths still
-    cross tile edges). On a GPU: BLOCK_M=128 / BLOCK_N=64 with 8 warps and 3 stages is the Triton
-    flash-attention tutorial's Hopper choice for D=128; it has not been re-tuned on our shapes yet
-    (no GPU was lent when this was written); ``benchmarks/bench_attention.py`` is where to measure it.
+    cross tile edges).
     """
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128 if fp8 else 64, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def _tuned_attention(interpreted: bool):
+    """``_attention_kernel`` under ``triton.autotune``, keyed on sequence length, head dim and design.
+
+    The interpreter gets one config (no benchmarking), so CPU tests run the same launch path.
+    """
+    if interpreted:
+        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    else:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in GPU_CANDIDATES]  # fmt: skip
+    return triton.autotune(configs=configs, key=["S", "HEAD_DIM", "PROLOGUE"])(K._attention_kernel)
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choice per key so far: ``{str(key): "BLOCK_M=…, BLOCK_N=…, warps, stages"}``."""
+    tuner = _tuned_attention(interpreting())
+    if len(tuner.configs) == 1:  # nothing to choose (interpreter): Triton keeps no cache then
+        return {"any": str(tuner.configs[0])}
+    return {str(key): str(cfg) for key, cfg in tuner.cache.items()}
 
 
 def _check_stream(name: str, t: torch.Tensor, ref: torch.Tensor, width: int) -> None:
@@ -169,32 +198,24 @@ def flux_attention(
         out = out.view(batch, s, heads, head_dim)
     out_args = [out, out.stride(0), out.stride(2), out.stride(1)]
     qk_scale = LOG2E / math.sqrt(head_dim)
-    grid = (triton.cdiv(s, cfg["BLOCK_M"]), batch * heads)
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    def attend(q_args: list, k_args: list, v_args: list, scales: list, n_tiles: int, prologue: bool) -> None:
+        args = [*q_args, *k_args, *v_args, *rope, *scales, *out_args, s_txt, s, heads, n_tiles, qk_scale, eps]
+        if fp8:  # fixed tiles: BLOCK_N is the V-scale tile the pre-pass used
+            grid = (triton.cdiv(s, cfg["BLOCK_M"]), batch * heads)
+            K._attention_kernel[grid](
+                *args, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PROLOGUE=False, FP8=True,
+                ROUND_FP8=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )  # fmt: skip
+        else:
+            tuned = _tuned_attention(interpreting())
+            tuned[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), batch * heads)](
+                *args, HEAD_DIM=head_dim, PROLOGUE=prologue, FP8=False, ROUND_FP8=False
+            )
 
     if design == "fused":
         dummy = img_q.new_empty(1, dtype=torch.float32)
-        K._attention_kernel[grid](
-            *qkv_streams,
-            *rope,
-            dummy,
-            dummy,
-            dummy,
-            *out_args,
-            s_txt,
-            s,
-            heads,
-            1,
-            qk_scale,
-            eps,
-            HEAD_DIM=head_dim,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            PROLOGUE=True,
-            FP8=False,
-            ROUND_FP8=False,
-            **launch,
-        )
+        attend(qkv_streams[0:8], qkv_streams[8:16], qkv_streams[16:24], [dummy, dummy, dummy], 1, prologue=True)
         return out.view(batch, s, width)
 
     kv_dtype = torch.float8_e4m3fn if fp8 else img_q.dtype
@@ -210,50 +231,9 @@ def flux_attention(
     else:
         v = qs = ks = vs = img_q.new_empty(1, dtype=torch.float32)
     K._prologue_kernel[(n_tiles, batch * heads)](
-        *qkv_streams,
-        *rope,
-        q,
-        k,
-        v,
-        qs,
-        ks,
-        vs,
-        s_txt,
-        s,
-        heads,
-        n_tiles,
-        eps,
-        HEAD_DIM=head_dim,
-        BLOCK=tile,
-        FP8=fp8,
-        ROUND_FP8=interpreting(),
-        num_warps=4 if not interpreting() else 1,
-    )
-    if fp8:
-        v_args = _head_major_args(v, s_txt)
-    else:
-        v_args = [*_stream_args(tv, head_dim), *_stream_args(img_v, head_dim)]
-    K._attention_kernel[grid](
-        *_head_major_args(q, s_txt),
-        *_head_major_args(k, s_txt),
-        *v_args,
-        *rope,
-        qs,
-        ks,
-        vs,
-        *out_args,
-        s_txt,
-        s,
-        heads,
-        n_tiles,
-        qk_scale,
-        eps,
-        HEAD_DIM=head_dim,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=tile,
-        PROLOGUE=False,
-        FP8=fp8,
-        ROUND_FP8=interpreting(),
-        **launch,
-    )
+        *qkv_streams, *rope, q, k, v, qs, ks, vs, s_txt, s, heads, n_tiles, eps,
+        HEAD_DIM=head_dim, BLOCK=tile, FP8=fp8, ROUND_FP8=interpreting(), num_warps=1 if interpreting() else 4,
+    )  # fmt: skip
+    v_args = _head_major_args(v, s_txt) if fp8 else qkv_streams[16:24]
+    attend(_head_major_args(q, s_txt), _head_major_args(k, s_txt), v_args, [qs, ks, vs], n_tiles, prologue=False)
     return out.view(batch, s, width)

@@ -27,3 +27,4 @@ def test_attention_benchmark_smoke(tmp_path):
         assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_best_stock"] > 0
         assert r["rel_err_vs_fp32"] < (0.08 if r["candidate"] == "triton-fp8" else 2e-3), r
     assert "| candidate |" in out.with_suffix(".md").read_text()
+    assert result["tuned_configs"] and all("BLOCK_M" in v for v in result["tuned_configs"].values())
