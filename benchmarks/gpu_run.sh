@@ -28,7 +28,10 @@ timeout 300 python -m pytest -q tests/test_kernels_gpu.py tests/test_fast_path_g
   -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu-tests.txt"
 # 2. attention: ours vs every SDPA backend
 timeout 180 python benchmarks/bench_attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-# 3. pipeline ablation on the full-size random model (time-boxed; pass BENCH_ARGS to narrow it)
-timeout 420 srpo-infer bench --model full-random --repeats 2 ${BENCH_ARGS:-} --out "$OUT/pipeline" \
+# 3. pipeline ablation on the full-size random model, time-boxed; reports are rewritten after every
+#    configuration, so a timeout still leaves the finished ones. BENCH_ARGS replaces the default subset.
+DEFAULT_BENCH="--sizes 1440x512 1024x1024 --no-official --repeats 2 --configs diffusers ours-eager +compile \
+  +compile+triton +compile+triton-fp8 all all+cache-high"
+timeout 420 srpo-infer bench --model full-random ${BENCH_ARGS:-$DEFAULT_BENCH} --out "$OUT/pipeline" \
   > "$OUT/pipeline.log" 2>&1
 echo "done; results in $OUT"

@@ -200,8 +200,11 @@ def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dty
     return load_components(config)
 
 
-def run_benchmark(args: BenchArgs) -> dict:
-    """Run the ablation and return the result record (see module docstring)."""
+def run_benchmark(args: BenchArgs, on_config_done=None) -> dict:
+    """Run the ablation and return the result record (see module docstring).
+
+    ``on_config_done(record)`` is called after each configuration with the record so far.
+    """
     from .config import resolve_device
     from .pipeline import SRPOPipeline
 
@@ -282,6 +285,12 @@ def run_benchmark(args: BenchArgs) -> dict:
             rows.append(row)
         del pipe, parts, runner
         _free(device)
+        if on_config_done is not None:  # partial reports survive a time limit
+            on_config_done(_record(args, device, dtype, load_s, rows))
+    return _record(args, device, dtype, load_s, rows)
+
+
+def _record(args: BenchArgs, device: torch.device, dtype: torch.dtype, load_s: float, rows: list[dict]) -> dict:
     base_times = {
         r["setting"]: r["seconds_per_image"] for r in rows if r.get("config") == "diffusers" and "error" not in r
     }

@@ -177,10 +177,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.official:
         settings.append(Setting(1024, 1024, 50))
     model = args.model or ("full-random" if torch.cuda.is_available() else "tiny-random")
+
+    def checkpoint(partial: dict) -> None:
+        write_reports(partial, Path(args.out))
+
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
         repeats=args.repeats, compile_backend=args.compile_backend, out_dir=Path(args.out),
-    ))  # fmt: skip
+    ), on_config_done=checkpoint)  # fmt: skip
     paths = write_reports(result, Path(args.out))
     print(paths["md"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
