@@ -44,7 +44,7 @@ def serve(
     def load() -> None:
         try:
             pipe = load_pipeline(model, progress=False, **pipeline_options)
-            pipe.warmup(warmup_sizes or [(1024, 768)])
+            pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=tuple({"none", default_acceleration}))
         except Exception:
             log.exception("loading the model failed; the server keeps answering 503")
             return
