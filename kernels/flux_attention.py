@@ -112,7 +112,6 @@ def _prologue_kernel(
     S_txt, S, H, n_tiles, eps,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
-    # fmt: on
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -121,48 +120,12 @@ def _prologue_kernel(
     cols = tl.arange(0, HEAD_DIM)
     valid = (rows < S)[:, None]
     q = _load_norm_rope(
-        qt,
-        qt_sb,
-        qt_sh,
-        qt_ss,
-        qi,
-        qi_sb,
-        qi_sh,
-        qi_ss,
-        wq_txt,
-        wq_img,
-        cos_ptr,
-        sin_ptr,
-        rope_stride,
-        b,
-        h,
-        rows,
-        S_txt,
-        S,
-        eps,
-        HEAD_DIM,
+        qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, wq_txt, wq_img, cos_ptr, sin_ptr, rope_stride, b, h,
+        rows, S_txt, S, eps, HEAD_DIM,
     )
     k = _load_norm_rope(
-        kt,
-        kt_sb,
-        kt_sh,
-        kt_ss,
-        ki,
-        ki_sb,
-        ki_sh,
-        ki_ss,
-        wk_txt,
-        wk_img,
-        cos_ptr,
-        sin_ptr,
-        rope_stride,
-        b,
-        h,
-        rows,
-        S_txt,
-        S,
-        eps,
-        HEAD_DIM,
+        kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride, b, h,
+        rows, S_txt, S, eps, HEAD_DIM,
     )
     out_off = bh * S * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
     if FP8:
@@ -185,7 +148,6 @@ def _prologue_kernel(
         tl.store(k_out + out_off, k.to(k_out.dtype.element_ty), mask=valid)
 
 
-# fmt: off
 @triton.jit
 def _attention_kernel(
     qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
@@ -198,7 +160,6 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PROLOGUE: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
-    # fmt: on
     """Non-causal flash attention forward (online softmax in base 2, fp32 accumulation).
 
     ``PROLOGUE``: q/k are raw projections, normalised and rotated on load (the fused design).
@@ -215,26 +176,8 @@ def _attention_kernel(
 
     if PROLOGUE:
         q = _load_norm_rope(
-            qt,
-            qt_sb,
-            qt_sh,
-            qt_ss,
-            qi,
-            qi_sb,
-            qi_sh,
-            qi_ss,
-            wq_txt,
-            wq_img,
-            cos_ptr,
-            sin_ptr,
-            rope_stride,
-            b,
-            h,
-            rows,
-            S_txt,
-            S,
-            eps,
-            HEAD_DIM,
+            qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, wq_txt, wq_img, cos_ptr, sin_ptr, rope_stride, b,
+            h, rows, S_txt, S, eps, HEAD_DIM,
         ).to(vi.dtype.element_ty)
     else:
         q = tl.load(
@@ -254,26 +197,8 @@ def _attention_kernel(
         kvalid = (keys < S)[:, None]
         if PROLOGUE:
             k = _load_norm_rope(
-                kt,
-                kt_sb,
-                kt_sh,
-                kt_ss,
-                ki,
-                ki_sb,
-                ki_sh,
-                ki_ss,
-                wk_txt,
-                wk_img,
-                cos_ptr,
-                sin_ptr,
-                rope_stride,
-                b,
-                h,
-                keys,
-                S_txt,
-                S,
-                eps,
-                HEAD_DIM,
+                kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride,
+                b, h, keys, S_txt, S, eps, HEAD_DIM,
             ).to(q.dtype)
         else:
             k = tl.load(
@@ -307,3 +232,4 @@ def _attention_kernel(
     o = acc / l_i[:, None]
     o_ptr = out + b * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=(rows < S)[:, None])
+# fmt: on
