@@ -87,7 +87,6 @@ class BenchArgs:
     configs: list[str] | None = None
     repeats: int = 3
     compile_backend: str = "inductor"
-    out_dir: Path = Path("benchmarks/results/latest")
 
 
 # ----------------------------------------------------------------------------- FLOP counting
@@ -143,7 +142,7 @@ def _free(device: torch.device) -> None:
 class _Baseline:
     """Stock diffusers ``FluxPipeline`` over the same components, with diffusers' own processors."""
 
-    def __init__(self, components: dict, ours):
+    def __init__(self, ours):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         self.ours = ours  # for identical noise and latent shapes
@@ -236,7 +235,7 @@ def run_benchmark(args: BenchArgs, on_config_done=None) -> dict:
         except ValueError as exc:  # e.g. fp8 on a GPU without fp8 GEMMs: recorded, not fatal
             rows.append(dict(config=bench.name, error=str(exc)))
             continue
-        runner = _Baseline(parts, pipe) if bench.baseline else None
+        runner = _Baseline(pipe) if bench.baseline else None
         graphs_start = pipe.compiled_graphs()
         graphs_after_first = None
         for setting in args.settings:

@@ -183,7 +183,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
-        repeats=args.repeats, compile_backend=args.compile_backend, out_dir=Path(args.out),
+        repeats=args.repeats, compile_backend=args.compile_backend,
     ), on_config_done=checkpoint)  # fmt: skip
     paths = write_reports(result, Path(args.out))
     print(paths["md"].read_text())
