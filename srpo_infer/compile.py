@@ -1,48 +1,61 @@
-"""torch.compile for the transformer and the VAE decoder, without a recompile per resolution, with
-compiled artifacts persisted across processes.
+"""torch.compile for the transformer (and, for a whole-model compile, the VAE decoder), without a
+recompile per resolution, with compiled artifacts persisted across processes.
 
-- Resolution: the image-token dimension (and the batch when > 1) is marked dynamic on every call, so
-  one graph serves all 1089 valid sizes; only the batch-1 → batch-N switch compiles a second graph
-  (0/1 specialisation). ``torch._dynamo``'s ``unique_graphs`` counter proves it in the tests.
-- Cold start: after warm-up the compile caches (Inductor FX graphs, Triton kernels, autotuning) are
-  saved with ``torch.compiler.save_cache_artifacts`` into ``cache_dir`` and loaded before compiling in
-  the next process.
-- Inductor options are passed per compile call (never set globally at import): flux-fast's choices
-  for Flux (1×1 convs as matmuls, no epilogue fusion, coordinate-descent tuning) and CUDA graphs.
+- Scope. ``regional`` (default) compiles the two repeated block classes, ``FluxTransformerBlock`` and
+  ``FluxSingleTransformerBlock``, once each with diffusers' ``compile_repeated_blocks``: the 19 + 38
+  blocks share those graphs, so the first call compiles 2–3 small graphs instead of one 57-block graph.
+  The whole-model compile of the H200 run (2026-11-26) took 110 s before its first image, and did not
+  finish in ~400 s with coordinate-descent tuning on. ``full`` compiles the whole transformer and the
+  VAE decoder as before, for comparison in ``srpo-infer bench``.
+- Resolution. Regions compile with ``dynamic=True``: the image-token dimension is symbolic from the
+  first call, so one graph per region serves all 1089 valid sizes (the batch 1 → N switch adds one,
+  once: size 1 is always specialised). The whole-model compile marks the same dims dynamic on its inputs.
+- Mode. ``default`` keeps Inductor's fast defaults (plus flux-fast's 1×1-convs-as-matmuls, no epilogue
+  fusion). ``max-autotune`` opts into GEMM autotuning, coordinate-descent tuning and CUDA graphs: it
+  can take many minutes before the first image, so it never runs unless asked for.
+- Warm start. After warm-up the compile caches (Inductor FX graphs, AOTAutograd, Triton kernels,
+  autotuning) are saved with ``torch.compiler.save_cache_artifacts`` into ``cache_dir`` and loaded
+  before compiling in the next process; :func:`cache_counters` tells hits from misses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .config import COMPILE_MODES
+
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("SRPO_CACHE_DIR", Path.home() / ".cache" / "srpo_infer")) / "compile"
 
-
-def inductor_options(device: torch.device) -> dict:
-    """Inductor settings for Flux (flux-fast's), CUDA graphs on GPUs."""
-    options = {
-        "conv_1x1_as_mm": True,
-        "epilogue_fusion": False,
-        "coordinate_descent_tuning": device.type == "cuda",
-        "coordinate_descent_check_all_directions": device.type == "cuda",
-    }
-    if device.type == "cuda":
-        options["triton.cudagraphs"] = True
+def inductor_options(device: torch.device, mode: str = "default") -> dict:
+    """Inductor settings for Flux; ``max-autotune`` adds the slow-to-compile tuning and CUDA graphs."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    options = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+    if mode == "max-autotune":
+        options |= {"max_autotune": True, "coordinate_descent_tuning": True,
+                    "coordinate_descent_check_all_directions": True}  # fmt: skip
+        if device.type == "cuda":
+            options["triton.cudagraphs"] = True
     return options
 
 
-def compile_module(fn, device: torch.device, backend: str = "inductor"):
+def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default", dynamic=None):
     """``torch.compile(fn, fullgraph=True)`` with our Inductor options (other backends take none)."""
-    options = inductor_options(device) if backend == "inductor" else None
-    return torch.compile(fn, fullgraph=True, backend=backend, options=options, dynamic=None)
+    options = inductor_options(device, mode) if backend == "inductor" else None
+    return torch.compile(fn, fullgraph=True, backend=backend, options=options, dynamic=dynamic)
+
+
+def compile_regions(transformer: torch.nn.Module, device: torch.device, backend: str = "inductor",
+                    mode: str = "default") -> None:  # fmt: skip
+    """Compile the transformer's repeated blocks in place (diffusers' regional compilation)."""
+    options = inductor_options(device, mode) if backend == "inductor" else None
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend, options=options)
 
 
 def mark_dynamic(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> None:
@@ -65,6 +78,21 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def cache_counters() -> dict[str, int]:
+    """Compile-cache hits and misses so far in this process (Inductor FX graphs, AOTAutograd).
+
+    A process that loaded saved artifacts and compiles nothing new shows hits and no misses.
+    """
+    from torch._dynamo.utils import counters
+
+    return {
+        "fxgraph_cache_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
+        "fxgraph_cache_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
+        "autograd_cache_hit": int(counters["aot_autograd"]["autograd_cache_hit"]),
+        "autograd_cache_miss": int(counters["aot_autograd"]["autograd_cache_miss"]),
+    }
 
 
 def cache_key(parts: dict) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from .compile import DEFAULT_CACHE_DIR
 from .quantize import DEFAULT_SKIP, check_quantize_available
 
 log = logging.getLogger(__name__)
@@ -18,6 +17,17 @@ DEFAULT_MODEL = "tencent/SRPO"
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
 TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"  # FLUX.1-dev sizes, random weights, built on the GPU
+COMPILE_SCOPES = ("regional", "full")
+COMPILE_MODES = ("default", "max-autotune")
+
+
+def default_cache_dir() -> Path:
+    """Where compiled artifacts persist: ``$SRPO_CACHE_DIR/compile``, else ``~/.cache/srpo_infer/compile``.
+
+    Read when a config is made, never at import, so a process can set the variable late.
+    """
+    return Path(os.environ.get("SRPO_CACHE_DIR", Path.home() / ".cache" / "srpo_infer")) / "compile"
+
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -77,9 +87,11 @@ class PipelineConfig:
     quantize_skip: tuple[str, ...] = field(default_factory=lambda: DEFAULT_SKIP)
     quantize_text_encoder: bool = False  # T5 in fp8-weight: ~4.7 GB less memory
     compile: bool | str = "auto"  # auto: off until measured on a GPU (see resolve_compile)
+    compile_scope: str = "regional"  # regional: the repeated blocks only | full: whole transformer + VAE decoder
+    compile_mode: str = "default"  # default | max-autotune (GEMM + coordinate-descent tuning, CUDA graphs)
     compile_backend: str = "inductor"
     fuse_qkv: bool = False  # implied by compile
-    cache_dir: Path | None = DEFAULT_CACHE_DIR  # compiled artifacts; None: do not persist
+    cache_dir: Path | None = field(default_factory=default_cache_dir)  # compiled artifacts; None: do not persist
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
@@ -101,6 +113,8 @@ class PipelineConfig:
             quantize_skip=tuple(self.quantize_skip),
             quantize_text_encoder=bool(self.quantize_text_encoder),
             compile=resolve_compile(self.compile, device),
+            compile_scope=_one_of("compile_scope", self.compile_scope, COMPILE_SCOPES),
+            compile_mode=_one_of("compile_mode", self.compile_mode, COMPILE_MODES),
             compile_backend=self.compile_backend,
             fuse_qkv=bool(self.fuse_qkv),
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir is not None else None,
@@ -115,6 +129,12 @@ class PipelineConfig:
         d["quantize_skip"] = list(self.quantize_skip)
         d["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
         return d
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def resolve_quantize(mode: str | None, device: torch.device) -> str | None:

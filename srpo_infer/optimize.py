@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .attention import set_attention_backend
-from .compile import cache_key, compile_module, load_artifacts
+from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
 from .quantize import quantize_module
 from .step_cache import FluxStages
@@ -28,6 +28,13 @@ class Optimized:
     compiled: bool = False
     steps: list[str] = field(default_factory=list)
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
+    scope: str | None = None  # "regional" | "full" when compiled
+
+    @property
+    def marks_inputs(self) -> bool:
+        """Whole-graph compiles need their inputs' size-varying dims marked dynamic on every call;
+        regions compile with ``dynamic=True`` and need nothing."""
+        return self.compiled and self.scope == "full"
 
 
 def optimize(components: dict, config: PipelineConfig) -> Optimized:
@@ -53,14 +60,22 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         if config.cache_dir is not None:
             key = cache_key(
                 dict(model=dict(transformer.config), dtype=str(config.dtype), device=str(config.device),
-                     attention=config.attention, quantize=config.quantize, backend=config.compile_backend)
+                     attention=config.attention, quantize=config.quantize, backend=config.compile_backend,
+                     scope=config.compile_scope, mode=config.compile_mode)
             )  # fmt: skip
             cache_file = config.cache_dir / f"{key}.bin"
             load_artifacts(cache_file)
-        transformer_fn = compile_module(transformer, config.device, config.compile_backend)
-        decode_fn = compile_module(vae.decode, config.device, config.compile_backend)
-        # Step caching decides between the stages in Python, so each stage is its own full graph.
-        stages = tuple(compile_module(fn, config.device, config.compile_backend) for fn in stages)
-        steps.append(f"compile:{config.compile_backend}")
+        how = dict(device=config.device, backend=config.compile_backend, mode=config.compile_mode)
+        if config.compile_scope == "regional":
+            # The blocks are compiled in place, so the eager transformer and the step cache's eager
+            # stages both run the compiled regions; the VAE decodes once per image and stays eager.
+            compile_regions(transformer, **how)
+        else:
+            transformer_fn = compile_module(transformer, **how)
+            decode_fn = compile_module(vae.decode, **how)
+            # Step caching decides between the stages in Python, so each stage is its own full graph.
+            stages = tuple(compile_module(fn, **how) for fn in stages)
+        steps.append(f"compile:{config.compile_backend}:{config.compile_scope}:{config.compile_mode}")
     log.info("optimizations: %s", " → ".join(steps))
-    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file)
+    scope = config.compile_scope if config.compile else None
+    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope)

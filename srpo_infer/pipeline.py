@@ -19,7 +19,7 @@ import torch
 
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
-from .request import MAX_SEED, GenerationRequest, validate_request
+from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, validate_request
 from .result import GenerationResult
 from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 
@@ -154,9 +154,10 @@ class SRPOPipeline:
         """Compile (or load compiled artifacts) for ``sizes`` ahead of the first request.
 
         Runs a 2-step generation per size and acceleration level (two steps, so CUDA graphs record too;
-        ``regular``/``high`` use the step cache's separately compiled stages) and, when compiled, saves
-        the compile caches so the next process starts warm. Returns seconds per size and level.
-        With dynamic shapes the first size pays the compile; the rest should take a normal call.
+        ``regular``/``high`` run the step cache's stages). A compiled VAE decoder also decodes at the
+        smallest and the largest valid size, because convolution guards split it into a small and a
+        large graph; after warm-up no valid size compiles anything new. When compiled, the compile
+        caches are saved so the next process starts warm. Returns seconds per size and level.
 
         >>> pipe.warmup([(1024, 1024), (1440, 512)])  # doctest: +SKIP
         """
@@ -168,6 +169,13 @@ class SRPOPipeline:
                 self.generate("warm-up", width=width, height=height, seed=0, num_inference_steps=2,
                               num_images=num_images, acceleration=level, progress=False)  # fmt: skip
                 timings[f"{width}x{height}:{level}"] = time.perf_counter() - t0
+        if self.optimized.marks_inputs:  # the VAE decoder is compiled too
+            for side in (MIN_SIDE, MAX_SIDE):
+                t0 = time.perf_counter()
+                zeros = torch.zeros(num_images, self.latent_tokens(side, side), self.transformer.config.in_channels)
+                with self._lock, torch.inference_mode():
+                    self.decode(zeros.to(self.device, self.dtype), side, side)
+                timings[f"decode:{side}x{side}"] = time.perf_counter() - t0
         if self.optimized.compiled and self.optimized.cache_file is not None:
             save_artifacts(self.optimized.cache_file)
         return timings
@@ -239,6 +247,11 @@ class SRPOPipeline:
         f = self.flux.vae_scale_factor * 2
         return self.transformer.config.in_channels // 4, 2 * (height // f), 2 * (width // f)
 
+    def latent_tokens(self, width: int, height: int) -> int:
+        """Packed latent tokens of an image size (2×2 latent patches)."""
+        _, h, w = self.latent_shape(width, height)
+        return (h // 2) * (w // 2)
+
     def prepare_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
         """Packed noise ``(len(seeds), tokens, in_channels)``, one CPU generator per seed.
 
@@ -295,10 +308,10 @@ class SRPOPipeline:
             guidance = torch.full([latents.shape[0]], guidance_scale, device=self.device, dtype=torch.float32)
         run = self.optimized.transformer
         cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
-        compiled = self.optimized.compiled
+        marks = self.optimized.marks_inputs
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            if compiled:
+            if marks:
                 mark_dynamic(latents, img_ids)
             inputs = dict(
                 hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
@@ -307,7 +320,7 @@ class SRPOPipeline:
             if cache is None:
                 noise_pred = run(**inputs, return_dict=False)[0]
             else:
-                noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if compiled else None, **inputs)
+                noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if marks else None, **inputs)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         return latents, cache.full_evaluations if cache is not None else len(timesteps)
 
@@ -317,7 +330,7 @@ class SRPOPipeline:
         x = self.flux._unpack_latents(latents, height, width, self.flux.vae_scale_factor)
         x = x / vae.config.scaling_factor + vae.config.shift_factor
         x = x.to(vae.dtype).contiguous()
-        if self.optimized.compiled:
+        if self.optimized.marks_inputs:
             for dim in (0, 2, 3):
                 torch._dynamo.maybe_mark_dynamic(x, dim)
         image = self.optimized.vae_decode(x, return_dict=False)[0]
