@@ -16,7 +16,9 @@ import gc
 import json
 import logging
 import platform
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +45,18 @@ class BenchConfig:
     quantize: str | None = None
     attention: str = "sdpa"
     acceleration: str = "none"
+    compile_scope: str = "regional"
+    compile_mode: str = "default"
 
 
-# Each adds one optimization on top of compile, then everything together.
+# Each adds one optimization on top of compile, then everything together. "+compile" is regional;
+# "+compile-full" (whole model) and "+compile-max" (max-autotune, CUDA graphs) compare compile styles.
 ABLATION = (
     BenchConfig("diffusers", baseline=True),
     BenchConfig("ours-eager"),
     BenchConfig("+compile", compile=True),
+    BenchConfig("+compile-full", compile=True, compile_scope="full"),
+    BenchConfig("+compile-max", compile=True, compile_mode="max-autotune"),
     BenchConfig("+compile+fp8", compile=True, quantize="fp8"),
     BenchConfig("+compile+triton", compile=True, attention="triton"),
     BenchConfig("+compile+triton-fp8", compile=True, attention="triton-fp8"),
@@ -63,8 +70,20 @@ CPU_SMOKE = (
     BenchConfig("ours-eager"),
     BenchConfig("+fp8-weight", quantize="fp8-weight"),
     BenchConfig("+compile", compile=True),
+    BenchConfig("+compile-full", compile=True, compile_scope="full"),
     BenchConfig("+cache-high", acceleration="high"),
 )
+
+
+def select_configs(names: list[str] | None, device: torch.device) -> list[BenchConfig]:
+    """The configurations to run, in the order given (default: the device's whole table)."""
+    if names is None:
+        return list(ABLATION if device.type == "cuda" else CPU_SMOKE)
+    known = {c.name: c for c in (*CPU_SMOKE, *ABLATION)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--configs: unknown configuration(s) {unknown}; known: {list(known)}")
+    return [known[n] for n in dict.fromkeys(names)]
 
 
 @dataclass
@@ -87,6 +106,7 @@ class BenchArgs:
     configs: list[str] | None = None
     repeats: int = 3
     compile_backend: str = "inductor"
+    config_timeout: float | None = None  # seconds per configuration (all its settings); None: no limit
 
 
 # ----------------------------------------------------------------------------- FLOP counting
@@ -199,97 +219,158 @@ def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dty
     return load_components(config)
 
 
-def run_benchmark(args: BenchArgs, on_config_done=None) -> dict:
-    """Run the ablation and return the result record (see module docstring).
+class ConfigTimeout(Exception):
+    """A configuration ran past its time box."""
 
-    ``on_config_done(record)`` is called after each configuration with the record so far.
+
+class TimeBox:
+    """Raise :class:`ConfigTimeout` in the main thread once ``seconds`` have passed (SIGALRM).
+
+    A timed-out compile may surface wrapped in another exception, so callers check ``expired`` too.
+    Elsewhere than the main thread of a POSIX process it only records, never interrupts.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.expired = False
+        self._armed = bool(seconds) and hasattr(signal, "setitimer")
+        self._armed = self._armed and threading.current_thread() is threading.main_thread()
+
+    def _on_alarm(self, _signum, _frame):
+        self.expired = True
+        raise ConfigTimeout(f"timed out after {self.seconds:g} s")
+
+    def __enter__(self) -> TimeBox:
+        if self._armed:
+            self._previous = signal.signal(signal.SIGALRM, self._on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *_exc) -> bool:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+        return False
+
+
+@dataclass
+class _Shared:
+    """What configurations share: the untouched components, FLOP counts, the baseline's outputs."""
+
+    pristine: dict
+    device: torch.device
+    dtype: torch.dtype
+    flops: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+
+
+def run_benchmark(args: BenchArgs, on_row=None) -> dict:
+    """Run the configurations in the order given and return the result record (see module docstring).
+
+    Each configuration runs inside its own time box (``args.config_timeout``); a failure or a timeout
+    becomes an error row and the next configuration runs. ``on_row(row, record)`` is called after every
+    row with the record so far, so reports survive whatever stops the run later.
     """
     from .config import resolve_device
-    from .pipeline import SRPOPipeline
 
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = ABLATION if device.type == "cuda" else CPU_SMOKE
-    configs = [c for c in table if args.configs is None or c.name in args.configs]
+    configs = select_configs(args.configs, device)
     t0 = time.perf_counter()
-    pristine = _pristine_components(args, device, dtype)
+    shared = _Shared(_pristine_components(args, device, dtype), device, dtype)
     # The untouched transformer waits on the host between configurations, so it never counts in a
     # configuration's peak GPU memory; each configuration gets its own copy on the device.
-    pristine["transformer"] = pristine["transformer"].to("cpu")
+    shared.pristine["transformer"] = shared.pristine["transformer"].to("cpu")
     load_s = time.perf_counter() - t0
-    flops = {}
-    reference: dict[str, tuple[torch.Tensor, object]] = {}
-    rows = []
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row, _record(args, device, dtype, load_s, rows))
+
     for bench in configs:
         log.info("benchmarking %s", bench.name)
-        parts = dict(pristine)
-        parts["transformer"] = copy.deepcopy(pristine["transformer"]).to(device)
-        parts["vae"] = copy.deepcopy(pristine["vae"])  # compile wraps decode; keep the pristine one eager
-        try:
-            config = PipelineConfig(
-                model=args.model, base=args.base, device=device, dtype=dtype, attention=bench.attention,
-                quantize=bench.quantize, compile=bench.compile, compile_backend=args.compile_backend,
-                cache_dir=None, progress=False,
-            ).resolved()  # fmt: skip
-            pipe = SRPOPipeline(parts, config)
-        except ValueError as exc:  # e.g. fp8 on a GPU without fp8 GEMMs: recorded, not fatal
-            rows.append(dict(config=bench.name, error=str(exc)))
-            continue
-        runner = _Baseline(pipe) if bench.baseline else None
-        graphs_start = pipe.compiled_graphs()
-        graphs_after_first = None
-        for setting in args.settings:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            row = dict(config=bench.name, setting=setting.label, width=setting.width, height=setting.height,
-                       steps=setting.steps)  # fmt: skip
+        done: set[str] = set()
+        with TimeBox(args.config_timeout) as box:
             try:
-                first = None
-                times, denoise = [], []
-                for i in range(args.repeats + 1):  # call 0 is the warm-up (and the compile)
-                    if runner is not None:
-                        latents, image, seconds, den = runner.run(setting)
-                        evaluations = setting.steps
-                    else:
-                        latents, image, seconds, den, evaluations = _ours_run(pipe, setting, bench.acceleration)
-                    if i == 0:
-                        first = seconds
-                        if graphs_after_first is None:
-                            graphs_after_first = pipe.compiled_graphs()
-                    else:
-                        times.append(seconds)
-                        if den is not None:
-                            denoise.append(den)
-            except (RuntimeError, ValueError) as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                rows.append(row)
-                _free(device)
-                continue
-            median = statistics.median(times)
-            if setting.label not in flops:
-                flops[setting.label] = _count_flops(pipe, setting)
-            row.update(
-                seconds_per_image=median,
-                first_call_seconds=first,
-                ms_per_step=statistics.median(denoise) / setting.steps * 1e3,
-                transformer_evaluations=evaluations,
-                transformer_tflops=flops[setting.label] * setting.steps / median / 1e12,
-                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                graphs_compiled=pipe.compiled_graphs() - graphs_start,
-                recompiles_after_first_size=pipe.compiled_graphs() - (graphs_after_first or graphs_start),
-            )
-            if bench.baseline:
-                reference[setting.label] = (latents.float().cpu(), image)
-            if setting.label in reference:
-                ref_latents, ref_image = reference[setting.label]
-                row["latent_rel_err_vs_baseline"] = relative_error(latents.float().cpu(), ref_latents)
-                row["psnr_vs_baseline_db"] = psnr(image, ref_image)
-            rows.append(row)
-        del pipe, parts, runner
+                for row in _run_config(bench, args, shared, box):
+                    done.add(row.get("setting"))
+                    add(row)
+            except Exception as exc:  # any failure becomes this configuration's error rows
+                error = str(exc) if box.expired else f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                for setting in args.settings:
+                    if setting.label not in done:
+                        add(dict(config=bench.name, setting=setting.label, error=error))
+        torch._dynamo.reset()  # a configuration's compiled graphs never serve the next one
         _free(device)
-        if on_config_done is not None:  # partial reports survive a time limit
-            on_config_done(_record(args, device, dtype, load_s, rows))
     return _record(args, device, dtype, load_s, rows)
+
+
+def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeBox):
+    """Yield one row per setting for one configuration (its own pipeline over fresh copies)."""
+    from .pipeline import SRPOPipeline
+
+    device = shared.device
+    parts = dict(shared.pristine)
+    parts["transformer"] = copy.deepcopy(shared.pristine["transformer"]).to(device)
+    parts["vae"] = copy.deepcopy(shared.pristine["vae"])  # compile wraps decode; keep the pristine one eager
+    config = PipelineConfig(
+        model=args.model, base=args.base, device=device, dtype=shared.dtype, attention=bench.attention,
+        quantize=bench.quantize, compile=bench.compile, compile_scope=bench.compile_scope,
+        compile_mode=bench.compile_mode, compile_backend=args.compile_backend, cache_dir=None, progress=False,
+    ).resolved()  # fmt: skip
+    pipe = SRPOPipeline(parts, config)
+    runner = _Baseline(pipe) if bench.baseline else None
+    graphs_start = pipe.compiled_graphs()
+    graphs_after_first = None
+    for setting in args.settings:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row = dict(config=bench.name, setting=setting.label, width=setting.width, height=setting.height,
+                   steps=setting.steps)  # fmt: skip
+        try:
+            first, times, denoise = None, [], []
+            for i in range(args.repeats + 1):  # call 0 is the warm-up (and the compile)
+                if runner is not None:
+                    latents, image, seconds, den = runner.run(setting)
+                    evaluations = setting.steps
+                else:
+                    latents, image, seconds, den, evaluations = _ours_run(pipe, setting, bench.acceleration)
+                if i == 0:
+                    first = seconds
+                    if graphs_after_first is None:
+                        graphs_after_first = pipe.compiled_graphs()
+                else:
+                    times.append(seconds)
+                    denoise.append(den)
+        except Exception as exc:  # one setting's failure is that row's error
+            if box.expired or isinstance(exc, ConfigTimeout):
+                raise
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            _free(device)
+            yield row
+            continue
+        median = statistics.median(times)
+        if setting.label not in shared.flops:
+            shared.flops[setting.label] = _count_flops(pipe, setting)
+        row.update(
+            seconds_per_image=median,
+            first_call_seconds=first,
+            ms_per_step=statistics.median(denoise) / setting.steps * 1e3,
+            transformer_evaluations=evaluations,
+            transformer_tflops=shared.flops[setting.label] * setting.steps / median / 1e12,
+            peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            graphs_compiled=pipe.compiled_graphs() - graphs_start,
+            recompiles_after_first_size=pipe.compiled_graphs() - (graphs_after_first or graphs_start),
+        )
+        if bench.baseline:
+            shared.reference[setting.label] = (latents.float().cpu(), image)
+        if setting.label in shared.reference:
+            ref_latents, ref_image = shared.reference[setting.label]
+            row["latent_rel_err_vs_baseline"] = relative_error(latents.float().cpu(), ref_latents)
+            row["psnr_vs_baseline_db"] = psnr(image, ref_image)
+        yield row
 
 
 def _record(args: BenchArgs, device: torch.device, dtype: torch.dtype, load_s: float, rows: list[dict]) -> dict:
@@ -351,28 +432,35 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------- reports
 
 
-def markdown_table(result: dict) -> str:
-    """The rows as a Markdown table."""
-    head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
-            f"median of {result['repeats']}")  # fmt: skip
-    lines = [head, "", "| setting | config | s/image | ms/step | full evals | × baseline | TFLOP/s | peak GB | "
-             "first call s | recompiles | latent rel. err | PSNR dB |", "|" + "---|" * 12]  # fmt: skip
+def markdown_header() -> str:
+    """The table's column header (two lines)."""
+    return ("| setting | config | s/image | ms/step | full evals | × baseline | TFLOP/s | peak GB | first call s | "
+            "recompiles | latent rel. err | PSNR dB |\n" + "|" + "---|" * 12)  # fmt: skip
+
+
+def markdown_row(r: dict) -> str:
+    """One row of the table (an error row says what failed)."""
 
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
-    for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 9)
-            continue
-        lines.append(
-            f"| {r['setting']} | {r['config']} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
-            f"{r['transformer_evaluations']}/{r['steps']} | "
-            f"{f(r.get('speedup_vs_baseline'), '.2f')} | {f(r['transformer_tflops'], '.3g')} | "
-            f"{f(r['peak_memory_gb'], '.1f')} | {f(r['first_call_seconds'], '.1f')} | "
-            f"{r['recompiles_after_first_size']} | {f(r.get('latent_rel_err_vs_baseline'), '.2e')} | "
-            f"{f(r.get('psnr_vs_baseline_db'), '.1f')} |"
-        )
+    if "error" in r:
+        return f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 9
+    return (
+        f"| {r['setting']} | {r['config']} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
+        f"{r['transformer_evaluations']}/{r['steps']} | "
+        f"{f(r.get('speedup_vs_baseline'), '.2f')} | {f(r['transformer_tflops'], '.3g')} | "
+        f"{f(r['peak_memory_gb'], '.1f')} | {f(r['first_call_seconds'], '.1f')} | "
+        f"{r['recompiles_after_first_size']} | {f(r.get('latent_rel_err_vs_baseline'), '.2e')} | "
+        f"{f(r.get('psnr_vs_baseline_db'), '.1f')} |"
+    )
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table."""
+    head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
+            f"median of {result['repeats']}")  # fmt: skip
+    lines = [head, "", markdown_header(), *(markdown_row(r) for r in result["rows"])]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
     return "\n".join(lines)

@@ -92,10 +92,38 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=28, help="denoising steps per image")
     b.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the official SRPO setting: 1024x1024, 50 steps")  # fmt: skip
-    b.add_argument("--configs", nargs="+", default=None, help="only these configurations (names as in the table)")
+    b.add_argument("--configs", nargs="+", default=None,
+                   help="these configurations, in this order (put diffusers first: deviations are measured "
+                   "against it) [default: the whole table]")  # fmt: skip
+    b.add_argument("--config-timeout", type=float, default=None,
+                   help="seconds per configuration (all its sizes); past it the configuration becomes an error "
+                   "row and the next one runs [default: no limit]")  # fmt: skip
     b.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
     b.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json, bench.md, bench.png")
+
+    w = sub.add_parser(
+        "warmup",
+        help="compile for the given sizes, save the compile cache, print a cold/warm start report",
+        description="Loads the pipeline with torch.compile, warms it up at --sizes (saving the compiled "
+        "artifacts to --cache-dir, so later processes start warm), then generates once at each of "
+        "--check-sizes and counts the graphs compiled after warm-up. Prints the report as JSON. Run it "
+        "twice: the second process shows compile-cache hits instead of misses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    w.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; full-random on a GPU, tiny-random on a CPU")
+    w.add_argument("--base", default=None, help="as for generate")
+    w.add_argument("--device", default=None)
+    w.add_argument("--sizes", nargs="+", default=["1024x768"], help="WIDTHxHEIGHT sizes to warm up")
+    w.add_argument("--check-sizes", nargs="*", default=[], help="WIDTHxHEIGHT sizes to generate after warm-up")
+    w.add_argument("--acceleration", nargs="+", default=["none"], choices=["none", "regular", "high"])
+    w.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "triton-fp8"])
+    w.add_argument("--quantize", default="auto", choices=["auto", "fp8", "fp8-weight", "none"])
+    w.add_argument("--compile-scope", default="regional", choices=["regional", "full"])
+    w.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"])
+    w.add_argument("--compile-backend", default="inductor")
+    w.add_argument("--cache-dir", default=None, help="compiled artifacts [default: $SRPO_CACHE_DIR/compile]")
+    w.add_argument("--out", default=None, help="also write the JSON report to this file")
 
     s = sub.add_parser(
         "serve",
@@ -160,32 +188,59 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench import BenchArgs, Setting, run_benchmark, write_reports
+def _sizes(texts: list[str], flag: str) -> list[tuple[int, int]]:
     from .request import resolve_image_size
 
-    settings = []
-    for text in args.sizes:
+    sizes = []
+    for text in texts:
         try:
             w, h = (int(v) for v in text.lower().split("x"))
         except ValueError:
-            raise ValueError(f"--sizes takes WIDTHxHEIGHT values such as 1024x768, got {text!r}") from None
-        resolve_image_size(width=w, height=h)
-        settings.append(Setting(w, h, args.steps))
+            raise ValueError(f"{flag} takes WIDTHxHEIGHT values such as 1024x768, got {text!r}") from None
+        sizes.append(resolve_image_size(width=w, height=h))
+    return sizes
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    from .warm_start import warm_start_report
+
+    options = dict(model=args.model, base=args.base, device=args.device, attention=args.attention,
+                   quantize=None if args.quantize == "none" else args.quantize, compile=True,
+                   compile_scope=args.compile_scope, compile_mode=args.compile_mode,
+                   compile_backend=args.compile_backend, progress=False)  # fmt: skip
+    if args.cache_dir is not None:
+        options["cache_dir"] = args.cache_dir
+    report = warm_start_report(_sizes(args.sizes, "--sizes"), _sizes(args.check_sizes, "--check-sizes"),
+                               tuple(args.acceleration), **options)  # fmt: skip
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import BenchArgs, Setting, markdown_header, markdown_row, run_benchmark, write_reports
+
+    settings = [Setting(w, h, args.steps) for w, h in _sizes(args.sizes, "--sizes")]
     if args.official:
         settings.append(Setting(1024, 1024, 50))
     model = args.model or ("full-random" if torch.cuda.is_available() else "tiny-random")
 
-    def checkpoint(partial: dict) -> None:
+    def on_row(row: dict, partial: dict) -> None:  # print each row as it lands; keep the reports current
+        print(markdown_row(row), flush=True)
         write_reports(partial, Path(args.out))
 
+    print(markdown_header(), flush=True)
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
-        repeats=args.repeats, compile_backend=args.compile_backend,
-    ), on_config_done=checkpoint)  # fmt: skip
+        repeats=args.repeats, compile_backend=args.compile_backend, config_timeout=args.config_timeout,
+    ), on_row=on_row)  # fmt: skip
     paths = write_reports(result, Path(args.out))
+    print()
     print(paths["md"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
@@ -217,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
-        return {"generate": _generate, "bench": _bench, "serve": _serve}[args.command](args)
+        return {"generate": _generate, "bench": _bench, "warmup": _warmup, "serve": _serve}[args.command](args)
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {exc}", file=sys.stderr)
         return 2

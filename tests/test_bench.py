@@ -4,6 +4,7 @@ match the cost model."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,17 +12,22 @@ import torch
 from srpo_infer.bench import transformer_flops
 from srpo_infer.cli import main
 
+ORDER = ["diffusers", "+compile", "ours-eager", "+fp8-weight", "+cache-high"]  # not the table's order
+
 
 def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--model", "tiny-random", "--device", "cpu", "--sizes", "512x512", "640x512", "--steps", "2",
-                 "--no-official", "--repeats", "2", "--compile-backend", "eager", "--out", str(out)])  # fmt: skip
+                 "--no-official", "--repeats", "2", "--compile-backend", "eager", "--out", str(out),
+                 "--configs", *ORDER])  # fmt: skip
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     assert result["versions"]["torch"] == torch.__version__ and result["note"]
+    assert list(dict.fromkeys(r["config"] for r in result["rows"])) == ORDER
+    printed = capsys.readouterr().out
+    assert printed.index("| 512x512@2 | +compile |") < printed.index("| 512x512@2 | ours-eager |")
     rows = {(r["config"], r["setting"]): r for r in result["rows"]}
-    assert set(rows) == {(c, s) for c in ("diffusers", "ours-eager", "+fp8-weight", "+compile", "+cache-high")
-                         for s in ("512x512@2", "640x512@2")}  # fmt: skip
+    assert set(rows) == {(c, s) for c in ORDER for s in ("512x512@2", "640x512@2")}
     for (config, _), r in rows.items():
         assert "error" not in r, r
         for key in ("seconds_per_image", "ms_per_step", "transformer_tflops", "first_call_seconds",
@@ -34,9 +40,34 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     assert rows[("+compile", "640x512@2")]["recompiles_after_first_size"] == 0
     assert 1e-4 < rows[("+fp8-weight", "512x512@2")]["latent_rel_err_vs_baseline"] < 0.2
     assert rows[("ours-eager", "512x512@2")]["transformer_evaluations"] == 2
-    assert 1 <= rows[("+cache-high", "512x512@2")]["transformer_evaluations"] <= 2
     assert "| setting | config |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_runs(monkeypatch):
+    from srpo_infer import bench
+
+    def stuck(*_args, **_kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(bench, "_ours_run", stuck)
+    seen = []
+    args = bench.BenchArgs(model="tiny-random", device="cpu", settings=[bench.Setting(512, 512, 1)], repeats=1,
+                           configs=["ours-eager", "diffusers"], config_timeout=0.5)  # fmt: skip
+    t0 = time.perf_counter()
+    result = bench.run_benchmark(args, on_row=lambda row, record: seen.append(len(record["rows"])))
+    assert time.perf_counter() - t0 < 25  # the 30 s call was cut, not waited for
+    stuck_row, baseline_row = result["rows"]
+    assert stuck_row == {"config": "ours-eager", "setting": "512x512@1", "error": "timed out after 0.5 s"}
+    assert baseline_row["config"] == "diffusers" and baseline_row["seconds_per_image"] > 0
+    assert seen == [1, 2]  # each row reported as it landed
+
+
+def test_unknown_configuration_names_are_refused():
+    from srpo_infer.bench import select_configs
+
+    with pytest.raises(ValueError, match=r"unknown configuration\(s\) \['\+compile\+fp9'\]"):
+        select_configs(["diffusers", "+compile+fp9"], torch.device("cpu"))
 
 
 def test_flop_count_matches_the_design_cost_model():
