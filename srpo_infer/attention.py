@@ -27,7 +27,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
 
-def flux_attention_reference(
+def attention_prologue(
     img_q: torch.Tensor,
     img_k: torch.Tensor,
     img_v: torch.Tensor,
@@ -42,13 +42,8 @@ def flux_attention_reference(
     txt_norm_q: torch.Tensor | None = None,
     txt_norm_k: torch.Tensor | None = None,
     eps: float = 1e-6,
-    sdpa_backend=None,
-) -> torch.Tensor:
-    """The unfused math, in the inputs' dtype (pass float64 inputs for an exact reference).
-
-    Same arguments and result ``[B, S_txt + S_img, H*D]`` as the Triton op. ``sdpa_backend`` pins a
-    ``torch.nn.attention.SDPBackend`` (the benchmark times each one).
-    """
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stock prologue: q/k RMSNorm, text + image concat, RoPE; returns q, k, v as ``[B, H, S, D]``."""
 
     def heads_of(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (heads, -1))
@@ -63,7 +58,16 @@ def flux_attention_reference(
     cos, sin = rope_cos.to(torch.float64 if q.dtype == torch.float64 else torch.float32), rope_sin
     sin = sin.to(cos.dtype)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
+def flux_attention_reference(*args, sdpa_backend=None, **kwargs) -> torch.Tensor:
+    """The unfused math, in the inputs' dtype (pass float64 inputs for an exact reference).
+
+    Same arguments as :func:`attention_prologue` (and the Triton op), result ``[B, S_txt + S_img, H*D]``.
+    ``sdpa_backend`` pins a ``torch.nn.attention.SDPBackend`` (the benchmark times each one).
+    """
+    q, k, v = attention_prologue(*args, **kwargs)
     if sdpa_backend is None:
         out = F.scaled_dot_product_attention(q, k, v)
     else:
