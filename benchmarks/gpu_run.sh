@@ -1,37 +1,98 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call (`device` tool, ~10 min):
-#   bash benchmarks/gpu_run.sh            (writes under $OUT, default ./gpu-out)
-# The GPU machines have torch + triton but no diffusers/transformers/torchao/optimum-quanto: carry
-# them as wheels in wheels/ (see README "Notes") and they are installed here without touching torch.
+# One call on a lent H100/H200 (`device` tool, 10-minute limit): every GPU measurement the open issues
+# ask for, most important first, inside a 9-minute budget (BUDGET_S) that includes installing the
+# carried wheels. Each step gets min(its own box, what is left); a step cut short loses only itself.
+#
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
+#
+# The GPU machines have torch + triton + transformers but no diffusers/torchao/optimum-quanto: carry
+# them as wheels in .whl/ (README, "Measuring on a GPU"). Results: at most 8 files under $OUT
+#   log.txt                    versions, GPU, every step's output, the GPU tests
+#   bench.json/.md/.png        srpo-infer bench: diffusers vs +compile, +compile+fp8, all, ... (1024², 1440×512)
+#   warmup-cold.json/-warm.json  srpo-infer warmup in two fresh processes (the second loads the saved cache)
+#   attention.json/.md         benchmarks/bench_attention.py with the compiled-prologue rivals
+# CPU dry run of the plumbing (in an environment with the project's dependencies):
+#   MODEL=tiny-random ATTENTION_ARGS=--smoke OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out}
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu-out}
+MODEL=${MODEL:-full-random}
+BUDGET_S=${BUDGET_S:-540}
+START=$SECONDS
 mkdir -p "$OUT"
-if ls wheels/*.whl >/dev/null 2>&1; then
-  pip install --quiet --no-deps wheels/*.whl 2>&1 | tail -2
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+# step NAME BOX_S COMMAND...: runs COMMAND for at most min(BOX_S, time left), logging to log.txt.
+step() {
+  local name=$1 box=$2; shift 2
+  local limit; limit=$(left)
+  ((box < limit)) && limit=$box
+  if ((limit < 20)); then
+    echo "== $name: skipped, ${limit}s left of the budget" >>"$LOG"
+    return 0
+  fi
+  echo "== $name (box ${limit}s, $(($SECONDS - START))s into the run)" >>"$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s$([ $rc = 124 ] && echo ' (TIMED OUT)')" >>"$LOG"
+}
+
+# 0. Install the carried wheels and the project into a private folder; never touch the machine's torch.
+SITE=${SITE:-/tmp/srpo-site}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    >>"$LOG" 2>&1 || echo "wheel install failed" >>"$LOG"
 fi
-pip install --quiet --no-deps -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python - <<'PY' > "$OUT/versions.json"
-import json, torch, triton
-v = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$SITE" . >>"$LOG" 2>&1 \
+  || echo "project install failed" >>"$LOG"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# From the repo root `import srpo_infer` would find the source tree, which has no srpo_infer.kernels.
+WORK=$(mktemp -d)
+cd "$WORK" || exit 1
+{
+  echo "== versions ($(($SECONDS - START))s)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python3 - <<'PY'
+import json, torch
+v = {"torch": torch.__version__, "cuda": torch.version.cuda,
      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-for m in ("diffusers", "transformers", "torchao", "optimum.quanto"):
+for m in ("triton", "diffusers", "transformers", "torchao", "optimum.quanto", "srpo_infer"):
     try:
-        v[m] = __import__(m, fromlist=["__version__"]).__version__
-    except Exception as e:  # noqa: BLE001
+        mod = __import__(m, fromlist=["__version__"])
+        v[m] = getattr(mod, "__version__", "?") + ("" if m != "srpo_infer" else f" at {mod.__file__}")
+    except Exception as e:
         v[m] = f"missing: {e}"
 print(json.dumps(v, indent=2))
 PY
-# 1. correctness at real shapes (bf16, fp8)
-timeout 300 python -m pytest -q tests/test_kernels_gpu.py tests/test_fast_path_gpu.py tests/test_kernels.py tests/test_attention_processor.py \
-  -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu-tests.txt"
-# 2. attention: ours vs every SDPA backend
-timeout 180 python benchmarks/bench_attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-# 3. pipeline ablation on the full-size random model, time-boxed; reports are rewritten after every
-#    configuration, so a timeout still leaves the finished ones. BENCH_ARGS replaces the default subset.
-DEFAULT_BENCH="--sizes 1440x512 1024x1024 --no-official --repeats 2 --configs diffusers ours-eager +compile \
-  +compile+triton +compile+triton-fp8 all all+cache-high"
-timeout 420 srpo-infer bench --model full-random ${BENCH_ARGS:-$DEFAULT_BENCH} --out "$OUT/pipeline" \
-  > "$OUT/pipeline.log" 2>&1
-echo "done; results in $OUT"
+  git -C "$REPO" log -1 --format='commit %H %s' 2>&1
+} >>"$LOG" 2>&1
+CLI=(python3 -m srpo_infer.cli)
+
+# 1. The pipeline ablation, most important configurations first (issue 9's must-show), then the
+#    compile-style and Triton comparisons while time lasts. The report is rewritten after every row.
+step "pipeline bench" 330 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1440x512 --no-official --repeats 2 \
+  --config-timeout 100 --out "$WORK/bench" \
+  --configs diffusers +compile +compile+fp8 all +compile+triton +compile+triton-fp8 +compile-full
+cp "$WORK"/bench/bench.{json,md,png} "$OUT"/ 2>/dev/null
+
+# 2. Cold then warm start: two fresh processes, each with an empty Inductor cache of its own, so the
+#    second can only be warm through the artifacts the first saved. Check sizes count recompiles.
+for run in cold warm; do
+  step "warmup $run" 90 env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-$run" "${CLI[@]}" warmup --model "$MODEL" \
+    --sizes 1024x1024 --check-sizes 1440x512 768x1024 --cache-dir "$WORK/compile-cache" --out "$OUT/warmup-$run.json"
+done
+
+# 3. Attention at the Flux shapes: our kernels against eager, compiled-prologue and bare SDPA.
+# shellcheck disable=SC2086  # ATTENTION_ARGS is a word list on purpose
+step "attention bench" 90 python3 "$REPO/benchmarks/bench_attention.py" ${ATTENTION_ARGS:---sizes 1024x1024 1440x512} \
+  --out "$OUT/attention.json"
+
+# 4. Correctness at real shapes and the compiled paths on the tiny model (GPU-only tests).
+step "gpu tests" 120 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  "$REPO/tests/test_kernels_gpu.py" "$REPO/tests/test_fast_path_gpu.py"
+echo "== done in $((SECONDS - START))s; files in $OUT" >>"$LOG"
+tail -n 3 "$LOG"
