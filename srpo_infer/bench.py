@@ -501,5 +501,9 @@ def write_reports(result: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     paths["md"].write_text(markdown_table(result) + "\n")
-    chart(result, paths["png"])
+    try:
+        chart(result, paths["png"])
+    except ImportError:  # the chart is a convenience; the numbers are in the JSON and the table
+        log.warning("no chart: matplotlib is missing (pip install 'srpo-infer[bench]')")
+        del paths["png"]
     return paths
