@@ -204,11 +204,11 @@ def _ours_run(pipe, setting: Setting, acceleration: str) -> tuple[torch.Tensor, 
     req = GenerationRequest(PROMPT, setting.width, setting.height, seed=SEED, num_inference_steps=setting.steps)
     _sync(pipe.device)
     t0 = time.perf_counter()
-    with pipe._lock, torch.inference_mode():
-        latents, timings, _ = pipe._run(req, progress=False, cache_threshold=cache_threshold_for(acceleration))
-        image = pipe.decode(latents, setting.width, setting.height)[0]
+    run = pipe.run(req, cache_threshold=cache_threshold_for(acceleration))
+    with torch.inference_mode():
+        image = pipe.decode(run.latents, setting.width, setting.height)[0]
     _sync(pipe.device)
-    return latents, image, time.perf_counter() - t0, timings["denoise"], timings["transformer_evaluations"]
+    return run.latents, image, time.perf_counter() - t0, run.timings["denoise"], run.transformer_evaluations
 
 
 def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> dict:

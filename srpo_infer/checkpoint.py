@@ -32,6 +32,19 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- finding the files
 
 
+def is_repo_id(name: str) -> bool:
+    """True when ``name`` can only be a Hugging Face repo id (``owner/name``), not a local path.
+
+    >>> is_repo_id("tencent/SRPO"), is_repo_id("/data/SRPO"), is_repo_id("./SRPO"), is_repo_id("srpo.safetensors")
+    (True, False, False, False)
+    """
+    return (
+        bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name))
+        and not name.startswith((".", "/", "~"))
+        and not name.endswith(".safetensors")
+    )
+
+
 def find_checkpoint_files(model: str, *, download: Callable[[str], str] | None = None) -> list[Path]:
     """The ``.safetensors`` file(s) holding the transformer named by ``model``.
 
@@ -44,8 +57,7 @@ def find_checkpoint_files(model: str, *, download: Callable[[str], str] | None =
     if path.is_file():
         return [path]
     if not path.exists():
-        looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/", "~"))
-        if not looks_like_repo or model.endswith(".safetensors"):
+        if not is_repo_id(model):
             raise CheckpointError(f"model file or folder {model!r} does not exist (and is not a Hugging Face repo id)")
         path = Path((download or _snapshot_download)(model))
     folder = path / "transformer" if (path / "transformer").is_dir() else path

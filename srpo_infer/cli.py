@@ -14,6 +14,26 @@ from pathlib import Path
 from .config import DEFAULT_MODEL
 from .request import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE_PRESETS
 
+# Library field names → the flags a CLI user typed, so errors name what the user can change.
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images": "--num-images",
+         "width": "--width", "height": "--height", "seed": "--seed", "acceleration": "--acceleration",
+         "image_size": "--image-size", "prompt": "the prompt"}  # fmt: skip
+
+
+def _as_flags(message: str) -> str:
+    """``num_inference_steps must be in [1, 50], got 0`` → ``--steps must be in [1, 50], got 0``."""
+    field, _, rest = message.partition(" ")
+    return f"{FLAGS[field]} {rest}" if field in FLAGS else message
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not when it is None (the help text says what None means) or already said."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "[default:" in (action.help or "") or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="generate image(s) from a prompt and print the flux/srpo API response as JSON",
         description="Generate image(s), write them to --output and print the API-shaped JSON "
         "(url = local file path). The progress bar goes to stderr, the JSON to stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     g.add_argument("prompt", help="what to draw (1 to 4000 characters)")
     g.add_argument("--width", type=int, default=None, help="512–1536, multiple of 32 [default: 1024]")
@@ -81,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Runs stock diffusers FluxPipeline (baseline) and our pipeline with each optimization "
         "added one at a time, on the same weights, prompt and seed, in one process. On a CPU only the "
         "smoke set runs (baseline, eager, fp8-weight, compile).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     b.add_argument("--model", default=None,
                    help="full-random (FLUX.1-dev sizes, random, GPU), tiny-random, or real weights "
@@ -109,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "artifacts to --cache-dir, so later processes start warm), then generates once at each of "
         "--check-sizes and counts the graphs compiled after warm-up. Prints the report as JSON. Run it "
         "twice: the second process shows compile-cache hits instead of misses.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     w.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; full-random on a GPU, tiny-random on a CPU")
     w.add_argument("--base", default=None, help="as for generate")
@@ -131,7 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Starts an HTTP server with the hosted flux/srpo API at POST /v1/images/generations, "
         "a playground page at /, /health and /metrics. The model loads and warms in the background; "
         "/health answers 503 until it is ready.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     s.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; tiny-random for a quick try")
     s.add_argument("--base", default=None, help="as for generate")
@@ -154,20 +174,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace) -> int:
     from .loading import load_pipeline
-    from .request import resolve_image_size
 
     # Check the request before the (possibly long) model load, so a typo fails in a second.
-    if args.image_size:
-        if args.width is not None or args.height is not None:
-            raise ValueError("give either --image-size or --width/--height, not both")
-        width, height = resolve_image_size(args.image_size)
-    else:
-        width, height = resolve_image_size(width=args.width, height=args.height)
-    from .request import validate_request
+    from .request import resolve_image_size, validate_request
 
-    validate_request(
-        args.prompt, width, height, args.seed, args.steps, args.guidance, args.num_images, args.acceleration
-    )
+    if args.image_size and (args.width is not None or args.height is not None):
+        raise ValueError("give either --image-size or --width/--height, not both")
+    try:
+        if args.image_size:
+            width, height = resolve_image_size(args.image_size)
+        else:
+            width, height = resolve_image_size(width=args.width, height=args.height)
+        validate_request(
+            args.prompt, width, height, args.seed, args.steps, args.guidance, args.num_images, args.acceleration
+        )
+    except ValueError as exc:
+        raise ValueError(_as_flags(str(exc))) from None
     output = Path(args.output)
     fmt = args.output_format
     if fmt is None:

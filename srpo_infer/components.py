@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_transformer
+from .checkpoint import is_repo_id, load_transformer
 from .config import FULL_RANDOM, TINY_RANDOM, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,16 @@ def _load_pretrained_base(base: str, dtype: torch.dtype) -> dict:
     return parts
 
 
+def check_base(base: str) -> None:
+    """Fail in a line, before any weight loads, when ``base`` is neither an existing folder nor a repo id."""
+    if base in (TINY_RANDOM, FULL_RANDOM) or Path(base).expanduser().exists() or is_repo_id(base):
+        return
+    raise ValueError(f"base {base!r}: no such folder (and not a Hugging Face repo id such as owner/name)")
+
+
 def load_components(config: PipelineConfig) -> dict:
     """Transformer plus base components for a resolved :class:`PipelineConfig`."""
+    check_base(config.base)
     if config.model == FULL_RANDOM:
         from .full_random import build_full_random
 

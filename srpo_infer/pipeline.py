@@ -13,6 +13,8 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +30,24 @@ log = logging.getLogger(__name__)
 
 class PromptTruncatedWarning(UserWarning):
     """The prompt is longer than the T5 encoder's token limit; the tail is ignored."""
+
+
+class GenerationCancelled(Exception):
+    """``should_stop()`` turned true: the generation stopped before its next denoising step."""
+
+
+@dataclass
+class DenoiseResult:
+    """What :meth:`SRPOPipeline.run` returns: packed latents before decoding, and facts about the run.
+
+    ``timings`` holds seconds only (``encode``, ``denoise``); ``transformer_evaluations`` counts full
+    transformer evaluations (fewer than the steps when step caching skipped some).
+    """
+
+    latents: torch.Tensor
+    timings: dict[str, float]
+    text_tokens: int
+    transformer_evaluations: int
 
 
 def _flux_pipeline_class():
@@ -67,7 +87,7 @@ class SRPOPipeline:
         self.optimized = optimize(components, config)
         self.flux = _flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
-        self._lock = threading.Lock()  # one generation at a time: the modules are shared state
+        self._lock = threading.RLock()  # one generation at a time: the modules are shared state
 
     # Components, for code that wants to reach in.
     @property
@@ -104,6 +124,7 @@ class SRPOPipeline:
         image_size: str | dict | None = None,
         progress: bool | None = None,
         cache_threshold: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
 
@@ -112,7 +133,9 @@ class SRPOPipeline:
         ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in the result.
         ``acceleration``: ``none`` (exact), ``regular`` or ``high`` first-block caching (see
         :mod:`srpo_infer.step_cache`); ``cache_threshold`` sets the cache's threshold directly (research).
-        ``result.timings["transformer_evaluations"]`` counts the full transformer evaluations.
+        ``result.transformer_evaluations`` counts the full transformer evaluations. ``should_stop`` is
+        asked before every denoising step; when it returns true, :class:`GenerationCancelled` is raised
+        (a server stops the job of a client that hung up this way).
 
         >>> r = pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=490733907)  # doctest: +SKIP
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
@@ -126,10 +149,10 @@ class SRPOPipeline:
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
         show = self.config.progress if progress is None else progress
         with self._lock, torch.inference_mode():
-            latents, timings, text_tokens = self._run(req, show, threshold)
+            run = self.run(req, show, threshold, should_stop)
             t0 = time.perf_counter()
-            images = self.decode(latents, req.width, req.height)
-            timings["decode"] = self._elapsed(t0)
+            images = self.decode(run.latents, req.width, req.height)
+            timings = {**run.timings, "decode": self._elapsed(t0)}
         timings["inference"] = timings["encode"] + timings["denoise"] + timings["decode"]
         return GenerationResult(
             images=images,
@@ -142,7 +165,8 @@ class SRPOPipeline:
             guidance_scale=req.guidance_scale,
             timings=timings,
             has_nsfw_concepts=[None] * req.num_images,
-            tokens_used=req.num_images * req.image_tokens + text_tokens,
+            tokens_used=req.num_images * req.image_tokens + run.text_tokens,
+            transformer_evaluations=run.transformer_evaluations,
         )
 
     def warmup(
@@ -191,8 +215,7 @@ class SRPOPipeline:
 
         Benchmarks and numerical checks compare these; ``req.seed`` must be set.
         """
-        with self._lock, torch.inference_mode():
-            return self._run(req, progress, cache_threshold_for(req.acceleration, cache_threshold))[0]
+        return self.run(req, progress, cache_threshold_for(req.acceleration, cache_threshold)).latents
 
     # ------------------------------------------------------------------ stages
 
@@ -201,24 +224,33 @@ class SRPOPipeline:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def _run(
-        self, req: GenerationRequest, progress: bool, cache_threshold: float | None = None
-    ) -> tuple[torch.Tensor, dict[str, float], int]:
+    def run(
+        self,
+        req: GenerationRequest,
+        progress: bool = False,
+        cache_threshold: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> DenoiseResult:
+        """Encode the prompt and denoise: a validated request (seed set) → :class:`DenoiseResult`.
+
+        The public path for benchmarks and numerical checks that time or compare latents; decode them
+        with :meth:`decode`. ``cache_threshold``: the first-block cache threshold (``None``: exact).
+        """
         if req.seed is None or not 0 <= req.seed < MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {req.seed!r}")
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
-        timings["encode"] = self._elapsed(t0)
-        t0 = time.perf_counter()
-        noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
-        latents, evaluations = self.denoise(
-            noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
-            req.guidance_scale, progress, cache_threshold,
-        )  # fmt: skip
-        timings["denoise"] = self._elapsed(t0)
-        timings["transformer_evaluations"] = evaluations
-        return latents, timings, text_tokens
+        with self._lock, torch.inference_mode():
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
+            timings["encode"] = self._elapsed(t0)
+            t0 = time.perf_counter()
+            noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
+            latents, evaluations = self.denoise(
+                noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
+                req.guidance_scale, progress, cache_threshold, should_stop,
+            )  # fmt: skip
+            timings["denoise"] = self._elapsed(t0)
+        return DenoiseResult(latents, timings, text_tokens, evaluations)
 
     def encode_prompt(self, prompt: str, num_images: int = 1):
         """CLIP pooled + T5 sequence embeddings, repeated ``num_images`` times, and the T5 token count.
@@ -280,11 +312,13 @@ class SRPOPipeline:
         guidance_scale: float,
         progress: bool = False,
         cache_threshold: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run the flow-matching Euler loop from packed noise to packed latents.
 
         Returns the latents and the number of full transformer evaluations (fewer than the steps
-        when ``cache_threshold`` lets the first-block cache skip some).
+        when ``cache_threshold`` lets the first-block cache skip some). Raises
+        :class:`GenerationCancelled` before a step when ``should_stop()`` is true.
         """
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
         from tqdm.auto import tqdm
@@ -310,6 +344,8 @@ class SRPOPipeline:
         cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
         marks = self.optimized.marks_inputs
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled("generation cancelled before its next denoising step")
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             if marks:
                 mark_dynamic(latents, img_ids)

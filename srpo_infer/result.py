@@ -35,8 +35,10 @@ def data_uri(image: Image.Image, output_format: str = "jpeg") -> str:
 class GenerationResult:
     """Images and facts of one :meth:`SRPOPipeline.generate` call.
 
-    ``seeds[i]`` is the seed of ``images[i]`` (``seed + i``); ``timings`` holds seconds per stage and
-    ``inference`` (their sum). ``has_nsfw_concepts`` holds ``None`` per image when no safety checker ran:
+    ``seeds[i]`` is the seed of ``images[i]`` (``seed + i``); ``timings`` holds seconds only: per stage
+    (``encode``, ``denoise``, ``decode``) and ``inference`` (their sum). ``transformer_evaluations``
+    counts full transformer evaluations (fewer than the steps when step caching skipped some).
+    ``has_nsfw_concepts`` holds ``None`` per image when no safety checker ran:
     ``None`` means "not checked", never "safe".
     """
 
@@ -51,6 +53,7 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
     has_nsfw_concepts: list[bool | None] = field(default_factory=list)
     tokens_used: int = 0
+    transformer_evaluations: int = 0
     urls: list[str] | None = None
     output_format: str = "jpeg"
 
@@ -88,13 +91,22 @@ class GenerationResult:
             {"url": u, "width": im.width, "height": im.height, "content_type": CONTENT_TYPES[fmt]}
             for u, im in zip(urls, self.images, strict=True)
         ]
-        return {
-            "images": images,
-            "timings": dict(self.timings),
-            "seed": self.seed,
-            "seeds": list(self.seeds),
-            "has_nsfw_concepts": list(self.has_nsfw_concepts),
-            "prompt": self.prompt,
-            "data": [dict(i) for i in images],
-            "meta": {"usage": {"tokens_used": self.tokens_used}},
-        }
+        return {**api_response(self, images, self.has_nsfw_concepts), "seeds": list(self.seeds)}
+
+
+def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts: list[bool | None]) -> dict:
+    """The ``flux/srpo`` response body for ``result`` with the given image entries (url, width, height,
+    content_type) and safety flags: the one definition the library and the server share.
+
+    ``timings`` holds seconds only; ``transformer_evaluations`` is ours (the hosted API has no such field).
+    """
+    return {
+        "images": images,
+        "timings": dict(result.timings),
+        "seed": result.seed,
+        "has_nsfw_concepts": list(has_nsfw_concepts),
+        "prompt": result.prompt,
+        "data": [dict(i) for i in images],
+        "meta": {"usage": {"tokens_used": result.tokens_used}},
+        "transformer_evaluations": result.transformer_evaluations,
+    }

@@ -79,26 +79,35 @@ def test_output_file_name_picks_the_format(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--width", "1000"], ["width", "1000", "multiple of 32"]),
-        (["--steps", "60"], ["num_inference_steps", "60", "[1, 50]"]),
-        (["--guidance", "30"], ["guidance_scale", "30"]),
-        (["--num-images", "9"], ["num_images", "9"]),
+        (["--width", "1000"], ["--width must be", "1000", "multiple of 32"]),
+        (["--steps", "0"], ["--steps must be in [1, 50], got 0"]),
+        (["--steps", "60"], ["--steps must be", "60", "[1, 50]"]),
+        (["--guidance", "30"], ["--guidance must be", "30"]),
+        (["--num-images", "9"], ["--num-images must be", "9"]),
         (["--model", "/no/such/file.safetensors"], ["does not exist"]),
+        (["--base", "/no/such/folder"], ["base '/no/such/folder': no such folder"]),
     ],
 )
-def test_errors_are_one_line_with_exit_code_2(args, words, capsys, tmp_path):
+def test_errors_are_one_line_naming_the_flag_with_exit_code_2(args, words, capsys, tmp_path):
     code = main(["generate", "a cat", "--model", "tiny-random", "-o", str(tmp_path), "-q", *args])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("srpo-infer: error:") and "Traceback" not in err
+    assert err.count("\n") == 1, err  # one line: no unrelated warnings around it
     for w in words:
         assert w in err
+    for field in ("num_inference_steps", "guidance_scale", "num_images"):
+        assert field not in err
 
 
-def test_help_explains_the_command():
+def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--help"])
     assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    assert "--steps STEPS denoising steps, 1–50 (default: 28)" in text
+    assert "[default: 1024]" in text and text.count("default: 1024") == 1
 
 
 def test_installed_console_script(tmp_path):

@@ -37,22 +37,24 @@ def test_threshold_zero_is_identical_to_none(tiny_pipe):
     cached = tiny_pipe.generate_latents(REQ, cache_threshold=0.0)
     assert torch.equal(exact, cached)
     r = tiny_pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=STEPS, cache_threshold=0.0)
-    assert r.timings["transformer_evaluations"] == STEPS
+    assert r.transformer_evaluations == STEPS
 
 
 def test_huge_threshold_runs_the_full_stack_only_on_the_first_step(tiny_pipe):
     r = tiny_pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=STEPS, cache_threshold=1e9)
-    assert r.timings["transformer_evaluations"] == 1
+    assert r.transformer_evaluations == 1
     exact = tiny_pipe.generate_latents(REQ)
     assert not torch.equal(tiny_pipe.generate_latents(REQ, cache_threshold=1e9), exact)
     none = tiny_pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=STEPS)
-    assert none.timings["transformer_evaluations"] == STEPS
+    assert none.transformer_evaluations == STEPS
 
 
 @pytest.mark.parametrize("level", ["regular", "high"])
 def test_levels_through_generate_report_evaluations(tiny_pipe, level):
     r = tiny_pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=STEPS, acceleration=level)
-    assert 1 <= r.timings["transformer_evaluations"] <= STEPS
+    # Random weights do not evolve between steps like a trained model: on the tiny model neither level
+    # skips a step (README, step caching). Skipping itself is tested above with a huge threshold.
+    assert r.transformer_evaluations == STEPS
 
 
 def test_cache_decisions_on_scripted_residuals():
