@@ -160,7 +160,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
     s.add_argument("--output-dir", default="outputs", help="where generated images are stored and served from")
-    s.add_argument("--public-url", default=None, help="base URL for image links [default: the request's]")
+    s.add_argument("--public-url", default=None,
+                   help="base URL for image links, e.g. https://cdn.example.com/srpo [default: relative /files/… "
+                   "links; never built from the client's Host header]")  # fmt: skip
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
     s.add_argument("--safety-checker", default=None,
                    help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
@@ -169,6 +171,18 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "triton-fp8"])
     s.add_argument("--quantize", default="auto", choices=["auto", "fp8", "fp8-weight", "none"])
     s.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    s.add_argument("--allow-unknown-fields", action="store_true",
+                   help="ignore unknown request fields instead of answering 422 (for lenient clients)")  # fmt: skip
+    s.add_argument("--max-cost", type=float, default=None,
+                   help="refuse (422) requests over this many megapixel-steps, width×height×steps×images/10⁶ "
+                   "(1024², 28 steps = 29.4; 1536², 50 steps, 4 images = 472) [default: no cap]")  # fmt: skip
+    s.add_argument("--retention-hours", type=float, default=24.0,
+                   help="delete stored images older than this; 0 keeps them")  # fmt: skip
+    s.add_argument("--retention-gb", type=float, default=2.0,
+                   help="delete the oldest stored images beyond this total size; 0: no size limit")  # fmt: skip
+    s.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
+                   "the rest 503")  # fmt: skip
     return parser
 
 
@@ -273,14 +287,24 @@ def _serve(args: argparse.Namespace) -> int:
         from .server import serve
     except ImportError as exc:
         raise ValueError(f"the server needs its extra: pip install 'srpo-infer[server]' ({exc})") from exc
+    for flag, value in (("--max-cost", args.max_cost), ("--drain-timeout", args.drain_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    for flag, value in (("--retention-hours", args.retention_hours), ("--retention-gb", args.retention_gb)):
+        if not value >= 0:
+            raise ValueError(f"{flag} must be >= 0 (0: no limit), got {value}")
     compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
-    serve(
+    app_options = dict(
+        allow_unknown_fields=args.allow_unknown_fields, max_cost=args.max_cost,
+        retention_seconds=args.retention_hours * 3600 or None, retention_bytes=int(args.retention_gb * 2**30) or None,
+    )  # fmt: skip
+    return serve(
         args.model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
         public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
-        default_acceleration=args.default_acceleration, base=args.base, device=args.device,
-        attention=args.attention, quantize=None if args.quantize == "none" else args.quantize, compile=compile_flag,
+        default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, app_options=app_options,
+        base=args.base, device=args.device, attention=args.attention,
+        quantize=None if args.quantize == "none" else args.quantize, compile=compile_flag,
     )  # fmt: skip
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,8 @@ def test_seed_example_body(server):
     assert isinstance(data["timings"]["inference"], float) and isinstance(data["seed"], int)
     assert data["has_nsfw_concepts"] == [None]  # no checker configured: null, never false
     assert isinstance(data["meta"]["usage"]["tokens_used"], int)
-    fetched = httpx.get(image["url"])
+    assert image["url"].startswith("/files/")  # relative: never built from the client's Host header
+    fetched = httpx.get(server.url + image["url"])
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(fetched.content)).size == (1440, 512)
 
@@ -202,8 +203,11 @@ def test_queue_full_gets_429_with_retry_after(tiny_pipe, tmp_path):
         queued = pool.submit(post, live, {"prompt": "second", **FAST})
         while app.state.worker.depth < 1:
             threading.Event().wait(0.01)
+        app.state.worker.seconds_per_cost = 10.0  # as if measured: 10 s per megapixel-step
         refused = post(live, {"prompt": "third", **FAST})
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+        # Two 512², 2-step jobs ahead (0.52 megapixel-steps each) at 10 s each: 11 s, rounded up.
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "11"
+        assert "about 11 s of work ahead" in refused.json()["error"]["message"]
         gate.set()
         assert running.result().status_code == 200 and queued.result().status_code == 200
 
@@ -279,7 +283,7 @@ def test_mount_inside_another_fastapi_app(tiny_pipe, tmp_path):
         r = httpx.post(f"{live.url}/srpo/v1/images/generations", json={"prompt": "a cat", **FAST}, timeout=60)
         assert r.status_code == 200
         url = r.json()["images"][0]["url"]
-        assert "/srpo/files/" in url and httpx.get(url).status_code == 200
+        assert url.startswith("/srpo/files/") and httpx.get(live.url + url).status_code == 200
 
 
 def test_serve_command_end_to_end(tmp_path):
@@ -317,7 +321,7 @@ def test_serve_command_end_to_end(tmp_path):
         body = {"prompt": "a cat", **FAST}
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 401
         r = httpx.post(f"{url}/v1/images/generations", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
-        assert r.status_code == 200 and httpx.get(r.json()["images"][0]["url"]).status_code == 200
+        assert r.status_code == 200 and httpx.get(url + r.json()["images"][0]["url"]).status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)

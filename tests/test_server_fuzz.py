@@ -24,7 +24,7 @@ class EchoPipeline:
     """Validates like SRPOPipeline.generate and answers with black images of the asked size."""
 
     def generate(self, prompt, width=None, height=None, seed=None, num_inference_steps=28, guidance_scale=4.5,
-                 num_images=1, *, acceleration="none", image_size=None, progress=None):  # fmt: skip
+                 num_images=1, *, acceleration="none", image_size=None, progress=None, should_stop=None):  # fmt: skip
         req = validate_request(prompt, width, height, seed, num_inference_steps, guidance_scale, num_images,
                                acceleration, image_size)  # fmt: skip
         seed = 0 if req.seed is None else req.seed

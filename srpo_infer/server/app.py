@@ -3,19 +3,21 @@ Prometheus metrics and a playground page.
 
 ``create_app(pipeline)`` returns the app so other servers can mount it; ``srpo-infer serve`` runs it
 under uvicorn. Every error is JSON ``{"error": {"message", "field"?, "status"}}``: 400 malformed JSON,
-401 missing/wrong key, 404 unknown model or file, 413 oversized body, 422 invalid field, 429 queue
-full (with ``Retry-After``), 503 while the model loads or after a GPU out-of-memory.
+401 missing/wrong key, 404 unknown model or file, 413 oversized body, 422 invalid, unknown or
+duplicated field or a request over the cost cap, 429 queue full (``Retry-After`` estimates the queued
+work), 503 while the model loads, after it failed to load, while draining, or after a GPU
+out-of-memory. A client that hangs up has its job dropped (queued) or stopped at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
+import difflib
+import json
 import logging
+import math
 import re
-import time
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,10 +25,12 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..pipeline import GenerationCancelled
 from ..request import (
+    ACCELERATIONS,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     IMAGE_SIZE_PRESETS,
@@ -39,19 +43,25 @@ from ..request import (
     MIN_GUIDANCE,
     MIN_SIDE,
     MIN_STEPS,
+    OUTPUT_FORMATS,
     SIDE_MULTIPLE,
 )
-from ..result import CONTENT_TYPES, encode_image
+from ..result import CONTENT_TYPES, api_response, encode_image
+from .guard import Guard
 from .metrics import Metrics
-from .worker import QueueFull, Worker
+from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
+from .worker import QueueFull, ShuttingDown, Worker, job_cost
 
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("flux/srpo",)
 MAX_BODY_BYTES = 64 * 1024  # a 4000-character prompt is at most 16 KB of UTF-8
-_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.(jpeg|png)$")
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted in /metrics, read by nobody
+DISCONNECT_POLL_S = 0.25
 
-Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
+# Strict types: the same as the library's (no bool as an integer, no numeric strings, no 2.0 steps).
+StrictInt = Annotated[int, Strict()]
+Side = Annotated[int, Strict(), Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 Preset = Literal[tuple(IMAGE_SIZE_PRESETS)]  # type: ignore[valid-type]
 
 
@@ -62,21 +72,48 @@ class ImageSize(BaseModel):
 
 
 class GenerationBody(BaseModel):
-    """The request body of the hosted ``flux/srpo`` API."""
+    """The request body of the hosted ``flux/srpo`` API.
 
-    model_config = ConfigDict(extra="ignore")
+    Unknown fields are kept aside (``model_extra``) so the app can name them, with the nearest known
+    field, in its 422; ``allow_unknown_fields=True`` ignores them instead.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
     # Any string parses (an unknown model is a 404, not a 422); the schema lists the served ones.
-    model: str = Field("flux/srpo", json_schema_extra={"enum": list(MODEL_NAMES)})
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: Annotated[str, Strict()] = Field("flux/srpo", json_schema_extra={"enum": list(MODEL_NAMES)})
+    prompt: Annotated[str, Strict(), Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     image_size: ImageSize | Preset = "landscape_4_3"
-    num_inference_steps: int = Field(DEFAULT_STEPS, ge=MIN_STEPS, le=MAX_STEPS)
-    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
-    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
-    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
-    sync_mode: bool = False
-    enable_safety_checker: bool = True
-    output_format: Literal["jpeg", "png"] = "jpeg"
-    acceleration: Literal["none", "regular", "high"] | None = None  # None: the server's default
+    num_inference_steps: Annotated[int, Strict(), Field(ge=MIN_STEPS, le=MAX_STEPS)] = DEFAULT_STEPS
+    guidance_scale: Annotated[float, Strict(), Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = DEFAULT_GUIDANCE
+    seed: Annotated[int, Strict(), Field(ge=0, lt=MAX_SEED)] | None = None
+    num_images: Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES)] = 1
+    sync_mode: Annotated[bool, Strict()] = False
+    enable_safety_checker: Annotated[bool, Strict()] = True
+    output_format: Literal[OUTPUT_FORMATS] = "jpeg"  # type: ignore[valid-type]
+    acceleration: Literal[ACCELERATIONS] | None = None  # type: ignore[valid-type]  # None: the server's default
+
+    def size(self) -> dict[str, Any]:
+        """``generate`` keyword arguments for the image size."""
+        if isinstance(self.image_size, str):
+            return {"image_size": self.image_size}
+        return {"width": self.image_size.width, "height": self.image_size.height}
+
+    def cost(self) -> float:
+        """Megapixel-steps (see :func:`job_cost`)."""
+        w, h = IMAGE_SIZE_PRESETS[self.image_size] if isinstance(self.image_size, str) else (
+            self.image_size.width, self.image_size.height)  # fmt: skip
+        return job_cost(w, h, self.num_inference_steps, self.num_images)
+
+
+class ApiError(Exception):
+    """An error response: raised anywhere in a request, answered as the JSON error body."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+    def response(self) -> JSONResponse:
+        return _error(self.status, self.message, self.field, self.headers)
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -84,6 +121,33 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     if field:
         body["field"] = field
     return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+class ServerState:
+    """Where the app stands: loading → ready, or failed (with the reason); draining once stopping."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.failure: str | None = None
+        self.draining = False
+
+    @property
+    def status(self) -> str:
+        if self.failure is not None:
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ok" if self.worker.pipeline is not None else "loading"
+
+    def check_can_serve(self) -> None:
+        """Raise the 503 that explains why no generation can run now."""
+        status = self.status
+        if status == "failed":
+            raise ApiError(503, f"the model failed to load: {self.failure}")
+        if status == "draining":
+            raise ApiError(503, "the server is shutting down; retry on another instance", headers={"Retry-After": "5"})
+        if status == "loading":
+            raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "10"})
 
 
 def create_app(
@@ -96,130 +160,91 @@ def create_app(
     safety_checker=None,
     default_acceleration: str = "regular",
     max_body_bytes: int = MAX_BODY_BYTES,
+    allow_unknown_fields: bool = False,
+    max_cost: float | None = None,
+    retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
+    retention_bytes: int | None = DEFAULT_RETENTION_BYTES,
 ) -> FastAPI:
     """Build the ASGI app around a loaded :class:`~srpo_infer.SRPOPipeline`.
 
     ``pipeline=None`` starts in the *loading* state (503 for generations) until
-    ``app.state.set_pipeline(p)`` is called. ``safety_checker``: a :class:`SafetyChecker` or None;
-    without one, ``enable_safety_checker`` checks nothing and ``has_nsfw_concepts`` is ``null`` per
-    image (never ``false``). ``default_acceleration`` follows the hosted API (``regular``).
+    ``app.state.set_pipeline(p)`` is called; ``app.state.set_failed(reason)`` records a failed load
+    (``/health`` 500, generations 503 with the reason); ``app.state.drain(timeout)`` stops taking
+    requests and answers every queued one. ``safety_checker``: a :class:`SafetyChecker` or None;
+    without one, ``has_nsfw_concepts`` is ``null`` per image (never ``false``). ``default_acceleration``
+    follows the hosted API (``regular``). ``max_cost`` caps one request's megapixel-steps
+    (width·height·steps·images / 10⁶; 1024², 28 steps = 29.4). Stored images expire after
+    ``retention_seconds`` or, oldest first, beyond ``retention_bytes`` (None: keep). Image URLs are
+    ``public_url`` + ``/files/NAME``, or relative (``/files/NAME`` under the mount path): never built
+    from the client's ``Host`` header.
 
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
-    if default_acceleration not in ("none", "regular", "high"):
-        raise ValueError(f"default_acceleration must be none, regular or high, got {default_acceleration!r}")
-    out_dir = Path(output_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if default_acceleration not in ACCELERATIONS:
+        raise ValueError(f"default_acceleration must be one of {list(ACCELERATIONS)}, got {default_acceleration!r}")
+    if max_cost is not None and not max_cost > 0:
+        raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
+    store = ImageStore(output_dir, retention_seconds, retention_bytes)
     worker = Worker(max_queue)
     metrics = Metrics()
+    state = ServerState(worker)
     app = FastAPI(
-        title="srpo_infer",
-        version="1",
-        description="The flux/srpo image generation API, served by srpo_infer.",
+        title="srpo_infer", version="1", description="The flux/srpo image generation API, served by srpo_infer."
     )
 
     def set_pipeline(p) -> None:
         worker.pipeline = p
 
-    app.state.set_pipeline = set_pipeline
-    app.state.worker = worker
-    app.state.metrics = metrics
+    def set_failed(reason: str) -> None:
+        state.failure = reason
+
+    def drain(timeout: float = 60.0) -> int:
+        state.draining = True
+        return worker.stop(timeout)
+
+    app.state.set_pipeline, app.state.set_failed, app.state.drain = set_pipeline, set_failed, drain
+    app.state.worker, app.state.metrics, app.state.store, app.state.server = worker, metrics, store, state
     set_pipeline(pipeline)
-
-    # ------------------------------------------------------------------ middleware and errors
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        if request.method == "POST":
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-                return _count(metrics, _error(413, f"request body over {max_body_bytes} bytes"), t0)
-            if size is None:  # chunked: read it here, bounded, so a huge stream is refused too
-                body = b""
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > max_body_bytes:
-                        return _count(metrics, _error(413, f"request body over {max_body_bytes} bytes"), t0)
-                request._body = body
-        if api_key and request.url.path.startswith("/v1/"):
-            sent = request.headers.get("authorization", "")
-            token = sent[7:] if sent.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return _count(
-                    metrics,
-                    _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"}),
-                    t0,
-                )  # fmt: skip
-        try:
-            response = await call_next(request)
-        except Exception:  # no stack trace ever reaches a client
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            response = _error(500, "internal server error")
-        return _count(metrics, response, t0, request.url.path == "/v1/images/generations")
+    app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError):
-        errors = exc.errors() or [{}]
-        if errors[0].get("type") == "json_invalid":
-            return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', 'cannot parse')}")
-        if tuple(errors[0].get("loc", ())) == ("body",):
-            return _error(400, "the body must be a JSON object with at least a prompt")
-        # A union (image_size: object | preset) reports one error per branch; the branch that matches
-        # the input's kind is the one that explains it.
-        chosen = next((e for e in errors if e.get("type") not in ("model_attributes_type", "dict_type")), errors[0])
-        loc = [str(p) for p in chosen.get("loc", []) if p != "body"]
-        field = ".".join(p for p in loc if not p.startswith(("ImageSize", "literal["))) or None
-        message = chosen.get("msg", "invalid request")
-        if field == "image_size":
-            message = f"must be one of {sorted(IMAGE_SIZE_PRESETS)} or an object with width and height"
-        value = chosen.get("input")
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        return _error(422, f"{field}: {message} (got {shown[:100]})", field)
+        return _validation_error(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail))
 
-    # ------------------------------------------------------------------ routes
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError):
+        return exc.response()
 
     @app.post("/v1/images/generations", responses={400: {}, 401: {}, 404: {}, 413: {}, 422: {}, 429: {}, 503: {}})
     async def generations(body: GenerationBody, request: Request):
         """Generate images: the hosted ``flux/srpo`` request and response."""
         if body.model not in MODEL_NAMES:
-            return _error(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
-        if worker.pipeline is None:
-            return _error(503, "the model is still loading; retry shortly", headers={"Retry-After": "10"})
-        if isinstance(body.image_size, str):
-            size: dict[str, Any] = {"image_size": body.image_size}
-        else:
-            size = {"width": body.image_size.width, "height": body.image_size.height}
-        if not body.prompt.strip():
-            return _error(422, "prompt: must not be blank", "prompt")
+            raise ApiError(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
+        _check_body(await request.body(), body, allow_unknown_fields, max_cost)
+        state.check_can_serve()
         try:
-            future = worker.submit(
-                prompt=body.prompt, **size, seed=body.seed, num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale, num_images=body.num_images,
-                acceleration=body.acceleration or default_acceleration, progress=False,
+            job = worker.submit(
+                cost=body.cost(), prompt=body.prompt, **body.size(), seed=body.seed,
+                num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+                num_images=body.num_images, acceleration=body.acceleration or default_acceleration, progress=False,
             )  # fmt: skip
         except QueueFull:
-            return _error(429, "the queue is full; retry later", headers={"Retry-After": "5"})
+            wait = max(1, math.ceil(worker.expected_wait()))
+            raise ApiError(429, f"the queue is full (about {wait} s of work ahead); retry later",
+                           headers={"Retry-After": str(wait)}) from None  # fmt: skip
+        except ShuttingDown:
+            state.check_can_serve()
+            raise
         metrics.queue_depth = worker.depth
         try:
-            result = await asyncio.wrap_future(future)
-        except ValueError as exc:  # request rules the schema cannot express
-            return _error(422, str(exc), _field_of(str(exc)))
-        except Exception as exc:
-            if _is_oom(exc):
-                log.warning("out of GPU memory on one request: %s", exc)
-                return _error(503, "the GPU ran out of memory on this request; try fewer or smaller images",
-                              headers={"Retry-After": "5"})  # fmt: skip
-            raise
+            result = await _wait_for(job, request, state)
         finally:
             metrics.queue_depth = worker.depth
-        images = result.images
-        flags: list[bool | None] = [None] * len(images)
+        images, flags = result.images, [None] * len(result.images)
         if body.enable_safety_checker and safety_checker is not None:
             images, flags = await asyncio.to_thread(safety_checker.check, images)
         entries = []
@@ -228,42 +253,38 @@ def create_app(
             if body.sync_mode:
                 url = f"data:{CONTENT_TYPES[body.output_format]};base64," + base64.b64encode(data).decode()
             else:
-                name = f"{uuid.uuid4().hex}.{body.output_format}"
-                (out_dir / name).write_bytes(data)
-                if public_url:
-                    url = f"{public_url.rstrip('/')}/files/{name}"
-                else:  # url_for knows the mount path when this app is mounted inside another
-                    url = str(request.url_for("files", name=name))
+                try:
+                    name = await asyncio.to_thread(store.save, data, body.output_format)
+                except OSError as exc:
+                    log.error("cannot store an image: %s", exc)
+                    raise ApiError(503, "the server cannot store images right now; retry with sync_mode: true "
+                                   "to get data URIs", headers={"Retry-After": "30"}) from None  # fmt: skip
+                base = public_url.rstrip("/") if public_url else request.scope.get("root_path", "")
+                url = f"{base}/files/{name}"
             entries.append({"url": url, "width": image.width, "height": image.height,
                             "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
         metrics.images_served += len(entries)
-        timings = {k: v for k, v in result.timings.items()}
-        return {
-            "images": entries,
-            "timings": timings,
-            "seed": result.seed,
-            "has_nsfw_concepts": flags,
-            "prompt": result.prompt,
-            "data": [dict(e) for e in entries],
-            "meta": {"usage": {"tokens_used": result.tokens_used}},
-        }
+        return api_response(result, entries, flags)
 
     @app.get("/files/{name}", responses={404: {}})
     async def files(name: str):
         """An image stored by an earlier request. Only names this server wrote resolve."""
-        if not _FILE_NAME.match(name):
-            return _error(404, "no such file")
-        path = (out_dir / name).resolve()
-        if path.parent != out_dir or not path.is_file():
+        path = store.path(name)
+        if path is None:
             return _error(404, "no such file")
         return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
 
     @app.get("/health")
     async def health():
-        """``ok`` once the model is loaded, ``loading`` before."""
-        ready = worker.pipeline is not None
-        return JSONResponse({"status": "ok" if ready else "loading", "queue_depth": worker.depth},
-                            status_code=200 if ready else 503)  # fmt: skip
+        """``ok`` (200) when generations can run; ``loading``, ``draining`` or ``degraded`` (503) when
+        they cannot yet, or cannot store images; ``failed`` (500, with the reason) after a failed load."""
+        status, body = state.status, {"queue_depth": worker.depth}
+        if status == "failed":
+            return JSONResponse({"status": status, "reason": state.failure, **body}, status_code=500)
+        problem = await asyncio.to_thread(store.problem)
+        if status == "ok" and problem:
+            return JSONResponse({"status": "degraded", "problems": [problem], **body}, status_code=503)
+        return JSONResponse({"status": status, **body}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -279,9 +300,82 @@ def create_app(
     return app
 
 
-def _count(metrics: Metrics, response, t0: float, generation: bool = False):
-    metrics.observe(response.status_code, time.perf_counter() - t0, generation)
-    return response
+def _validation_error(errors: list[dict]) -> JSONResponse:
+    """pydantic's errors → our JSON error (the first one that explains the input)."""
+    errors = errors or [{}]
+    if errors[0].get("type") == "json_invalid":
+        return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', 'cannot parse')}")
+    if tuple(errors[0].get("loc", ())) == ("body",):
+        return _error(400, "the body must be a JSON object with at least a prompt")
+    # A union (image_size: object | preset) reports one error per branch; the branch that matches
+    # the input's kind is the one that explains it.
+    chosen = next((e for e in errors if e.get("type") not in ("model_attributes_type", "dict_type")), errors[0])
+    loc = [str(p) for p in chosen.get("loc", []) if p != "body"]
+    field = ".".join(p for p in loc if not p.startswith(("ImageSize", "literal["))) or None
+    message = chosen.get("msg", "invalid request")
+    if field == "image_size":
+        message = f"must be one of {sorted(IMAGE_SIZE_PRESETS)} or an object with width and height"
+    value = chosen.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return _error(422, f"{field}: {message} (got {shown[:100]})", field)
+
+
+def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, max_cost: float | None) -> None:
+    """What the schema cannot say: duplicate keys, unknown fields, a blank prompt, the cost cap."""
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ApiError(422, f"duplicate key {key!r} in the JSON body: send each field once", key)
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(raw, object_pairs_hook=refuse_duplicates)
+    unknown = sorted(body.model_extra or {})
+    if unknown and not allow_unknown_fields:
+        known = list(GenerationBody.model_fields)
+        name = unknown[0]
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}?" if near else f"known fields: {', '.join(known)}"
+        raise ApiError(422, f"unknown field {name!r}: {hint}", name)
+    if not body.prompt.strip():
+        raise ApiError(422, "prompt: must not be blank", "prompt")
+    if max_cost is not None and body.cost() > max_cost:
+        raise ApiError(422, f"this request costs {body.cost():.1f} megapixel-steps (width × height × steps × "
+                       f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
+                       "smaller images", "num_inference_steps")  # fmt: skip
+
+
+async def _wait_for(job, request: Request, state: ServerState):
+    """The job's result; a client that hangs up cancels its job (dropped if queued, stopped at the next
+    step if running), and a job's failure becomes its HTTP error."""
+    future = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if await request.is_disconnected():
+            job.cancel()
+            log.info("client hung up; its job was cancelled")
+            raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled")
+    try:
+        return future.result()
+    except asyncio.CancelledError:
+        raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled") from None
+    except ValueError as exc:  # request rules the schema cannot express
+        raise ApiError(422, str(exc), _field_of(str(exc))) from None
+    except (GenerationCancelled, ShuttingDown):
+        if state.draining:
+            raise ApiError(503, "the server shut down before this request finished; retry on another instance",
+                           headers={"Retry-After": "5"}) from None  # fmt: skip
+        raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled") from None
+    except Exception as exc:
+        if _is_oom(exc):
+            log.warning("out of GPU memory on one request: %s", exc)
+            raise ApiError(503, "the GPU ran out of memory on this request; try fewer or smaller images",
+                           headers={"Retry-After": "5"}) from None  # fmt: skip
+        raise
 
 
 def _field_of(message: str) -> str | None:

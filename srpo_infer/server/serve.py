@@ -1,15 +1,25 @@
 """``srpo-infer serve``: uvicorn in front of :func:`create_app`, with the model loading in the
-background so ``/health`` can say "loading" (503) until it is warm."""
+background so ``/health`` can say "loading" (503) until it is warm.
+
+- A model that fails to load is logged with its reason, ``/health`` says ``failed`` (500) and the
+  process exits with status 1, so a supervisor sees it and restarts it.
+- SIGTERM or SIGINT drains: no new requests (uvicorn closes the socket; requests on open connections
+  get 503), every queued and running request is answered within ``drain_timeout`` seconds (those
+  still waiting then get a clear 503), then the process exits 0.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 from .app import create_app
 
 log = logging.getLogger(__name__)
+
+LOAD_FAILED_EXIT_CODE = 1
 
 
 def serve(
@@ -24,9 +34,13 @@ def serve(
     safety_checker: str | None = None,
     default_acceleration: str = "regular",
     warmup_sizes: list[tuple[int, int]] | None = None,
+    drain_timeout: float = 60.0,
+    app_options: dict | None = None,
     **pipeline_options,
-) -> None:
-    """Start the server; blocks until it stops. ``pipeline_options`` go to :func:`load_pipeline`."""
+) -> int:
+    """Start the server; blocks until it stops and returns the process exit code (0 after a clean
+    drain, 1 when the model failed to load). ``app_options`` go to :func:`create_app`,
+    ``pipeline_options`` to :func:`load_pipeline`."""
     import uvicorn
 
     from ..config import resolve_device
@@ -38,15 +52,38 @@ def serve(
     checker = (
         SafetyChecker.load(safety_checker, resolve_device(pipeline_options.get("device"))) if safety_checker else None
     )
-    app = create_app(None, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
-                     safety_checker=checker, default_acceleration=default_acceleration)  # fmt: skip
+    app = create_app(
+        None, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
+        safety_checker=checker, default_acceleration=default_acceleration, **(app_options or {}),
+    )  # fmt: skip
+
+    class Server(uvicorn.Server):
+        exit_code = 0
+
+        def handle_exit(self, sig, frame) -> None:
+            # Not uvicorn's own: it re-raises the signal after shutting down, so a drained server would
+            # die of SIGTERM instead of exiting 0. A second SIGINT still forces the exit.
+            if self.should_exit:
+                self.force_exit = self.force_exit or sig == signal.SIGINT
+                return
+            log.info("signal %s: draining (up to %.0f s), then exiting", sig, drain_timeout)
+            # Answer every queued and running request while uvicorn waits for open connections.
+            threading.Thread(target=app.state.drain, args=(drain_timeout,), name="srpo-drain").start()
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout + 10)
+    server = Server(config)
 
     def load() -> None:
         try:
             pipe = load_pipeline(model, progress=False, **pipeline_options)
             pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=tuple({"none", default_acceleration}))
-        except Exception:
-            log.exception("loading the model failed; the server keeps answering 503")
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("loading the model %r failed: %s", model, reason)
+            app.state.set_failed(reason)
+            server.exit_code = LOAD_FAILED_EXIT_CODE
+            server.should_exit = True
             return
         app.state.set_pipeline(pipe)
         log.info("model %s loaded and warm; ready on http://%s:%d", model, host, port)
@@ -54,4 +91,5 @@ def serve(
     threading.Thread(target=load, name="srpo-loader", daemon=True).start()
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server.run()
+    return server.exit_code

@@ -1,0 +1,309 @@
+"""The server for the people who run it, over real HTTP: failed loads, drains, strict requests,
+abandoned jobs, the cost cap, storage that expires and fails loudly, no Host-header reflection."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import LiveServer
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from srpo_infer.pipeline import GenerationCancelled
+from srpo_infer.request import validate_request
+from srpo_infer.result import GenerationResult
+from srpo_infer.server import create_app
+from srpo_infer.server.storage import ImageStore
+
+FAST = {"num_inference_steps": 2, "image_size": "square"}
+
+
+def post(url: str, body, timeout: float = 120, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout, **kw)
+
+
+class SlowPipeline:
+    """Validates like the real pipeline, then takes ``step_s`` per step, asking ``should_stop`` before
+    each one as the real denoising loop does; records what ran and what was stopped."""
+
+    def __init__(self, step_s: float = 0.05):
+        self.step_s = step_s
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.finished: list[str] = []
+
+    def generate(self, prompt, width=None, height=None, seed=None, num_inference_steps=28, guidance_scale=4.5,
+                 num_images=1, *, acceleration="none", image_size=None, progress=None, should_stop=None):  # fmt: skip
+        req = validate_request(prompt, width, height, seed, num_inference_steps, guidance_scale, num_images,
+                               acceleration, image_size)  # fmt: skip
+        self.started.append(prompt)
+        for _ in range(req.num_inference_steps):
+            if should_stop is not None and should_stop():
+                self.stopped.append(prompt)
+                raise GenerationCancelled("stopped")
+            time.sleep(self.step_s)
+        self.finished.append(prompt)
+        return GenerationResult(
+            images=[Image.new("RGB", (req.width, req.height))] * req.num_images, seed=req.seed or 0, prompt=prompt,
+            width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale, timings={"inference": 0.0}, seeds=[0] * req.num_images,
+            has_nsfw_concepts=[None] * req.num_images,
+        )  # fmt: skip
+
+
+def _wait(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- loading failures
+
+
+def test_a_failed_load_shows_in_health_and_every_post(tmp_path):
+    app = create_app(None, output_dir=tmp_path)
+    with LiveServer(app) as live:
+        app.state.set_failed("CheckpointError: model file '/x.safetensors' does not exist")
+        health = httpx.get(f"{live.url}/health")
+        assert health.status_code == 500
+        assert health.json()["status"] == "failed" and "does not exist" in health.json()["reason"]
+        r = post(live.url, {"prompt": "a cat", **FAST})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert "does not exist" in r.json()["error"]["message"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "srpo_infer.cli", "serve", "--port", str(port), "--output-dir", str(tmp_path / "out"),
+           "--device", "cpu", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
+    proc, _ = _serve(tmp_path, "--model", str(tmp_path / "missing.safetensors"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-2000:]
+    assert "loading the model" in out and "missing.safetensors" in out and "does not exist" in out
+
+
+def test_sigterm_drains_every_request_in_flight_then_exits_zero(tmp_path):
+    proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none")
+    try:
+        _wait(lambda: _health(url) == 200, timeout=180)
+        body = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 8, "seed": 1}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(post, url, body) for _ in range(4)]
+            _wait(lambda: _queue_depth(url) >= 2)  # one running, the rest queued
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in futures]  # a lost request raises here instead
+        assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-2000:]
+        assert "draining" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _queue_depth(url: str) -> int:
+    return httpx.get(f"{url}/health", timeout=5).json()["queue_depth"]
+
+
+def test_a_drain_that_runs_out_of_time_answers_the_rest_with_503(tmp_path):
+    pipe = SlowPipeline(step_s=0.05)
+    app = create_app(pipe, output_dir=tmp_path, max_queue=8)
+    with LiveServer(app) as live, ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(post, live.url, {"prompt": f"job {i}", "num_inference_steps": 50}) for i in range(3)]
+        _wait(lambda: app.state.worker.busy and app.state.worker.depth == 2)
+        assert app.state.drain(0.3) == 3  # the running one stopped, two queued ones failed
+        answers = [f.result() for f in futures]
+        assert [a.status_code for a in answers] == [503] * 3
+        assert all("shut down" in a.json()["error"]["message"] for a in answers)
+        assert pipe.stopped == ["job 0"] and pipe.finished == []
+        assert httpx.get(f"{live.url}/health").json()["status"] == "draining"
+        assert post(live.url, {"prompt": "late", **FAST}).status_code == 503
+
+
+# ----------------------------------------------------------------------------- strict requests
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    app = create_app(SlowPipeline(step_s=0.0), output_dir=tmp_path_factory.mktemp("out"), max_queue=32)
+    with LiveServer(app) as server:
+        server.app = app
+        yield server
+
+
+def test_unknown_fields_are_refused_with_the_nearest_name(live):
+    r = post(live.url, {"prompt": "a cat", "num_inferance_steps": 1})
+    assert r.status_code == 422
+    assert r.json()["error"] == {"message": "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?",
+                                 "field": "num_inferance_steps", "status": 422}  # fmt: skip
+    r = post(live.url, {"prompt": "a cat", "zzz": 1})
+    assert r.status_code == 422 and "known fields: model, prompt" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_can_be_allowed(tmp_path):
+    with LiveServer(create_app(SlowPipeline(0.0), output_dir=tmp_path, allow_unknown_fields=True)) as server:
+        assert post(server.url, {"prompt": "a cat", "num_inferance_steps": 1, **FAST}).status_code == 200
+
+
+# (field, value): refused by the server (422 naming the field) and by the library (ValueError naming it).
+WRONG_TYPES = [("seed", True), ("seed", "7"), ("num_inference_steps", "2"), ("num_inference_steps", 2.0),
+               ("num_images", True), ("guidance_scale", "4.5"), ("guidance_scale", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
+def test_types_are_strict_and_the_same_in_server_and_library(live, field, value):
+    r = post(live.url, {"prompt": "a cat", **FAST, field: value})
+    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    with pytest.raises(ValueError, match=field):
+        validate_request("a cat", **{"width": 512, "height": 512, field: value})
+
+
+@pytest.mark.parametrize("field", ["sync_mode", "enable_safety_checker"])
+def test_booleans_are_strict(live, field):
+    r = post(live.url, {"prompt": "a cat", **FAST, field: 1})
+    assert r.status_code == 422 and r.json()["error"]["field"] == field
+
+
+def test_duplicate_keys_are_refused(live):
+    raw = b'{"prompt": "a cat", "num_inference_steps": 2, "prompt": "a dog"}'
+    r = httpx.post(f"{live.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "prompt"
+    assert "duplicate key 'prompt'" in r.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- cost and abandonment
+
+
+def test_the_cost_cap_refuses_expensive_requests(tmp_path):
+    with LiveServer(create_app(SlowPipeline(0.0), output_dir=tmp_path, max_cost=5)) as server:
+        r = post(server.url, {"prompt": "a cat", "image_size": "square_hd", "num_inference_steps": 28})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "num_inference_steps"
+        assert "29.4 megapixel-steps" in r.json()["error"]["message"] and "at most 5" in r.json()["error"]["message"]
+        assert post(server.url, {"prompt": "a cat", **FAST}).status_code == 200  # 0.5 megapixel-steps
+
+
+def test_a_client_that_hangs_up_has_its_jobs_cancelled(tmp_path):
+    pipe = SlowPipeline(step_s=0.05)
+    app = create_app(pipe, output_dir=tmp_path)
+    with LiveServer(app) as server, ThreadPoolExecutor(2) as pool:
+        body = {"prompt": "running", "num_inference_steps": 50}  # 2.5 s of work
+        first = pool.submit(post, server.url, body, timeout=0.8)
+        _wait(lambda: app.state.worker.busy)
+        second = pool.submit(post, server.url, {**body, "prompt": "queued"}, timeout=0.5)
+        for hung_up in (first, second):
+            with pytest.raises(httpx.TimeoutException):
+                hung_up.result()
+        _wait(lambda: not app.state.worker.busy and app.state.worker.depth == 0, timeout=10)
+        assert pipe.stopped == ["running"]  # stopped at a step, not run to the end
+        assert pipe.started == ["running"]  # the queued job never ran
+        time.sleep(0.3)
+        assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # the worker serves on
+
+
+def test_a_mounted_app_still_requires_its_api_key(tmp_path):
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    outer.mount("/srpo", create_app(SlowPipeline(0.0), output_dir=tmp_path, api_key="k3y"))
+    with LiveServer(outer) as server:
+        assert post(f"{server.url}/srpo", {"prompt": "a cat", **FAST}).status_code == 401
+        ok = post(f"{server.url}/srpo", {"prompt": "a cat", **FAST}, headers={"Authorization": "Bearer k3y"})
+        assert ok.status_code == 200 and ok.json()["images"][0]["url"].startswith("/srpo/files/")
+
+
+# ----------------------------------------------------------------------------- storage and URLs
+
+
+def test_image_urls_never_reflect_the_host_header(tmp_path):
+    with LiveServer(create_app(SlowPipeline(0.0), output_dir=tmp_path)) as server:
+        r = post(server.url, {"prompt": "a cat", **FAST}, headers={"Host": "evil.example"})
+        url = r.json()["images"][0]["url"]
+        assert r.status_code == 200 and url.startswith("/files/") and "evil" not in url
+    app = create_app(SlowPipeline(0.0), output_dir=tmp_path, public_url="https://cdn.example.com/srpo/")
+    with LiveServer(app) as server:
+        r = post(server.url, {"prompt": "a cat", **FAST}, headers={"Host": "evil.example"})
+        assert r.json()["images"][0]["url"].startswith("https://cdn.example.com/srpo/files/")
+
+
+def test_an_unwritable_output_folder_shows_in_health_and_answers_503(tmp_path):
+    out = tmp_path / "out"
+    with LiveServer(create_app(SlowPipeline(0.0), output_dir=out)) as server:
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+        shutil.rmtree(out)
+        out.write_text("a file where the folder was")  # unwritable even for root
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "not writable" in health.json()["problems"][0]
+        r = post(server.url, {"prompt": "a cat", **FAST})
+        assert r.status_code == 503 and "sync_mode" in r.json()["error"]["message"]
+        assert post(server.url, {"prompt": "a cat", **FAST, "sync_mode": True}).status_code == 200
+
+
+def test_stored_images_expire_by_age_and_by_total_size(tmp_path):
+    store = ImageStore(tmp_path, max_age=3600, max_bytes=3000, sweep_every=1e9)
+    names = [store.save(bytes(1000), "png") for _ in range(5)]
+    (tmp_path / "notes.txt").write_text("not ours: never deleted")
+    now = time.time()
+    for i, name in enumerate(names):  # names[0] is two hours old, the others 50, 40, 30, 20 minutes
+        age = 7200 if i == 0 else 3600 - 600 * i
+        os.utime(tmp_path / name, (now - age, now - age))
+    assert store.sweep(now) == 2  # names[0] by age, then names[1] (oldest) to get back under 3000 bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[2:], "notes.txt"])
+    assert store.path(names[1]) is None and store.path(names[2]) is not None
+
+
+def test_retention_limits_are_checked():
+    with pytest.raises(ValueError, match="retention age must be > 0"):
+        ImageStore("/tmp/srpo-retention-check", max_age=0)
+
+
+def test_retry_after_follows_the_queued_work():
+    from srpo_infer.server.worker import Worker, job_cost
+
+    worker = Worker(max_queue=4)
+    gate = threading.Event()
+
+    class Blocked:
+        def generate(self, **_kw):
+            gate.wait(30)
+
+    worker.pipeline = Blocked()
+    worker.seconds_per_cost = 2.0
+    worker.submit(cost=job_cost(1024, 1024, 28))
+    _wait(lambda: worker.busy)
+    worker.submit(cost=job_cost(512, 512, 4, 2))
+    assert worker.expected_wait() == pytest.approx(2.0 * (29.360128 + 2.097152))
+    gate.set()
+    assert worker.stop(5) == 0
