@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     from srpo_infer.kernels.launch import tuned_configs
 
     from srpo_infer.attention import attention_flops, flux_attention_reference, random_attention_inputs
-    from srpo_infer.metrics import relative_error
+    from srpo_infer.deviation import relative_error
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:

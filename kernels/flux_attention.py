@@ -33,10 +33,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P is in [0, 1]; e4m3's smallest subnormal is 2**-9, so probabilities are scaled by 2**8 before the
 # cast (and the product unscaled after): values down to 2**-17 survive, and 256 < 448 cannot overflow.
-P_SCALE = 256.0
+P_SCALE = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -130,8 +130,8 @@ def _prologue_kernel(
     out_off = bh * S * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
     if FP8:
         # Per (token, head) scales: q·k factors exactly as (q8·k8) * sq * sk.
-        sq = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / 448.0
-        sk = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-12) / 448.0
+        sq = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / FP8_MAX
+        sk = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-12) / FP8_MAX
         tl.store(q_out + out_off, _to_fp8(q / sq[:, None], q_out.dtype.element_ty, ROUND_FP8), mask=valid)
         tl.store(k_out + out_off, _to_fp8(k / sk[:, None], k_out.dtype.element_ty, ROUND_FP8), mask=valid)
         tl.store(q_scale + bh * S + rows, sq, mask=rows < S)
@@ -140,7 +140,7 @@ def _prologue_kernel(
         v = tl.load(
             _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt), mask=valid, other=0.0
         ).to(tl.float32)
-        sv = tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1e-12) / 448.0
+        sv = tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1e-12) / FP8_MAX
         tl.store(v_out + out_off, _to_fp8(v / sv, v_out.dtype.element_ty, ROUND_FP8), mask=valid)
         tl.store(v_scale + bh * n_tiles + pid, sv)
     else:
@@ -223,8 +223,8 @@ def _attention_kernel(
         )
         if FP8:
             sv = tl.load(v_scale + bh * n_tiles + start // BLOCK_N)
-            pv = tl.dot(_to_fp8(p * 256.0, v.dtype, ROUND_FP8), v)
-            acc += pv * (sv / 256.0)
+            pv = tl.dot(_to_fp8(p * P_SCALE, v.dtype, ROUND_FP8), v)
+            acc += pv * (sv / P_SCALE)
         else:
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new

@@ -12,7 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "triton", "triton-fp8")
+from .config import ATTENTION_BACKENDS
+
+BACKENDS = ATTENTION_BACKENDS
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,11 +172,7 @@ class FluxAttentionProcessor:
         self.design = design
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        if encoder_hidden_states is None or attn.added_kv_proj_dim is None:
-            eq = ek = ev = None
+        q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is None:
             raise ValueError("Flux attention needs image_rotary_emb (cos, sin)")
         cos, sin = image_rotary_emb
@@ -197,6 +195,22 @@ class FluxAttentionProcessor:
         return out
 
 
+def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q, k, v of the image stream and (or ``None``s) of the text stream, from the three projections
+    or the fused one (a column slice each: the kernels read them strided, without a copy)."""
+    fused = getattr(attn, "fused_projections", False)
+    if fused:
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if encoder_hidden_states is None or attn.added_kv_proj_dim is None:
+        return q, k, v, None, None, None
+    if fused:
+        return q, k, v, *attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+    e = encoder_hidden_states
+    return q, k, v, attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)
+
+
 def check_backend_available(backend: str, device: torch.device) -> None:
     """Raise a clear error when ``backend`` cannot run on ``device``."""
     if backend not in BACKENDS:
@@ -212,14 +226,6 @@ def check_backend_available(backend: str, device: torch.device) -> None:
         )
     if backend == "triton-fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError("attention='triton-fp8' needs fp8 tensor cores (sm >= 89); use attention='triton'")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` → ``sdpa`` for now: our kernels become the default once the H100 benchmark shows them
-    faster than the best SDPA backend at equal accuracy (not measured yet)."""
-    backend = "sdpa" if backend == "auto" else backend
-    check_backend_available(backend, device)
-    return backend
 
 
 def set_attention_backend(transformer: torch.nn.Module, backend: str, design: str = "prepass") -> None:

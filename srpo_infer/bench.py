@@ -10,7 +10,6 @@ Output: JSON, a Markdown table and a PNG chart.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import gc
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import PipelineConfig
-from .metrics import psnr, relative_error
+from .deviation import psnr, relative_error
 from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -211,12 +210,9 @@ def _ours_run(pipe, setting: Setting, acceleration: str) -> tuple[torch.Tensor, 
     return run.latents, image, time.perf_counter() - t0, run.timings["denoise"], run.transformer_evaluations
 
 
-def _pristine_components(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> dict:
-    from .components import load_components
-
-    config = PipelineConfig(model=args.model, base=args.base, device=device, dtype=dtype, attention="sdpa",
-                            quantize=None, compile=False, progress=False).resolved()  # fmt: skip
-    return load_components(config)
+def _plain_config(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> PipelineConfig:
+    return PipelineConfig(model=args.model, base=args.base, device=device, dtype=dtype, attention="sdpa",
+                          quantize=None, compile=False, progress=False).resolved()  # fmt: skip
 
 
 class ConfigTimeout(Exception):
@@ -255,13 +251,29 @@ class TimeBox:
 
 @dataclass
 class _Shared:
-    """What configurations share: the untouched components, FLOP counts, the baseline's outputs."""
+    """What configurations share: the components no optimization changes (VAE, encoders, tokenizers,
+    scheduler), FLOP counts and the baseline's outputs. Optimizations change the transformer in place
+    (fused QKV, quantized weights, compiled blocks), so each configuration takes a freshly loaded one:
+    the first load's, then a new load (random models are seeded: the same weights every time)."""
 
-    pristine: dict
-    device: torch.device
-    dtype: torch.dtype
+    components: dict
+    plain: PipelineConfig
     flops: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
+
+    def take_transformer(self) -> torch.nn.Module:
+        from .components import load_model_transformer
+
+        spare = self.components.pop("transformer", None)
+        return spare if spare is not None else load_model_transformer(self.plain)
+
+    @property
+    def device(self) -> torch.device:
+        return self.plain.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plain.dtype
 
 
 def run_benchmark(args: BenchArgs, on_row=None) -> dict:
@@ -276,11 +288,11 @@ def run_benchmark(args: BenchArgs, on_row=None) -> dict:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = select_configs(args.configs, device)
+    from .components import load_components
+
     t0 = time.perf_counter()
-    shared = _Shared(_pristine_components(args, device, dtype), device, dtype)
-    # The untouched transformer waits on the host between configurations, so it never counts in a
-    # configuration's peak GPU memory; each configuration gets its own copy on the device.
-    shared.pristine["transformer"] = shared.pristine["transformer"].to("cpu")
+    plain = _plain_config(args, device, dtype)
+    shared = _Shared(load_components(plain), plain)
     load_s = time.perf_counter() - t0
     rows: list[dict] = []
 
@@ -312,9 +324,8 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
     from .pipeline import SRPOPipeline
 
     device = shared.device
-    parts = dict(shared.pristine)
-    parts["transformer"] = copy.deepcopy(shared.pristine["transformer"]).to(device)
-    parts["vae"] = copy.deepcopy(shared.pristine["vae"])  # compile wraps decode; keep the pristine one eager
+    # Compile wraps vae.decode without changing the VAE, so it is shared as it is.
+    parts = {**shared.components, "transformer": shared.take_transformer()}
     config = PipelineConfig(
         model=args.model, base=args.base, device=device, dtype=shared.dtype, attention=bench.attention,
         quantize=bench.quantize, compile=bench.compile, compile_scope=bench.compile_scope,
@@ -404,8 +415,7 @@ def _count_flops(pipe, setting: Setting) -> int:
     with torch.inference_mode():
         embeds, pooled, text_ids, _ = pipe.encode_prompt(req.prompt)
         noise = pipe.prepare_noise([SEED], setting.width, setting.height)
-        _, h, w = pipe.latent_shape(setting.width, setting.height)
-        img_ids = pipe.flux._prepare_latent_image_ids(1, h // 2, w // 2, pipe.device, pipe.dtype)
+        img_ids = pipe.latent_image_ids(1, setting.width, setting.height)
     inputs = dict(hidden_states=noise, timestep=torch.full((1,), 0.5, device=pipe.device, dtype=pipe.dtype),
                   guidance=torch.full((1,), 4.5, device=pipe.device), pooled_projections=pooled,
                   encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)  # fmt: skip

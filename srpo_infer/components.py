@@ -88,16 +88,27 @@ def load_components(config: PipelineConfig) -> dict:
         from .full_random import build_full_random
 
         return build_full_random(config.device, config.dtype)
+    transformer = load_model_transformer(config)
+    parts = load_base_components(config.base, config.dtype, config.device)
+    parts["transformer"] = transformer
+    _check_compatible(parts)
+    return parts
+
+
+def load_model_transformer(config: PipelineConfig) -> torch.nn.Module:
+    """The transformer alone, as :func:`load_components` would load it: the same weights on every call
+    (random models are seeded), so a benchmark can take a fresh one per configuration."""
+    if config.model == FULL_RANDOM:
+        from .full_random import build_full_random_transformer
+
+        return build_full_random_transformer(config.device, config.dtype)
     if config.model == TINY_RANDOM:
         from .tiny import build_tiny_transformer
 
         transformer = place(build_tiny_transformer(), config.device, config.dtype)
     else:
         transformer = load_transformer(config.model, dtype=config.dtype, device=config.device, progress=config.progress)
-    parts = load_base_components(config.base, config.dtype, config.device)
-    parts["transformer"] = transformer.eval().requires_grad_(False)
-    _check_compatible(parts)
-    return parts
+    return transformer.eval().requires_grad_(False)
 
 
 def _check_compatible(parts: dict) -> None:

@@ -25,23 +25,44 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # fmt: skip
 
 
-def build_full_random(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """All pipeline components at FLUX.1-dev size on ``device`` (CUDA only: ~17 B parameters)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from .tiny import build_tiny_base
-
+def _check_cuda(device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError("model='full-random' builds ~17 B parameters on the GPU; it needs CUDA (use 'tiny-random')")
-    parts = build_tiny_base(seed)  # tokenizers and scheduler
+
+
+def build_full_random_transformer(device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """The FLUX.1-dev transformer with random weights; the same ``seed`` gives the same weights, so a
+    benchmark can build a fresh copy per configuration instead of deep-copying 24 GB."""
+    from diffusers import FluxTransformer2DModel
+
+    _check_cuda(device)
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[device]), torch.device(device):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
+            model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        finally:
+            torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_full_random(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """All pipeline components at FLUX.1-dev size on ``device`` (CUDA only: ~17 B parameters)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .tiny import build_tiny_base
+
+    _check_cuda(device)
+    parts = build_tiny_base(seed)  # tokenizers and scheduler
+    parts["transformer"] = build_full_random_transformer(device, dtype, seed)
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device]), torch.device(device):
+        torch.manual_seed(seed + 1)
+        torch.set_default_dtype(dtype)
+        try:
             clip_tok, t5_tok = parts["tokenizer"], parts["tokenizer_2"]
-            parts["transformer"] = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
             parts["vae"] = AutoencoderKL(**FLUX_DEV_VAE)
             parts["text_encoder"] = CLIPTextModel(
                 CLIPTextConfig(
@@ -56,6 +77,6 @@ def build_full_random(device: torch.device, dtype: torch.dtype, seed: int = 0) -
             )
         finally:
             torch.set_default_dtype(previous)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("vae", "text_encoder", "text_encoder_2"):
         parts[name] = parts[name].to(device=device, dtype=dtype).eval().requires_grad_(False)
     return parts

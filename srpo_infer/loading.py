@@ -10,6 +10,7 @@ import torch
 
 from .config import DEFAULT_MODEL, PipelineConfig
 from .pipeline import SRPOPipeline
+from .request import MAX_SEQUENCE_LENGTH
 from .result import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def load_pipeline(
     (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device, memory only) or ``None``;
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
     the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
-    (``quantize_skip``, ``quantize_text_encoder``, ``compile_backend``, ``fuse_qkv``, ``cache_dir``)
+    (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``, ``compile_mode``, ``compile_backend``,
+    ``fuse_qkv``, ``cache_dir``)
     pass through ``options``.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
@@ -47,9 +49,10 @@ def load_pipeline(
     (512, 512)
     """
     from .components import load_components
+    from .optimize import check_available
 
-    if not 1 <= max_sequence_length <= 512:
-        raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length must be in [1, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length}")
     from dataclasses import fields
 
     unknown = sorted(set(options) - {f.name for f in fields(PipelineConfig)})
@@ -67,6 +70,7 @@ def load_pipeline(
         progress=progress,
         **options,
     ).resolved()
+    check_available(config)  # before any weight loads: a missing GPU feature fails in a second
     components = load_components(config)
     pipe = SRPOPipeline(components, config)
     log.info("srpo_infer pipeline ready: %s", config.describe())

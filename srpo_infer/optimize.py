@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .attention import set_attention_backend
+from .attention import check_backend_available, set_attention_backend
 from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
-from .quantize import quantize_module
+from .quantize import check_quantize_available, quantize_module
 from .step_cache import FluxStages
 
 log = logging.getLogger(__name__)
@@ -37,20 +37,30 @@ class Optimized:
         return self.compiled and self.scope == "full"
 
 
+def check_available(config: PipelineConfig) -> None:
+    """Raise a clear error when a configured optimization cannot run on this machine (no fp8 tensor
+    cores, no GPU for the kernels, a package missing); ``load_pipeline`` calls it before any weight loads."""
+    check_backend_available(config.attention, config.device)
+    check_quantize_available(config.quantize, config.device)
+    if config.quantize_text_encoder:
+        check_quantize_available("fp8-weight", config.device)
+
+
 def optimize(components: dict, config: PipelineConfig) -> Optimized:
     """Apply the configured optimizations to ``components`` in place, in the one fixed order."""
+    check_available(config)
     transformer, vae = components["transformer"], components["vae"]
     steps = []
-    if config.compile or config.fuse_qkv:
+    if config.fuse_qkv:
         # One GEMM instead of three per attention; compiled graphs gain most from it.
         transformer.fuse_qkv_projections()
         steps.append("fuse_qkv")
     if config.quantize:
         n = quantize_module(transformer, config.quantize, tuple(config.quantize_skip))
         steps.append(f"quantize:{config.quantize}({n} linears)")
-        if config.quantize_text_encoder:
-            quantize_module(components["text_encoder_2"], "fp8-weight", ())
-            steps.append("quantize:t5:fp8-weight")
+    if config.quantize_text_encoder:
+        quantize_module(components["text_encoder_2"], "fp8-weight", ())
+        steps.append("quantize:t5:fp8-weight")
     set_attention_backend(transformer, config.attention)
     steps.append(f"attention:{config.attention}")
     transformer_fn, decode_fn, cache_file = transformer, vae.decode, None

@@ -279,6 +279,11 @@ class SRPOPipeline:
         f = self.flux.vae_scale_factor * 2
         return self.transformer.config.in_channels // 4, 2 * (height // f), 2 * (width // f)
 
+    def latent_image_ids(self, batch: int, width: int, height: int) -> torch.Tensor:
+        """The image tokens' position ids ``(tokens, 3)`` that Flux's RoPE reads (diffusers' own helper)."""
+        _, h, w = self.latent_shape(width, height)
+        return self.flux._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, self.dtype)
+
     def latent_tokens(self, width: int, height: int) -> int:
         """Packed latent tokens of an image size (2×2 latent patches)."""
         _, h, w = self.latent_shape(width, height)
@@ -323,8 +328,7 @@ class SRPOPipeline:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
         from tqdm.auto import tqdm
 
-        _, h, w = self.latent_shape(width, height)
-        img_ids = self.flux._prepare_latent_image_ids(latents.shape[0], h // 2, w // 2, self.device, self.dtype)
+        img_ids = self.latent_image_ids(latents.shape[0], width, height)
         scheduler = copy.deepcopy(self.flux.scheduler)  # it keeps a step index; never share it across calls
         cfg = scheduler.config
         mu = calculate_shift(

@@ -19,12 +19,11 @@ import logging
 
 import torch
 
+from .config import DEFAULT_QUANTIZE_SKIP, QUANTIZE_MODES
+
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("fp8", "fp8-weight")
-# Module-name patterns (fnmatch, full dotted names) kept in the compute dtype: the input embedders,
-# the timestep/guidance/pooled-text embedders and the final modulation + projection.
-DEFAULT_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", "norm_out*", "proj_out")
+DEFAULT_SKIP = DEFAULT_QUANTIZE_SKIP
 
 
 def has_fp8_gemm(device: torch.device) -> bool:

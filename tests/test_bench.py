@@ -48,17 +48,17 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
     from srpo_infer import bench
 
     def stuck(*_args, **_kwargs):
-        time.sleep(30)
+        time.sleep(120)
 
     monkeypatch.setattr(bench, "_ours_run", stuck)
     seen = []
     args = bench.BenchArgs(model="tiny-random", device="cpu", settings=[bench.Setting(512, 512, 1)], repeats=1,
-                           configs=["ours-eager", "diffusers"], config_timeout=0.5)  # fmt: skip
+                           configs=["ours-eager", "diffusers"], config_timeout=8)  # fmt: skip
     t0 = time.perf_counter()
     result = bench.run_benchmark(args, on_row=lambda row, record: seen.append(len(record["rows"])))
-    assert time.perf_counter() - t0 < 25  # the 30 s call was cut, not waited for
+    assert time.perf_counter() - t0 < 100  # the 120 s call was cut, not waited for
     stuck_row, baseline_row = result["rows"]
-    assert stuck_row == {"config": "ours-eager", "setting": "512x512@1", "error": "timed out after 0.5 s"}
+    assert stuck_row == {"config": "ours-eager", "setting": "512x512@1", "error": "timed out after 8 s"}
     assert baseline_row["config"] == "diffusers" and baseline_row["seconds_per_image"] > 0
     assert seen == [1, 2]  # each row reported as it landed
 

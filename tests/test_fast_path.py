@@ -12,7 +12,7 @@ import torch
 
 import srpo_infer
 from srpo_infer import GenerationRequest
-from srpo_infer.metrics import relative_error
+from srpo_infer.deviation import relative_error
 from srpo_infer.quantize import weight_bytes
 
 REQ = GenerationRequest("a red fox in snow", 512, 512, seed=3, num_inference_steps=2)
@@ -61,6 +61,22 @@ def test_quantize_skip_and_text_encoder_are_configurable():
     assert isinstance(t.proj_out, QLinear)  # no longer skipped
     assert any(isinstance(m, QLinear) for m in pipe.flux.text_encoder_2.modules())
     assert "quantize:t5:fp8-weight" in pipe.optimized.steps
+
+
+def test_every_flag_does_what_it_says():
+    """fuse_qkv=False holds under compile; quantize_text_encoder works without quantize."""
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import QLinear
+
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, compile=True, compile_backend="eager",
+                                    fuse_qkv=False, quantize_text_encoder=True, cache_dir=None)  # fmt: skip
+    assert "fuse_qkv" not in pipe.optimized.steps
+    assert not pipe.transformer.transformer_blocks[0].attn.fused_projections
+    assert "quantize:t5:fp8-weight" in pipe.optimized.steps and pipe.config.quantize is None
+    assert any(isinstance(m, QLinear) for m in pipe.flux.text_encoder_2.modules())
+    assert not any(isinstance(m, QLinear) for m in pipe.transformer.modules())
+    with pytest.raises(ValueError, match="fuse_qkv must be"):
+        srpo_infer.load_pipeline("tiny-random", device="cpu", fuse_qkv="yes")
 
 
 def test_fp8_without_fp8_gemms_suggests_fp8_weight():

@@ -53,6 +53,13 @@ def test_noise_is_device_and_dtype_independent(tiny_pipe):
     noise = tiny_pipe.prepare_noise([3], 512, 512)
     again = torch.randn((4, 64, 64), generator=torch.Generator("cpu").manual_seed(3))
     assert torch.equal(noise[0], tiny_pipe.flux._pack_latents(again[None], 1, 4, 64, 64)[0])
+    # Other dtypes (and devices, where there is a GPU) get the same float32 draw, cast and moved.
+    others = [("cpu", "bfloat16"), *([("cuda", "bfloat16"), ("cuda", "float32")] if torch.cuda.is_available() else [])]
+    for device, dtype in others:
+        pipe = srpo_infer.load_pipeline("tiny-random", device=device, dtype=dtype, progress=False)
+        got = pipe.prepare_noise([3], 512, 512)
+        assert got.device.type == device and got.dtype == getattr(torch, dtype)
+        assert torch.equal(got.cpu(), noise.to(got.dtype)), (device, dtype)
 
 
 def test_random_seed_is_reported_and_reproduces(tiny_pipe):

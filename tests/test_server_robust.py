@@ -147,7 +147,7 @@ def test_a_drain_that_runs_out_of_time_answers_the_rest_with_503(tmp_path):
         answers = [f.result() for f in futures]
         assert [a.status_code for a in answers] == [503] * 3
         assert all("shut down" in a.json()["error"]["message"] for a in answers)
-        assert pipe.stopped == ["job 0"] and pipe.finished == []
+        assert len(pipe.stopped) == 1 and pipe.started == pipe.stopped and pipe.finished == []  # whichever ran first
         assert httpx.get(f"{live.url}/health").json()["status"] == "draining"
         assert post(live.url, {"prompt": "late", **FAST}).status_code == 503
 

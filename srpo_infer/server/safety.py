@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-TINY_RANDOM = "tiny-random"
+from ..config import TINY_RANDOM
 
 
 class SafetyChecker:
