@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODEL
-from .request import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE_PRESETS
+from .config import ATTENTION_BACKENDS, COMPILE_MODES, COMPILE_SCOPES, DEFAULT_MODEL, QUANTIZE_MODES
+from .request import ACCELERATIONS, DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE_PRESETS
 
 # Library field names → the flags a CLI user typed, so errors name what the user can change.
 FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images": "--num-images",
@@ -42,6 +42,29 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Try it without a GPU or a download:  srpo-infer generate 'a cat' --model tiny-random",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_generate, _add_bench, _add_warmup, _add_serve):
+        add(sub)
+    return parser
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """What to load and where: the same three options for every command that loads a pipeline."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="transformer: HF repo id, folder, .safetensors file, 'tiny-random' (no download, CPU) or "
+                   "'full-random' (FLUX.1-dev sizes, random weights, GPU)")  # fmt: skip
+    p.add_argument("--base", default=None,
+                   help="VAE/text encoders/scheduler: HF repo id or folder "
+                   "[default: FLUX.1-dev; tiny for tiny-random]")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … [default: cuda if available]")
+
+
+def _add_optimizations(p: argparse.ArgumentParser) -> None:
+    """The pipeline's speed switches, shared by the commands that load one for long."""
+    p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_BACKENDS])
+    p.add_argument("--quantize", default="auto", choices=["auto", *QUANTIZE_MODES, "none"])
+
+
+def _add_generate(sub) -> None:
     g = sub.add_parser(
         "generate",
         help="generate image(s) from a prompt and print the flux/srpo API response as JSON",
@@ -60,20 +83,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--acceleration",
         default="none",
-        choices=["none", "regular", "high"],
+        choices=list(ACCELERATIONS),
         help="first-block step caching: none is exact; regular/high skip work on steps that change little",
     )
-    g.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="transformer: HF repo id, folder, .safetensors file, or 'tiny-random' (no download)",
-    )
-    g.add_argument(
-        "--base",
-        default=None,
-        help="VAE/text encoders/scheduler: HF repo id or folder [default: FLUX.1-dev; tiny for tiny-random]",
-    )
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … [default: cuda if available]")
+    _add_model(g)
     g.add_argument(
         "--dtype",
         default=None,
@@ -95,6 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="benchmark diffusers vs our pipeline, one optimization at a time (JSON, Markdown, PNG)",
@@ -122,6 +137,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
     b.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json, bench.md, bench.png")
 
+
+def _add_warmup(sub) -> None:
     w = sub.add_parser(
         "warmup",
         help="compile for the given sizes, save the compile cache, print a cold/warm start report",
@@ -131,20 +148,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "twice: the second process shows compile-cache hits instead of misses.",
         formatter_class=_Help,
     )
-    w.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; full-random on a GPU, tiny-random on a CPU")
-    w.add_argument("--base", default=None, help="as for generate")
-    w.add_argument("--device", default=None)
+    _add_model(w)
     w.add_argument("--sizes", nargs="+", default=["1024x768"], help="WIDTHxHEIGHT sizes to warm up")
     w.add_argument("--check-sizes", nargs="*", default=[], help="WIDTHxHEIGHT sizes to generate after warm-up")
-    w.add_argument("--acceleration", nargs="+", default=["none"], choices=["none", "regular", "high"])
-    w.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "triton-fp8"])
-    w.add_argument("--quantize", default="auto", choices=["auto", "fp8", "fp8-weight", "none"])
-    w.add_argument("--compile-scope", default="regional", choices=["regional", "full"])
-    w.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"])
+    w.add_argument("--acceleration", nargs="+", default=["none"], choices=list(ACCELERATIONS))
+    _add_optimizations(w)
+    w.add_argument("--compile-scope", default="regional", choices=list(COMPILE_SCOPES))
+    w.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES))
     w.add_argument("--compile-backend", default="inductor")
     w.add_argument("--cache-dir", default=None, help="compiled artifacts [default: $SRPO_CACHE_DIR/compile]")
     w.add_argument("--out", default=None, help="also write the JSON report to this file")
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser(
         "serve",
         help="serve the flux/srpo HTTP API (needs the [server] extra)",
@@ -153,9 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "/health answers 503 until it is ready.",
         formatter_class=_Help,
     )
-    s.add_argument("--model", default=DEFAULT_MODEL, help="as for generate; tiny-random for a quick try")
-    s.add_argument("--base", default=None, help="as for generate")
-    s.add_argument("--device", default=None)
+    _add_model(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
@@ -166,10 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
     s.add_argument("--safety-checker", default=None,
                    help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
-    s.add_argument("--default-acceleration", default="regular", choices=["none", "regular", "high"],
+    s.add_argument("--default-acceleration", default="regular", choices=list(ACCELERATIONS),
                    help="acceleration for requests that do not say (the hosted API's default is regular)")  # fmt: skip
-    s.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton", "triton-fp8"])
-    s.add_argument("--quantize", default="auto", choices=["auto", "fp8", "fp8-weight", "none"])
+    _add_optimizations(s)
     s.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     s.add_argument("--allow-unknown-fields", action="store_true",
                    help="ignore unknown request fields instead of answering 422 (for lenient clients)")  # fmt: skip
@@ -183,7 +196,6 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
                    "the rest 503")  # fmt: skip
-    return parser
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -180,6 +180,8 @@ def create_app(
 
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
+    # Over 80 lines because the routes are closures over this app's worker, store and state (so two
+    # apps in one process never share them); each route is short and the work is in the helpers below.
     if default_acceleration not in ACCELERATIONS:
         raise ValueError(f"default_acceleration must be one of {list(ACCELERATIONS)}, got {default_acceleration!r}")
     if max_cost is not None and not max_cost > 0:
@@ -247,22 +249,8 @@ def create_app(
         images, flags = result.images, [None] * len(result.images)
         if body.enable_safety_checker and safety_checker is not None:
             images, flags = await asyncio.to_thread(safety_checker.check, images)
-        entries = []
-        for image in images:
-            data = await asyncio.to_thread(encode_image, image, body.output_format)
-            if body.sync_mode:
-                url = f"data:{CONTENT_TYPES[body.output_format]};base64," + base64.b64encode(data).decode()
-            else:
-                try:
-                    name = await asyncio.to_thread(store.save, data, body.output_format)
-                except OSError as exc:
-                    log.error("cannot store an image: %s", exc)
-                    raise ApiError(503, "the server cannot store images right now; retry with sync_mode: true "
-                                   "to get data URIs", headers={"Retry-After": "30"}) from None  # fmt: skip
-                base = public_url.rstrip("/") if public_url else request.scope.get("root_path", "")
-                url = f"{base}/files/{name}"
-            entries.append({"url": url, "width": image.width, "height": image.height,
-                            "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
+        base = public_url.rstrip("/") if public_url else request.scope.get("root_path", "")
+        entries = await _image_entries(images, body, store, base)
         metrics.images_served += len(entries)
         return api_response(result, entries, flags)
 
@@ -278,13 +266,7 @@ def create_app(
     async def health():
         """``ok`` (200) when generations can run; ``loading``, ``draining`` or ``degraded`` (503) when
         they cannot yet, or cannot store images; ``failed`` (500, with the reason) after a failed load."""
-        status, body = state.status, {"queue_depth": worker.depth}
-        if status == "failed":
-            return JSONResponse({"status": status, "reason": state.failure, **body}, status_code=500)
-        problem = await asyncio.to_thread(store.problem)
-        if status == "ok" and problem:
-            return JSONResponse({"status": "degraded", "problems": [problem], **body}, status_code=503)
-        return JSONResponse({"status": status, **body}, status_code=200 if status == "ok" else 503)
+        return await _health(state, store)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -298,6 +280,16 @@ def create_app(
         return HTMLResponse(resources.files("srpo_infer.server").joinpath("playground.html").read_text())
 
     return app
+
+
+async def _health(state: ServerState, store: ImageStore) -> JSONResponse:
+    status, body = state.status, {"queue_depth": state.worker.depth}
+    if status == "failed":
+        return JSONResponse({"status": status, "reason": state.failure, **body}, status_code=500)
+    problem = await asyncio.to_thread(store.problem)
+    if status == "ok" and problem:
+        return JSONResponse({"status": "degraded", "problems": [problem], **body}, status_code=503)
+    return JSONResponse({"status": status, **body}, status_code=200 if status == "ok" else 503)
 
 
 def _validation_error(errors: list[dict]) -> JSONResponse:
@@ -345,6 +337,26 @@ def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, ma
         raise ApiError(422, f"this request costs {body.cost():.1f} megapixel-steps (width × height × steps × "
                        f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
                        "smaller images", "num_inference_steps")  # fmt: skip
+
+
+async def _image_entries(images: list, body: GenerationBody, store: ImageStore, base_url: str) -> list[dict]:
+    """Encode each image; return data URIs (``sync_mode``) or store it and link ``base_url/files/NAME``."""
+    entries = []
+    for image in images:
+        data = await asyncio.to_thread(encode_image, image, body.output_format)
+        if body.sync_mode:
+            url = f"data:{CONTENT_TYPES[body.output_format]};base64," + base64.b64encode(data).decode()
+        else:
+            try:
+                name = await asyncio.to_thread(store.save, data, body.output_format)
+            except OSError as exc:
+                log.error("cannot store an image: %s", exc)
+                raise ApiError(503, "the server cannot store images right now; retry with sync_mode: true "
+                               "to get data URIs", headers={"Retry-After": "30"}) from None  # fmt: skip
+            url = f"{base_url}/files/{name}"
+        entries.append({"url": url, "width": image.width, "height": image.height,
+                        "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
+    return entries
 
 
 async def _wait_for(job, request: Request, state: ServerState):
