@@ -102,6 +102,10 @@ class PipelineConfig:
     compile_backend: str = "inductor"
     fuse_qkv: bool | str = "auto"  # auto: with compile; False keeps three projections even under compile
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # compiled artifacts; None: do not persist
+    lora: str | None = None  # a LoRA file, folder or repo id applied on load (see srpo_infer.lora)
+    lora_scale: float = 1.0
+    lora_fuse: bool = True  # merge into the weights (fast); False keeps it separate, to rescale or swap
+    lora_max_rank: int | None = None  # with lora_fuse=False and compile: the largest rank a swap may bring
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
@@ -114,6 +118,13 @@ class PipelineConfig:
         compile = resolve_compile(self.compile, device)
         if self.fuse_qkv not in (True, False, "auto"):
             raise ValueError(f"fuse_qkv must be True, False or 'auto', got {self.fuse_qkv!r}")
+        separate_lora = self.lora is not None and not self.lora_fuse
+        if separate_lora and self.fuse_qkv is True:
+            raise ValueError("fuse_qkv=True cannot keep a separate LoRA (its layers are to_q/to_k/to_v): "
+                             "use lora_fuse=True or fuse_qkv='auto'")  # fmt: skip
+        if separate_lora and resolve_quantize(self.quantize) is not None:
+            raise ValueError("a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
+                             "use lora_fuse=True to merge it first")  # fmt: skip
         return PipelineConfig(
             model=os.fspath(self.model),
             base=os.fspath(base),
@@ -128,9 +139,13 @@ class PipelineConfig:
             compile_scope=_one_of("compile_scope", self.compile_scope, COMPILE_SCOPES),
             compile_mode=_one_of("compile_mode", self.compile_mode, COMPILE_MODES),
             compile_backend=self.compile_backend,
-            fuse_qkv=compile if self.fuse_qkv == "auto" else self.fuse_qkv,
+            fuse_qkv=(compile and not separate_lora) if self.fuse_qkv == "auto" else self.fuse_qkv,
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir is not None else None,
             progress=self.progress,
+            lora=None if self.lora is None else os.fspath(self.lora),
+            lora_scale=self.lora_scale,
+            lora_fuse=bool(self.lora_fuse),
+            lora_max_rank=self.lora_max_rank,
         )
 
     def describe(self) -> dict:

@@ -41,7 +41,7 @@ def load_pipeline(
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
     the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
     (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``, ``compile_mode``, ``compile_backend``,
-    ``fuse_qkv``, ``cache_dir``)
+    ``fuse_qkv``, ``cache_dir``, ``lora``, ``lora_scale``, ``lora_fuse``, ``lora_max_rank``)
     pass through ``options``.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
@@ -71,8 +71,13 @@ def load_pipeline(
         **options,
     ).resolved()
     check_available(config)  # before any weight loads: a missing GPU feature fails in a second
+    lora_state = None
+    if config.lora is not None:  # likewise a missing or unreadable LoRA
+        from .lora import read_lora
+
+        lora_state = read_lora(config.lora)
     components = load_components(config)
-    pipe = SRPOPipeline(components, config)
+    pipe = SRPOPipeline(components, config, lora_state)
     log.info("srpo_infer pipeline ready: %s", config.describe())
     return pipe
 

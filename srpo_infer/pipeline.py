@@ -80,14 +80,62 @@ class SRPOPipeline:
     (1440, 512)
     """
 
-    def __init__(self, components: dict, config: PipelineConfig):
+    def __init__(self, components: dict, config: PipelineConfig, lora_state: dict | None = None):
         from .optimize import optimize
 
         self.config = config
-        self.optimized = optimize(components, config)
         self.flux = _flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.RLock()  # one generation at a time: the modules are shared state
+        if config.lora is not None:  # before optimizing: LoRA keys name the unfused projections
+            from .lora import apply_lora, max_rank, read_lora
+
+            state = lora_state if lora_state is not None else read_lora(config.lora)
+            if config.compile and not config.lora_fuse:  # swapping later must not recompile
+                self.flux.enable_lora_hotswap(target_rank=config.lora_max_rank or max_rank(state))
+            apply_lora(self.flux, state, config.lora_scale, fuse=config.lora_fuse)
+        self.optimized = optimize(components, config)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora(self, source, scale: float = 1.0) -> None:
+        """Load a LoRA (file, folder or repo id; diffusers, kohya or BFL key names) kept separate, so
+        :meth:`set_lora_scale` and another ``load_lora`` can change it. A pipeline built with
+        ``lora=..., lora_fuse=False`` swaps in place (with ``compile=True``: without recompiling, up to
+        the rank it was built for, ``lora_max_rank``).
+
+        >>> pipe.load_lora("loras/srpo-rank64.safetensors", scale=0.8)  # doctest: +SKIP
+        """
+        from .lora import LoraError, apply_lora, has_adapter, read_lora
+
+        state = read_lora(source)
+        with self._lock:
+            swap = has_adapter(self.transformer)
+            if not swap and (self.optimized.compiled or self.config.fuse_qkv):
+                raise LoraError(
+                    "this pipeline fused QKV or compiled without a LoRA slot: load it with "
+                    "load_pipeline(..., lora=FIRST_LORA, lora_fuse=False) to swap LoRAs later"
+                )
+            apply_lora(self.flux, state, scale, fuse=False, hotswap=swap)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The strength of the separate LoRA (0 = as without it)."""
+        self._require_lora().set_adapters(["srpo"], [float(scale)])
+
+    def fuse_lora(self) -> None:
+        """Merge the separate LoRA into the weights at its scale (faster steps; :meth:`unfuse_lora` undoes it)."""
+        self._require_lora().fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=["srpo"])
+
+    def unfuse_lora(self) -> None:
+        """Take a merged LoRA back out of the weights."""
+        self._require_lora().unfuse_lora(components=["transformer"])
+
+    def _require_lora(self):
+        from .lora import LoraError, has_adapter
+
+        if not has_adapter(self.transformer):
+            raise LoraError("no separate LoRA is loaded (a fused one is part of the weights)")
+        return self.flux
 
     # Components, for code that wants to reach in.
     @property
