@@ -71,3 +71,45 @@ def write_checkpoint(sd: dict[str, torch.Tensor], path: Path, fmt: str = "diffus
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+def write_gguf(sd: dict[str, torch.Tensor], path: Path, qtype: str = "Q8_0") -> Path:
+    """Save ``sd`` (diffusers names) as a GGUF file in BFL names, as the community files are: 2-D
+    weights whose rows split into 32-wide blocks in ``qtype``, everything else in F32."""
+    import gguf
+    from gguf.quants import quantize
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, t in diffusers_to_bfl(sd).items():
+        array = t.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0 and kind != gguf.GGMLQuantizationType.F32:
+            data = quantize(array, kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_fp8(sd: dict[str, torch.Tensor], path: Path, scaled: bool) -> Path:
+    """Save ``sd`` with every 2-D weight in float8_e4m3fn, ComfyUI style: ``scaled`` stores w / s with a
+    per-tensor ``scale_weight`` s = amax / 448 (and the ``scaled_fp8`` marker); otherwise a plain cast."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if t.ndim == 2 and name.endswith(".weight"):
+            if scaled:
+                s = t.abs().amax().float().clamp_min(1e-12) / 448
+                out[name] = (t.float() / s).to(torch.float8_e4m3fn)
+                out[name.removesuffix(".weight") + ".scale_weight"] = s.reshape(())
+            else:
+                out[name] = t.to(torch.float8_e4m3fn)
+        else:
+            out[name] = t.contiguous()
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    save_file(out, str(path))
+    return path

@@ -188,7 +188,7 @@ def _corrupt(tmp_path, tiny_state, kind):
         return tmp_path / "nope.safetensors", "does not exist"
     if kind == "empty folder":
         (tmp_path / "empty").mkdir()
-        return tmp_path / "empty", "no .safetensors file"
+        return tmp_path / "empty", "no .safetensors or .gguf file"
     if kind == "not safetensors":
         p.write_bytes(b"PK\x03\x04 this is a zip file, not safetensors" * 10)
         return p, "not a safetensors file"
