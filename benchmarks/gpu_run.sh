@@ -76,7 +76,8 @@ CLI=(python3 -m srpo_infer.cli)
 #    compile-style and Triton comparisons while time lasts. The report is rewritten after every row.
 step "pipeline bench" 330 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1440x512 --no-official --repeats 2 \
   --config-timeout 100 --out "$WORK/bench" \
-  --configs diffusers +compile +compile+fp8 all +compile+triton +compile+triton-fp8 +compile-full
+  --configs diffusers +compile +compile+fp8 all +compile+triton +compile+triton-fp8 +compile-full \
+  mem:offload-model mem:offload-group
 cp "$WORK"/bench/bench.{json,md,png} "$OUT"/ 2>/dev/null
 
 # 2. Cold then warm start: two fresh processes, each with an empty Inductor cache of its own, so the

@@ -46,6 +46,7 @@ class BenchConfig:
     acceleration: str = "none"
     compile_scope: str = "regional"
     compile_mode: str = "default"
+    memory: str = "gpu"
 
 
 # Each adds one optimization on top of compile, then everything together. "+compile" is regional;
@@ -63,6 +64,9 @@ ABLATION = (
     BenchConfig("+compile+cache-high", compile=True, acceleration="high"),
     BenchConfig("all", compile=True, quantize="fp8", attention="triton-fp8"),
     BenchConfig("all+cache-high", compile=True, quantize="fp8", attention="triton-fp8", acceleration="high"),
+    # Memory modes, eager: what fitting a smaller card costs (peak GPU memory, seconds per image).
+    BenchConfig("mem:offload-model", memory="offload-model"),
+    BenchConfig("mem:offload-group", memory="offload-group"),
 )
 CPU_SMOKE = (
     BenchConfig("diffusers", baseline=True),
@@ -261,6 +265,21 @@ class _Shared:
     flops: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
 
+    def off_device(self) -> None:
+        """Move the shared components to the host, so a memory mode's peak counts only its own."""
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            self.components[name].to("cpu")
+
+    def on_device(self) -> None:
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            self.components[name].to(self.device)
+
+    def fresh_components(self) -> dict:
+        from .components import load_components
+
+        self.components.pop("transformer", None)  # the first load's spare would sit on the device too
+        return load_components(self.plain)
+
     def take_transformer(self) -> torch.nn.Module:
         from .components import load_model_transformer
 
@@ -316,6 +335,8 @@ def run_benchmark(args: BenchArgs, on_row=None) -> dict:
                         add(dict(config=bench.name, setting=setting.label, error=error))
         torch._dynamo.reset()  # a configuration's compiled graphs never serve the next one
         _free(device)
+        if bench.memory != "gpu":
+            shared.on_device()
     return _record(args, device, dtype, load_s, rows)
 
 
@@ -324,12 +345,17 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
     from .pipeline import SRPOPipeline
 
     device = shared.device
-    # Compile wraps vae.decode without changing the VAE, so it is shared as it is.
-    parts = {**shared.components, "transformer": shared.take_transformer()}
+    if bench.memory == "gpu":
+        # Compile wraps vae.decode without changing the VAE, so it is shared as it is.
+        parts = {**shared.components, "transformer": shared.take_transformer()}
+    else:  # offloading moves and hooks the components: a set of its own, the shared one off the device
+        shared.off_device()
+        parts = shared.fresh_components()
     config = PipelineConfig(
         model=args.model, base=args.base, device=device, dtype=shared.dtype, attention=bench.attention,
         quantize=bench.quantize, compile=bench.compile, compile_scope=bench.compile_scope,
         compile_mode=bench.compile_mode, compile_backend=args.compile_backend, cache_dir=None, progress=False,
+        memory=bench.memory,
     ).resolved()  # fmt: skip
     pipe = SRPOPipeline(parts, config)
     runner = _Baseline(pipe) if bench.baseline else None

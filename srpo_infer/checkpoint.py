@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -443,6 +444,12 @@ def _iter_gguf(path: Path, group: list[str], index: Index, dtype: torch.dtype) -
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot dequantize {n!r} ({t.tensor_type.name}): {exc}") from exc
         yield n, out
+
+
+def count_parameters(model: str, *, download: Callable[[str], str] | None = None) -> int:
+    """Parameters of the transformer in ``model``, read off the file headers (no weight is read)."""
+    index, _, _ = _open_all(find_checkpoint_files(model, download=download))
+    return sum(math.prod(shape) for _, _, shape in index.values())
 
 
 def load_transformer(

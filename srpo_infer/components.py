@@ -95,6 +95,39 @@ def load_components(config: PipelineConfig) -> dict:
     return parts
 
 
+def estimate_component_bytes(config: PipelineConfig) -> dict[str, int]:
+    """What each component will weigh on the device in the compute dtype, before loading any weight:
+    the checkpoint's header (or the random model's config) for the transformer, FLUX.1-dev's sizes
+    for a real base."""
+    from .memory import FLUX_DEV_BASE_PARAMS, estimate_bytes
+
+    def params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    if config.model == FULL_RANDOM:
+        from diffusers import FluxTransformer2DModel
+
+        from .full_random import FLUX_DEV_TRANSFORMER
+
+        with torch.device("meta"):
+            transformer = params(FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER))
+    elif config.model == TINY_RANDOM:
+        from .tiny import build_tiny_transformer
+
+        transformer = params(build_tiny_transformer())
+    else:
+        from .checkpoint import count_parameters
+
+        transformer = count_parameters(config.model)
+    if config.base == TINY_RANDOM:
+        from .tiny import build_tiny_base
+
+        base = {k: params(m) for k, m in build_tiny_base().items() if k in FLUX_DEV_BASE_PARAMS}
+    else:
+        base = dict(FLUX_DEV_BASE_PARAMS)
+    return estimate_bytes(transformer, base, config.dtype)
+
+
 def load_model_transformer(config: PipelineConfig) -> torch.nn.Module:
     """The transformer alone, as :func:`load_components` would load it: the same weights on every call
     (random models are seeded), so a benchmark can take a fresh one per configuration."""

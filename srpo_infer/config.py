@@ -25,6 +25,7 @@ FULL_RANDOM = "full-random"  # FLUX.1-dev sizes, random weights, built on the GP
 COMPILE_SCOPES = ("regional", "full")
 COMPILE_MODES = ("default", "max-autotune")
 ATTENTION_BACKENDS = ("sdpa", "triton", "triton-fp8")
+MEMORY_MODES = ("auto", "gpu", "offload-model", "offload-group")  # see srpo_infer.memory
 QUANTIZE_MODES = ("fp8", "fp8-weight")
 # Module-name patterns (fnmatch, full dotted names) kept in the compute dtype when quantizing: the
 # input embedders, the timestep/guidance/pooled-text embedders and the final modulation + projection.
@@ -102,6 +103,7 @@ class PipelineConfig:
     compile_backend: str = "inductor"
     fuse_qkv: bool | str = "auto"  # auto: with compile; False keeps three projections even under compile
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # compiled artifacts; None: do not persist
+    memory: str = "auto"  # auto | gpu | offload-model | offload-group (srpo_infer.memory)
     lora: str | None = None  # a LoRA file, folder or repo id applied on load (see srpo_infer.lora)
     lora_scale: float = 1.0
     lora_fuse: bool = True  # merge into the weights (fast); False keeps it separate, to rescale or swap
@@ -118,6 +120,11 @@ class PipelineConfig:
         compile = resolve_compile(self.compile, device)
         if self.fuse_qkv not in (True, False, "auto"):
             raise ValueError(f"fuse_qkv must be True, False or 'auto', got {self.fuse_qkv!r}")
+        memory = _one_of("memory", self.memory, MEMORY_MODES)
+        quantize = resolve_quantize(self.quantize)
+        if memory in ("offload-model", "offload-group") and (compile or quantize == "fp8"):
+            raise ValueError(f"memory={memory!r} runs eager with weights moving between host and device: use "
+                             "compile=False and quantize=None or 'fp8-weight' with it (or memory='gpu')")  # fmt: skip
         separate_lora = self.lora is not None and not self.lora_fuse
         if separate_lora and self.fuse_qkv is True:
             raise ValueError("fuse_qkv=True cannot keep a separate LoRA (its layers are to_q/to_k/to_v): "
@@ -142,6 +149,7 @@ class PipelineConfig:
             fuse_qkv=(compile and not separate_lora) if self.fuse_qkv == "auto" else self.fuse_qkv,
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir is not None else None,
             progress=self.progress,
+            memory=memory,
             lora=None if self.lora is None else os.fspath(self.lora),
             lora_scale=self.lora_scale,
             lora_fuse=bool(self.lora_fuse),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +42,7 @@ def load_pipeline(
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
     the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
     (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``, ``compile_mode``, ``compile_backend``,
-    ``fuse_qkv``, ``cache_dir``, ``lora``, ``lora_scale``, ``lora_fuse``, ``lora_max_rank``)
+    ``fuse_qkv``, ``cache_dir``, ``memory``, ``lora``, ``lora_scale``, ``lora_fuse``, ``lora_max_rank``)
     pass through ``options``.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
@@ -76,10 +77,34 @@ def load_pipeline(
         from .lora import read_lora
 
         lora_state = read_lora(config.lora)
-    components = load_components(config)
+    config = _choose_memory(config)
+    # Offloaded components are loaded on the host and placed by the pipeline after optimizing.
+    load_on = config if config.memory == "gpu" else replace(config, device=torch.device("cpu"))
+    components = load_components(load_on)
     pipe = SRPOPipeline(components, config, lora_state)
     log.info("srpo_infer pipeline ready: %s", config.describe())
     return pipe
+
+
+def _choose_memory(config: PipelineConfig) -> PipelineConfig:
+    """Resolve ``memory="auto"`` before loading, from the components' estimated sizes and the free
+    device memory (so a model that does not fit is never loaded onto the device whole)."""
+    from .components import estimate_component_bytes
+    from .memory import plan_memory
+
+    if config.memory != "auto":
+        return config
+    if config.device.type != "cuda":
+        return replace(config, memory="gpu")
+    plan = plan_memory("auto", config.device, estimate_component_bytes(config))
+    if plan.mode != "gpu" and (config.compile or config.quantize == "fp8"):
+        raise ValueError(
+            f"the pipeline does not fit {config.device} ({plan.reason}) and compile / quantize='fp8' need the "
+            "weights resident: use compile=False and quantize='fp8-weight' so memory='auto' can offload, or a "
+            "larger GPU"
+        )
+    log.info("%s", plan.describe())
+    return replace(config, memory=plan.mode)
 
 
 _default: dict[str, SRPOPipeline] = {}

@@ -7,6 +7,7 @@ timestep shift. A test checks that our loop gives the same latents as ``FluxPipe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import secrets
@@ -72,6 +73,16 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     return ACCELERATION_THRESHOLDS[acceleration]
 
 
+def _place_components(components: dict, config: PipelineConfig):
+    """Put the components where the memory mode keeps them; the residency moves them per stage."""
+    from .memory import Residency, component_bytes, place, plan_memory
+
+    plan = plan_memory(config.memory, config.device, component_bytes(components))
+    place(components, plan.mode, config.device)
+    log.info("%s", plan.describe())
+    return plan, Residency(components, config.device) if plan.mode == "offload-model" else None
+
+
 class SRPOPipeline:
     """A loaded SRPO (Flux) pipeline. Build it with :func:`srpo_infer.load_pipeline`.
 
@@ -95,6 +106,7 @@ class SRPOPipeline:
                 self.flux.enable_lora_hotswap(target_rank=config.lora_max_rank or max_rank(state))
             apply_lora(self.flux, state, config.lora_scale, fuse=config.lora_fuse)
         self.optimized = optimize(components, config)
+        self.memory_plan, self._residency = _place_components(components, config)
 
     # ------------------------------------------------------------------ LoRA
 
@@ -267,6 +279,15 @@ class SRPOPipeline:
 
     # ------------------------------------------------------------------ stages
 
+    @property
+    def resident(self) -> set[str] | None:
+        """With ``memory="offload-model"``: the components on the device right now (else None: all are)."""
+        return set(self._residency.resident) if self._residency is not None else None
+
+    def _stage(self, *names: str):
+        """With ``memory="offload-model"``: only these components on the device while the block runs."""
+        return self._residency.use(*names) if self._residency is not None else contextlib.nullcontext()
+
     def _elapsed(self, t0: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -289,14 +310,16 @@ class SRPOPipeline:
         with self._lock, torch.inference_mode():
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
+            with self._stage("text_encoder", "text_encoder_2"):
+                prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
             timings["encode"] = self._elapsed(t0)
             t0 = time.perf_counter()
             noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
-            latents, evaluations = self.denoise(
-                noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
-                req.guidance_scale, progress, cache_threshold, should_stop,
-            )  # fmt: skip
+            with self._stage("transformer"):
+                latents, evaluations = self.denoise(
+                    noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
+                    req.guidance_scale, progress, cache_threshold, should_stop,
+                )  # fmt: skip
             timings["denoise"] = self._elapsed(t0)
         return DenoiseResult(latents, timings, text_tokens, evaluations)
 
@@ -421,5 +444,6 @@ class SRPOPipeline:
         if self.optimized.marks_inputs:
             for dim in (0, 2, 3):
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        image = self.optimized.vae_decode(x, return_dict=False)[0]
+        with self._stage("vae"):
+            image = self.optimized.vae_decode(x, return_dict=False)[0]
         return self.flux.image_processor.postprocess(image, output_type="pil")

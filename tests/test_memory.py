@@ -1,0 +1,77 @@
+"""Memory modes on the tiny model: the choice ``auto`` makes, the same pixels in every mode, only one
+stage's component on the device at a time with ``offload-model``, and options that cannot mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import write_checkpoint
+
+import srpo_infer
+from srpo_infer import GenerationRequest
+from srpo_infer.checkpoint import count_parameters
+from srpo_infer.components import estimate_component_bytes
+from srpo_infer.memory import expected_peak, plan_memory
+
+REQ = GenerationRequest("a fox in the snow", 512, 512, seed=3, num_inference_steps=2)
+GiB = 2**30
+CUDA = torch.device("cuda")
+
+
+def test_auto_fits_the_card_it_finds():
+    """SRPO in bf16: 23.8 GB transformer, 9.5 GB T5-XXL; with fp8-weight the transformer halves."""
+    bf16 = {"transformer": int(23.8 * GiB), "text_encoder_2": int(8.9 * GiB), "text_encoder": GiB // 4, "vae": GiB // 6}
+    assert plan_memory("auto", CUDA, bf16, free_bytes=75 * GiB).mode == "gpu"  # H100
+    assert plan_memory("auto", CUDA, bf16, free_bytes=int(30 * GiB)).mode == "offload-model"
+    assert plan_memory("auto", CUDA, bf16, free_bytes=int(23 * GiB)).mode == "offload-group"  # a 24 GB card
+    fp8_weight = {**bf16, "transformer": int(11.9 * GiB)}
+    plan = plan_memory("auto", CUDA, fp8_weight, free_bytes=int(15.5 * GiB))  # a 16 GB card
+    assert plan.mode == "offload-model" and plan.expected_peak_bytes == expected_peak("offload-model", fp8_weight)
+    assert "free on cuda" in plan.describe() and "expected peak" in plan.describe()
+    assert plan_memory("auto", torch.device("cpu"), bf16).mode == "gpu"
+
+
+def test_every_mode_gives_the_same_pixels(tiny_pipe):
+    want = tiny_pipe.generate_latents(REQ)
+    for mode in ("gpu", "offload-model", "offload-group"):
+        pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, memory=mode)
+        assert pipe.memory_plan.mode == mode
+        assert torch.equal(pipe.generate_latents(REQ), want), mode
+
+
+def test_offload_model_keeps_one_stage_on_the_device_at_a_time():
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, memory="offload-model")
+    seen = {}
+
+    def record(name):
+        def hook(*_):
+            seen.setdefault(name, pipe.resident)  # a pre-hook returning a value replaces the args
+
+        return hook
+
+    pipe.flux.text_encoder_2.register_forward_pre_hook(record("t5"))
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record("block"))
+    pipe.vae.decoder.register_forward_pre_hook(record("vae"))
+    pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=1)
+    assert seen == {"t5": {"text_encoder", "text_encoder_2"}, "block": {"transformer"}, "vae": {"vae"}}
+
+
+def test_estimates_before_loading_match_what_loads(tmp_path, tiny_state):
+    from srpo_infer.config import PipelineConfig
+    from srpo_infer.memory import component_bytes
+
+    path = write_checkpoint(tiny_state, tmp_path / "t.safetensors")
+    assert count_parameters(str(path)) == sum(t.numel() for t in tiny_state.values())
+    config = PipelineConfig(model="tiny-random", device="cpu", progress=False).resolved()
+    estimate = estimate_component_bytes(config)
+    loaded = component_bytes(srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False).flux.components)
+    assert estimate["transformer"] == loaded["transformer"]  # parameters only: the tiny transformer has no buffers
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        assert 0.9 * loaded[name] <= estimate[name] <= loaded[name], name  # buffers are not estimated
+
+
+def test_memory_options_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match=r"memory must be one of \['auto', 'gpu', 'offload-model', 'offload-group'\]"):
+        srpo_infer.load_pipeline("tiny-random", device="cpu", memory="swap")
+    with pytest.raises(ValueError, match="use compile=False"):
+        srpo_infer.load_pipeline("tiny-random", device="cpu", memory="offload-model", compile=True)
