@@ -39,7 +39,7 @@ SCALE_SUFFIX = ".scale_weight"
 IGNORED_SUFFIXES = (".scale_input", "scaled_fp8")
 # What the gguf package dequantizes exactly, by type name; other types are refused by name.
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-GGUF_CHUNK_VALUES = 1 << 18  # values dequantized per step (1 MB of float32 temporaries)
+GGUF_CHUNK_VALUES = 1 << 18  # values dequantized or upcast per step (1 MB of float32 temporaries)
 SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
@@ -386,7 +386,7 @@ def _iter_tensors(
     index: Index, names: list[str], scales: Index | None = None, dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield tensors one at a time from the memory-mapped files, grouped by file: fp8 weights upcast
-    to float32 (times their scale), GGUF tensors dequantized straight into ``dtype``."""
+    (times their scale) and GGUF tensors dequantized straight into ``dtype``, others as stored."""
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(index[n][0], []).append(n)
@@ -394,10 +394,12 @@ def _iter_tensors(
         if path.suffix == ".gguf":
             yield from _iter_gguf(path, group, index, dtype)
         else:
-            yield from _iter_safetensors(path, group, index, scales or {})
+            yield from _iter_safetensors(path, group, index, scales or {}, dtype)
 
 
-def _iter_safetensors(path: Path, group: list[str], index: Index, scales: Index) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(
+    path: Path, group: list[str], index: Index, scales: Index, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -405,16 +407,31 @@ def _iter_safetensors(path: Path, group: list[str], index: Index, scales: Index)
             for n in group:
                 tensor = f.get_tensor(index[n][1])
                 if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    tensor = tensor.float()  # fp8 cannot be cast or multiplied on every device: widen first
+                    scale = None
                     if n in scales:
                         spath, sname, _ = scales[n]
-                        scale = f.get_tensor(sname) if spath == path else _read_one(spath, sname)
-                        tensor.mul_(scale.float())  # in place: one float32 copy of the tensor at a time
+                        scale = (f.get_tensor(sname) if spath == path else _read_one(spath, sname)).float()
+                    tensor = _upcast_fp8(tensor, scale, dtype)
                 elif n in scales:
                     raise CheckpointError(f"{path}: {n!r} has a scale_weight but is stored as {tensor.dtype}, not fp8")
                 yield n, tensor
     except SafetensorError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def _upcast_fp8(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 → ``dtype``, times ``scale`` in float32 (a bf16 scale would round every element the same
+    way), a few rows at a time so no float32 copy of the whole tensor is ever held."""
+    out = torch.empty(tensor.shape, dtype=dtype)
+    rows, flat = (
+        out.reshape(-1, tensor.shape[-1] if tensor.dim() else 1),
+        tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1),
+    )
+    step = max(1, GGUF_CHUNK_VALUES // max(1, rows.shape[1]))
+    for a in range(0, rows.shape[0], step):
+        chunk = flat[a : a + step].float()  # fp8 arithmetic is not available on every device
+        rows[a : a + step] = chunk * scale if scale is not None else chunk
+    return out
 
 
 def _read_one(path: Path, name: str) -> torch.Tensor:

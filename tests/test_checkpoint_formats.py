@@ -85,14 +85,18 @@ def test_loading_keeps_peak_host_memory_near_the_model_size(tmp_path, kind):
     sd = FluxTransformer2DModel(**cfg).state_dict()
     path = write_gguf(sd, tmp_path / "m.gguf") if kind == "gguf" else write_fp8(sd, tmp_path / "m.safetensors", True)
     fp32_bytes = sum(t.numel() * 4 for t in sd.values())
+    largest_fp32 = max(t.numel() * 4 for t in sd.values())
     del sd
     script = _MEASURE.replace("import torch, tqdm.auto", "import gguf, numpy, torch, tqdm.auto")
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["model_bytes"] * 2 == fp32_bytes
-    # Dequantizing or upcasting the whole file first would need its fp32 size on top of the result.
-    assert r["peak_delta"] < 1.15 * r["model_bytes"] + 8 * 2**20, r
+    # Dequantizing or upcasting the whole file first would need its fp32 size on top of the result. Seen
+    # here (10 runs each): GGUF 1.04-1.06× the bf16 model; fp8 1.03× mostly, up to 1.45× now and then
+    # (allocator slack of a few freed tensors, not a whole-file copy).
+    assert r["peak_delta"] < 1.15 * r["model_bytes"] + 8 * 2**20 + 4 * largest_fp32, r
+    assert r["peak_delta"] < 0.8 * fp32_bytes, r
 
 
 def test_bad_files_are_refused_before_any_weight_loads(tmp_path, files):
