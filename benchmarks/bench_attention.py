@@ -84,8 +84,7 @@ def candidates(device: str):
         out.append(("compiled-sdpa-cudnn", "stock", compiled(SDPBackend.CUDNN_ATTENTION)))
         out.append(("compiled-sdpa-flash", "stock", compiled(SDPBackend.FLASH_ATTENTION)))
         out.append(("bare-sdpa-cudnn", "bare", _bare(SDPBackend.CUDNN_ATTENTION)))
-    out.append(("triton-prepass", "ours", lambda kw: flux_attention(**kw, design="prepass")))
-    out.append(("triton-fused", "ours", lambda kw: flux_attention(**kw, design="fused")))
+    out.append(("triton", "ours", lambda kw: flux_attention(**kw)))
     fp8_ok = device == "cpu" or torch.cuda.get_device_capability() >= (8, 9)
     if fp8_ok:
         out.append(("triton-fp8", "ours", lambda kw: flux_attention(**kw, mode="fp8")))
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype=str(dtype).replace("torch.", ""),
         warmup=warmup,
         repeats=repeats,
-        tuned_configs=tuned_configs(),  # the autotuner's block-size choice per (S, head_dim, design)
+        tuned_configs=tuned_configs(),  # the autotuner's block-size choice per (sequence bucket, head_dim)
         rows=rows,
     )
 

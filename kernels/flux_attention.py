@@ -13,16 +13,12 @@ no concatenated or transposed copy is ever needed.
 RoPE pairs neighbouring channels (2i, 2i+1): ``out[d] = x[d] cos[d] + sign(d) x[d ^ 1] sin[d]`` with
 sign -1 on even d. The partner channel is a second load of the same (cached) rows with ``d ^ 1``.
 
-Two designs for the prologue live here, both built from ``_load_norm_rope``:
-- *pre-pass* (``_prologue_kernel``): normalise + rotate q and k once, write them head-major, then
-  attend (``_attention_kernel`` with ``PROLOGUE=False``); V is read straight from the projection.
-- *fused* (``_attention_kernel`` with ``PROLOGUE=True``): every K tile is normalised and rotated
-  inside the attention loop, once per query block. No intermediate buffer, but the prologue's
-  CUDA-core work is repeated S/BLOCK_M times per K tile.
-Which is faster on Hopper is a measurement (``benchmarks/bench_attention.py``), not yet taken: no
-GPU was available when these kernels were written. The launcher defaults to the pre-pass, whose
-extra traffic is one read + one write of q and k (~1/16 of an attention's runtime by the cost model
-at S=4608), while the fused design repeats ~10 CUDA-core FLOPs per K element 36 times.
+The prologue is a pre-pass (``_prologue_kernel``): normalise + rotate q and k once, write them
+head-major, then attend (``_attention_kernel``); V is read straight from the projection. A second
+design that normalised and rotated every K tile inside the attention loop was measured on an H200
+(2026-11-26, ``benchmarks/results/h200-2026-11-26/attention.md``) at 12.67 ms against the pre-pass's
+0.991 ms at 4608 tokens (13× slower: the prologue's CUDA-core work repeated S/BLOCK_M times per K
+tile), and was removed.
 
 fp8 (e4m3): the pre-pass also quantises q and k per (token, head) row and V per (tile, head), and
 the attention kernel runs both matmuls in fp8 with fp32 accumulation (see ``_attention_kernel``).
@@ -153,16 +149,16 @@ def _attention_kernel(
     qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
     kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
     vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
-    wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
     q_scale, k_scale, v_scale,
     out, o_sb, o_sh, o_ss,
-    S_txt, S, H, n_tiles, qk_scale, eps,
+    S_txt, S, S_BUCKET, H, n_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PROLOGUE: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+    FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
     """Non-causal flash attention forward (online softmax in base 2, fp32 accumulation).
 
-    ``PROLOGUE``: q/k are raw projections, normalised and rotated on load (the fused design).
+    q and k come normalised and rotated from ``_prologue_kernel``. ``S_BUCKET`` is not used here:
+    it is the autotuner's key (the sequence length rounded up to a power of two).
     ``FP8``: q, k, v are e4m3 with scales from ``_prologue_kernel``; BLOCK_N equals its V tile.
     Output rows are written as ``out[b, s, h, :]``, so ``[B, S, H, D]`` flattens to ``[B, S, H*D]``
     for the output projection without a transpose.
@@ -174,17 +170,11 @@ def _attention_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
 
-    if PROLOGUE:
-        q = _load_norm_rope(
-            qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, wq_txt, wq_img, cos_ptr, sin_ptr, rope_stride, b,
-            h, rows, S_txt, S, eps, HEAD_DIM,
-        ).to(vi.dtype.element_ty)
-    else:
-        q = tl.load(
-            _rows_ptr(qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, b, h, rows, cols, S_txt),
-            mask=(rows < S)[:, None],
-            other=0.0,
-        )
+    q = tl.load(
+        _rows_ptr(qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, b, h, rows, cols, S_txt),
+        mask=(rows < S)[:, None],
+        other=0.0,
+    )
     if FP8:
         # Fold the softmax scale into q's per-row scale: one multiply per score instead of two.
         sq = tl.load(q_scale + bh * S + rows, mask=rows < S, other=0.0) * qk_scale
@@ -195,17 +185,9 @@ def _attention_kernel(
     for start in range(0, S, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         kvalid = (keys < S)[:, None]
-        if PROLOGUE:
-            k = _load_norm_rope(
-                kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride,
-                b, h, keys, S_txt, S, eps, HEAD_DIM,
-            ).to(q.dtype)
-        else:
-            k = tl.load(
-                _rows_ptr(kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, b, h, keys, cols, S_txt),
-                mask=kvalid,
-                other=0.0,
-            )
+        k = tl.load(
+            _rows_ptr(kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, b, h, keys, cols, S_txt), mask=kvalid, other=0.0
+        )
         s = tl.dot(q, tl.trans(k))
         if FP8:
             sk = tl.load(k_scale + bh * S + keys, mask=keys < S, other=0.0)

@@ -165,11 +165,10 @@ class FluxAttentionProcessor:
     >>> # set_attention_backend(pipe.transformer, "triton")
     """
 
-    def __init__(self, backend: str = "sdpa", design: str = "prepass"):
+    def __init__(self, backend: str = "sdpa"):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.backend = backend
-        self.design = design
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
@@ -187,7 +186,7 @@ class FluxAttentionProcessor:
             out = flux_attention_reference(*args, **txt, eps=eps)
         else:
             mode = "fp8" if self.backend == "triton-fp8" else "bf16"
-            out = torch.ops.srpo.flux_attention(*args, **txt, eps=eps, mode=mode, design=self.design)
+            out = torch.ops.srpo.flux_attention(*args, **txt, eps=eps, mode=mode)
         if eq is not None:
             txt_out, img_out = out.split_with_sizes([eq.shape[1], out.shape[1] - eq.shape[1]], dim=1)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
@@ -228,8 +227,8 @@ def check_backend_available(backend: str, device: torch.device) -> None:
         raise ValueError("attention='triton-fp8' needs fp8 tensor cores (sm >= 89); use attention='triton'")
 
 
-def set_attention_backend(transformer: torch.nn.Module, backend: str, design: str = "prepass") -> None:
+def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
     """Install one :class:`FluxAttentionProcessor` for ``backend`` on every attention module."""
     if backend != "sdpa":
         import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
-    transformer.set_attn_processor(FluxAttentionProcessor(backend, design))
+    transformer.set_attn_processor(FluxAttentionProcessor(backend))

@@ -83,6 +83,22 @@ def _place_components(components: dict, config: PipelineConfig):
     return plan, Residency(components, config.device) if plan.mode == "offload-model" else None
 
 
+# One image size per attention autotuning bucket (srpo_infer.kernels.launch.seq_bucket), with 512 text
+# tokens: 1536, 3584, 6656 and 9728 tokens fall in the 2048, 4096, 8192 and 16384 buckets.
+BUCKET_SIZES = ((512, 512), (1024, 768), (1536, 1024), (1536, 1536))
+
+
+def attention_warmup_sizes(sizes: list[tuple[int, int]], text_tokens: int) -> list[tuple[int, int]]:
+    """Sizes to add to a warm-up of ``sizes`` so every attention autotuning bucket is covered."""
+    from .kernels.launch import seq_bucket
+
+    def bucket(width: int, height: int) -> int:
+        return seq_bucket(text_tokens + (width // 16) * (height // 16))
+
+    covered = {bucket(w, h) for w, h in sizes}
+    return [size for size in BUCKET_SIZES if bucket(*size) not in covered]
+
+
 class SRPOPipeline:
     """A loaded SRPO (Flux) pipeline. Build it with :func:`srpo_infer.load_pipeline`.
 
@@ -238,14 +254,17 @@ class SRPOPipeline:
         """Compile (or load compiled artifacts) for ``sizes`` ahead of the first request.
 
         Runs a 2-step generation per size and acceleration level (two steps, so CUDA graphs record too;
-        ``regular``/``high`` run the step cache's stages). A compiled VAE decoder also decodes at the
+        ``regular``/``high`` run the step cache's stages). With ``attention="triton"`` one size per
+        autotuning bucket is added, so no request pays a kernel benchmark. A compiled VAE decoder also decodes at the
         smallest and the largest valid size, because convolution guards split it into a small and a
         large graph; after warm-up no valid size compiles anything new. When compiled, the compile
         caches are saved so the next process starts warm. Returns seconds per size and level.
 
         >>> pipe.warmup([(1024, 1024), (1440, 512)])  # doctest: +SKIP
         """
-        sizes = sizes or [(1024, 768)]
+        sizes = list(sizes or [(1024, 768)])
+        if self.config.attention == "triton":  # its autotuner keys on 4 sequence buckets: warm them all
+            sizes += attention_warmup_sizes(sizes, self.config.max_sequence_length)
         timings = {}
         for width, height in sizes:
             for level in accelerations:

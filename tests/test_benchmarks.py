@@ -21,7 +21,7 @@ def test_attention_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["benchmark"] == "attention" and result["versions"]["torch"]
     names = {r["candidate"] for r in result["rows"]}
-    assert {"sdpa-default", "compiled-sdpa-default", "triton-prepass", "triton-fused", "triton-fp8"} <= names
+    assert {"sdpa-default", "compiled-sdpa-default", "triton", "triton-fp8"} <= names
     for r in result["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_best_stock"] > 0

@@ -23,16 +23,15 @@ def _inputs(s_txt, s_img, dtype=torch.bfloat16, **kw):
     return make_inputs(1, 24, 128, s_txt, s_img, dtype, "cuda", seed=s_img, **kw)
 
 
-@pytest.mark.parametrize("design", ["prepass", "fused"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bf16_real_shapes(shape, design):
+def test_bf16_real_shapes(shape):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(*shape)
     ref = flux_attention_reference(**as_float64(kw))
-    out = flux_attention(**kw, design=design)
+    out = flux_attention(**kw)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert rel_err(out, ref) < BF16_BOUND
     stock = flux_attention_reference(**kw)  # what diffusers' path gives in bf16
