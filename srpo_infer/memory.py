@@ -83,12 +83,11 @@ def plan_memory(mode: str, device: torch.device, sizes: dict[str, int], free_byt
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {list(MEMORY_MODES)}, got {mode!r}")
-    if mode != "auto":  # on a CPU it runs the same code with nothing to move: tests use that
+    if device.type != "cuda":  # an offload mode still runs its code with nothing to move: tests use that
+        chosen = "gpu" if mode == "auto" else mode
+        return MemoryPlan(chosen, sizes, expected_peak(chosen, sizes), f"{device}: the weights live in host memory")
+    if mode != "auto":
         return MemoryPlan(mode, sizes, expected_peak(mode, sizes), "asked for")
-    if device.type != "cuda":
-        return MemoryPlan(
-            "gpu", sizes, expected_peak("gpu", sizes), f"{device} memory is the host's: nothing to offload"
-        )
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     for choice in ("gpu", "offload-model", "offload-group"):
