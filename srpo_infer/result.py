@@ -25,10 +25,12 @@ def encode_image(image: Image.Image, output_format: str = "jpeg", quality: int =
     return buf.getvalue()
 
 
-def data_uri(image: Image.Image, output_format: str = "jpeg") -> str:
-    """A ``data:`` URI holding the encoded image (what the API returns with ``sync_mode``)."""
+def data_uri(image: Image.Image | bytes, output_format: str = "jpeg") -> str:
+    """A ``data:`` URI holding the image (what the API returns with ``sync_mode``); ``image`` may be a
+    PIL image or bytes already encoded in ``output_format``."""
     fmt = check_output_format(output_format)
-    return f"data:{CONTENT_TYPES[fmt]};base64," + base64.b64encode(encode_image(image, fmt)).decode("ascii")
+    data = image if isinstance(image, bytes) else encode_image(image, fmt)
+    return f"data:{CONTENT_TYPES[fmt]};base64," + base64.b64encode(data).decode("ascii")
 
 
 @dataclass

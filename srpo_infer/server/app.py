@@ -12,7 +12,6 @@ out-of-memory. A client that hangs up has its job dropped (queued) or stopped at
 from __future__ import annotations
 
 import asyncio
-import base64
 import difflib
 import json
 import logging
@@ -46,7 +45,7 @@ from ..request import (
     OUTPUT_FORMATS,
     SIDE_MULTIPLE,
 )
-from ..result import CONTENT_TYPES, api_response, encode_image
+from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
 from .guard import Guard
 from .metrics import Metrics
 from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
@@ -345,7 +344,7 @@ async def _image_entries(images: list, body: GenerationBody, store: ImageStore, 
     for image in images:
         data = await asyncio.to_thread(encode_image, image, body.output_format)
         if body.sync_mode:
-            url = f"data:{CONTENT_TYPES[body.output_format]};base64," + base64.b64encode(data).decode()
+            url = data_uri(data, body.output_format)
         else:
             try:
                 name = await asyncio.to_thread(store.save, data, body.output_format)
