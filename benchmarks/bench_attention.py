@@ -52,7 +52,7 @@ def _timer(fn, device: str, warmup: int, repeats: int) -> list[float]:
 
 
 def candidates(device: str):
-    """(name, kind, callable(kw) -> out) for every backend that can run on ``device``.
+    """(name, kind, callable(inputs) -> out) for every backend that can run on ``device``.
 
     ``bare-*`` rows time SDPA alone on already normalised, rotated, concatenated q/k/v (the bar for
     the attention itself); ``compiled-*`` rows compile the stock prologue with Inductor (fused norm +
@@ -66,28 +66,27 @@ def candidates(device: str):
 
     from srpo_infer.attention import flux_attention_reference
 
-    out = [("sdpa-default", "stock", lambda kw: flux_attention_reference(**kw))]
+    out = [("sdpa-default", "stock", lambda x: flux_attention_reference(x))]
     # Inductor's C++ build makes the CPU smoke slow; aot_eager traces the same graph without it.
     compile_backend = "inductor" if device == "cuda" else "aot_eager"
 
     def compiled(backend=None):
-        fn = torch.compile(functools.partial(flux_attention_reference, sdpa_backend=backend), fullgraph=True,
-                           backend=compile_backend)  # fmt: skip
-        return lambda kw: fn(**kw)
+        return torch.compile(functools.partial(flux_attention_reference, sdpa_backend=backend), fullgraph=True,
+                             backend=compile_backend)  # fmt: skip
 
     out.append(("compiled-sdpa-default", "stock", compiled()))
     if device == "cuda":
         pinned = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
                   ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH))  # fmt: skip
         for name, backend in pinned:
-            out.append((name, "stock", lambda kw, b=backend: flux_attention_reference(**kw, sdpa_backend=b)))
+            out.append((name, "stock", lambda x, b=backend: flux_attention_reference(x, sdpa_backend=b)))
         out.append(("compiled-sdpa-cudnn", "stock", compiled(SDPBackend.CUDNN_ATTENTION)))
         out.append(("compiled-sdpa-flash", "stock", compiled(SDPBackend.FLASH_ATTENTION)))
         out.append(("bare-sdpa-cudnn", "bare", _bare(SDPBackend.CUDNN_ATTENTION)))
-    out.append(("triton", "ours", lambda kw: flux_attention(**kw)))
+    out.append(("triton", "ours", lambda x: flux_attention(x)))
     fp8_ok = device == "cpu" or torch.cuda.get_device_capability() >= (8, 9)
     if fp8_ok:
-        out.append(("triton-fp8", "ours", lambda kw: flux_attention(**kw, mode="fp8")))
+        out.append(("triton-fp8", "ours", lambda x: flux_attention(x, mode="fp8")))
     return out
 
 
@@ -103,7 +102,7 @@ def _bare(backend):
     def fn(kw):
         if id(kw) not in prepared:
             prepared.clear()
-            prepared[id(kw)] = tuple(t.contiguous() for t in attention_prologue(**kw))
+            prepared[id(kw)] = tuple(t.contiguous() for t in attention_prologue(kw))
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(*prepared[id(kw)]).transpose(1, 2).flatten(2)
 
@@ -133,8 +132,7 @@ def run(args: argparse.Namespace) -> dict:
                                      device, seed=1)  # fmt: skip
         tokens = shape["s_txt"] + shape["s_img"]
         flops = attention_flops(1, shape["heads"], shape["head_dim"], tokens)
-        ref_kw = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-        reference = flux_attention_reference(**ref_kw)
+        reference = flux_attention_reference(kw.to(torch.float32))
         size_rows = []
         for name, kind, fn in candidates(device):
             row = dict(size=size, tokens=tokens, candidate=name, kind=kind)

@@ -14,6 +14,8 @@ import os
 import torch
 import triton
 
+from srpo_infer.attention import AttentionInputs
+
 from . import flux_attention as K
 
 LOG2E = 1.4426950408889634
@@ -107,34 +109,17 @@ def _head_major_args(t: torch.Tensor, s_txt: int) -> list:
     return [t, *strides, t[:, :, s_txt:], *strides]
 
 
-def flux_attention(
-    img_q: torch.Tensor,
-    img_k: torch.Tensor,
-    img_v: torch.Tensor,
-    img_norm_q: torch.Tensor,
-    img_norm_k: torch.Tensor,
-    rope_cos: torch.Tensor,
-    rope_sin: torch.Tensor,
-    heads: int,
-    txt_q: torch.Tensor | None = None,
-    txt_k: torch.Tensor | None = None,
-    txt_v: torch.Tensor | None = None,
-    txt_norm_q: torch.Tensor | None = None,
-    txt_norm_k: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    mode: str = "bf16",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def flux_attention(x: AttentionInputs, mode: str = "bf16", out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused Flux attention: RMSNorm(q, k) → RoPE → concat(text, image) → softmax(q kᵀ/√d) v.
 
     ``mode="fp8"`` runs both matmuls in float8 e4m3 (CUDA sm ≥ 89, or the interpreter).
     ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
 
-    >>> # out = flux_attention(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, heads=24)
+    >>> # out = flux_attention(AttentionInputs(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 24))
     """
-    # Long on purpose: the checks of 13 tensors, then one launch. A separate checker would take the
-    # 16 arguments a fifth time (they already pass through attention.py, ops.py twice and here); the
-    # cure is one inputs dataclass across all four layers, not yet done.
+    # Long on purpose: the checks of 13 tensors, then the two launches; each step is a few lines.
+    img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
+    txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps = x[8:]
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if img_q.dim() != 3:

@@ -1,12 +1,16 @@
 """``torch.library`` registration of the Flux attention kernels.
 
 As a custom op with a fake (meta) implementation, ``torch.compile(fullgraph=True)`` sees one opaque
-node with a known output shape instead of tracing into Triton launch code.
+node with a known output shape instead of tracing into Triton launch code. A custom op's schema takes
+flat tensors, so here (and only here) :class:`AttentionInputs` is spelled out field by field; callers
+pass ``*inputs``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from srpo_infer.attention import AttentionInputs
 
 from . import launch
 
@@ -30,10 +34,9 @@ def flux_attention(
     mode: str = "bf16",
 ) -> torch.Tensor:
     """``srpo::flux_attention``: see :func:`srpo_infer.kernels.launch.flux_attention`."""
-    return launch.flux_attention(
-        img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads,
-        txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps=eps, mode=mode,
-    )  # fmt: skip
+    x = AttentionInputs(img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads,
+                        txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps)  # fmt: skip
+    return launch.flux_attention(x, mode=mode)
 
 
 @flux_attention.register_fake

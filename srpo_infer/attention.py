@@ -8,6 +8,7 @@ never branch on the backend; :func:`set_attention_backend` swaps the processor.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,47 +30,56 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
 
-def attention_prologue(
-    img_q: torch.Tensor,
-    img_k: torch.Tensor,
-    img_v: torch.Tensor,
-    img_norm_q: torch.Tensor,
-    img_norm_k: torch.Tensor,
-    rope_cos: torch.Tensor,
-    rope_sin: torch.Tensor,
-    heads: int,
-    txt_q: torch.Tensor | None = None,
-    txt_k: torch.Tensor | None = None,
-    txt_v: torch.Tensor | None = None,
-    txt_norm_q: torch.Tensor | None = None,
-    txt_norm_k: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class AttentionInputs(NamedTuple):
+    """What every attention implementation takes (the reference, the prologue, the Triton launcher,
+    the custom op): the q/k/v projection outputs ``[B, S_stream, H*D]`` of the image stream and, for
+    double blocks, the text stream; the q/k RMSNorm weights ``[D]``; the rotary tables ``[S_txt +
+    S_img, D]``; the head count and the norm's eps. A NamedTuple, so ``*inputs`` is the op's argument
+    order and torch.compile traces it without a break."""
+
+    img_q: torch.Tensor
+    img_k: torch.Tensor
+    img_v: torch.Tensor
+    img_norm_q: torch.Tensor
+    img_norm_k: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    heads: int
+    txt_q: torch.Tensor | None = None
+    txt_k: torch.Tensor | None = None
+    txt_v: torch.Tensor | None = None
+    txt_norm_q: torch.Tensor | None = None
+    txt_norm_k: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    def to(self, dtype: torch.dtype) -> AttentionInputs:
+        """The same inputs with every tensor cast (float64 for an exact reference)."""
+        return AttentionInputs(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in self))
+
+
+def attention_prologue(x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stock prologue: q/k RMSNorm, text + image concat, RoPE; returns q, k, v as ``[B, H, S, D]``."""
 
     def heads_of(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (heads, -1))
+        return t.unflatten(-1, (x.heads, -1))
 
-    q = _rms(heads_of(img_q), img_norm_q, eps)
-    k = _rms(heads_of(img_k), img_norm_k, eps)
-    v = heads_of(img_v)
-    if txt_q is not None:
-        q = torch.cat([_rms(heads_of(txt_q), txt_norm_q, eps), q], dim=1)
-        k = torch.cat([_rms(heads_of(txt_k), txt_norm_k, eps), k], dim=1)
-        v = torch.cat([heads_of(txt_v), v], dim=1)
-    cos, sin = rope_cos.to(torch.float64 if q.dtype == torch.float64 else torch.float32), rope_sin
-    sin = sin.to(cos.dtype)
+    q = _rms(heads_of(x.img_q), x.img_norm_q, x.eps)
+    k = _rms(heads_of(x.img_k), x.img_norm_k, x.eps)
+    v = heads_of(x.img_v)
+    if x.txt_q is not None:
+        q = torch.cat([_rms(heads_of(x.txt_q), x.txt_norm_q, x.eps), q], dim=1)
+        k = torch.cat([_rms(heads_of(x.txt_k), x.txt_norm_k, x.eps), k], dim=1)
+        v = torch.cat([heads_of(x.txt_v), v], dim=1)
+    cos = x.rope_cos.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    sin = x.rope_sin.to(cos.dtype)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     return tuple(t.transpose(1, 2) for t in (q, k, v))
 
 
-def flux_attention_reference(*args, sdpa_backend=None, **kwargs) -> torch.Tensor:
-    """The unfused math, in the inputs' dtype (pass float64 inputs for an exact reference).
-
-    Same arguments as :func:`attention_prologue` (and the Triton op), result ``[B, S_txt + S_img, H*D]``.
-    ``sdpa_backend`` pins a ``torch.nn.attention.SDPBackend`` (the benchmark times each one).
-    """
-    q, k, v = attention_prologue(*args, **kwargs)
+def flux_attention_reference(x: AttentionInputs, sdpa_backend=None) -> torch.Tensor:
+    """The unfused math, in the inputs' dtype (``x.to(torch.float64)`` for an exact reference), as
+    ``[B, S_txt + S_img, H*D]``. ``sdpa_backend`` pins a ``torch.nn.attention.SDPBackend``."""
+    q, k, v = attention_prologue(x)
     if sdpa_backend is None:
         out = F.scaled_dot_product_attention(q, k, v)
     else:
@@ -118,14 +128,14 @@ def random_attention_inputs(
     device: str | torch.device = "cpu",
     seed: int = 0,
     fused_qkv: bool = False,
-) -> dict:
-    """Keyword arguments for the Flux attention op with random data, for tests and benchmarks.
+) -> AttentionInputs:
+    """:class:`AttentionInputs` with random data, for tests and benchmarks.
 
     Norm weights are in [0.5, 1.5), RoPE angles uniform. ``fused_qkv`` makes q/k/v column slices of
     one projection output, as after ``fuse_qkv_projections`` (strided rows, no copy).
 
-    >>> kw = random_attention_inputs(1, 2, 32, 3, 5, torch.float32)
-    >>> flux_attention_reference(**kw).shape
+    >>> x = random_attention_inputs(1, 2, 32, 3, 5, torch.float32)
+    >>> flux_attention_reference(x).shape
     torch.Size([1, 8, 64])
     """
     g = torch.Generator().manual_seed(seed)
@@ -142,15 +152,15 @@ def random_attention_inputs(
 
     iq, ik, iv = stream(s_img)
     angles = torch.rand(s_txt + s_img, head_dim // 2, generator=g) * 6.3
-    kw = dict(
+    x = AttentionInputs(
         img_q=iq, img_k=ik, img_v=iv, img_norm_q=norm_weight(), img_norm_k=norm_weight(),
         rope_cos=angles.cos().repeat_interleave(2, -1).to(device),
         rope_sin=angles.sin().repeat_interleave(2, -1).to(device), heads=heads,
     )  # fmt: skip
     if s_txt:
         tq, tk, tv = stream(s_txt)
-        kw |= dict(txt_q=tq, txt_k=tk, txt_v=tv, txt_norm_q=norm_weight(), txt_norm_k=norm_weight())
-    return kw
+        x = x._replace(txt_q=tq, txt_k=tk, txt_v=tv, txt_norm_q=norm_weight(), txt_norm_k=norm_weight())
+    return x
 
 
 def attention_flops(batch: int, heads: int, head_dim: int, tokens: int) -> int:
@@ -174,19 +184,19 @@ class FluxAttentionProcessor:
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is None:
             raise ValueError("Flux attention needs image_rotary_emb (cos, sin)")
-        cos, sin = image_rotary_emb
-        args = (q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.heads)
-        txt = dict(txt_q=eq, txt_k=ek, txt_v=ev)
-        if eq is not None:
-            txt |= dict(txt_norm_q=attn.norm_added_q.weight, txt_norm_k=attn.norm_added_k.weight)
-        eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps
         if attention_mask is not None:  # never passed by Flux text-to-image; the kernels take no mask
             raise ValueError("attention masks are not supported by the srpo_infer attention processor")
+        cos, sin = image_rotary_emb
+        text = eq is not None
+        x = AttentionInputs(
+            q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.heads, eq, ek, ev,
+            attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
+            attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
+        )  # fmt: skip
         if self.backend == "sdpa":
-            out = flux_attention_reference(*args, **txt, eps=eps)
+            out = flux_attention_reference(x)
         else:
-            mode = "fp8" if self.backend == "triton-fp8" else "bf16"
-            out = torch.ops.srpo.flux_attention(*args, **txt, eps=eps, mode=mode)
+            out = torch.ops.srpo.flux_attention(*x, mode="fp8" if self.backend == "triton-fp8" else "bf16")
         if eq is not None:
             txt_out, img_out = out.split_with_sizes([eq.shape[1], out.shape[1] - eq.shape[1]], dim=1)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))

@@ -10,5 +10,5 @@ from srpo_infer.deviation import relative_error as rel_err
 __all__ = ["as_float64", "make_inputs", "rel_err"]
 
 
-def as_float64(kw: dict) -> dict:
-    return {k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+def as_float64(x):
+    return x.to(torch.float64)

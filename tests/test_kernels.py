@@ -36,9 +36,9 @@ CASES = [
 def test_matches_fp64_reference(case, dtype):
     b, h, d, st, si = case
     kw = make_inputs(b, h, d, st, si, dtype, DEVICE, seed=hash(case) % 1000)
-    ref = flux_attention_reference(**as_float64(kw))
+    ref = flux_attention_reference(as_float64(kw))
     poisoned = torch.full((b, st + si, h * d), float("nan"), dtype=dtype, device=DEVICE)
-    out = launch.flux_attention(**kw, out=poisoned)
+    out = launch.flux_attention(kw, out=poisoned)
     assert out.data_ptr() == poisoned.data_ptr()
     assert not out.isnan().any(), "kernel left output rows unwritten"
     assert out.dtype == dtype and out.shape == ref.shape
@@ -54,9 +54,9 @@ def test_autotuning_is_keyed_on_sequence_buckets_not_lengths():
 
 def test_fused_qkv_column_slices():
     kw = make_inputs(1, 2, 32, 9, 23, torch.float16, DEVICE, seed=3, fused_qkv=True)
-    assert kw["img_q"].stride(1) == 3 * 64  # a strided view, not a copy
-    ref = flux_attention_reference(**as_float64(kw))
-    assert rel_err(launch.flux_attention(**kw), ref) < TOL[torch.float16]
+    assert kw.img_q.stride(1) == 3 * 64  # a strided view, not a copy
+    ref = flux_attention_reference(as_float64(kw))
+    assert rel_err(launch.flux_attention(kw), ref) < TOL[torch.float16]
 
 
 # fp8: relative L2 error vs exact stays under this bound on RMS-normalised random inputs. The emulation
@@ -72,8 +72,8 @@ def test_fp8_error_is_bounded(case):
 
     b, h, d, st, si = case
     kw = make_inputs(b, h, d, st, si, torch.float16, DEVICE, seed=11)
-    ref = flux_attention_reference(**as_float64(kw))
-    out = launch.flux_attention(**kw, mode="fp8")
+    ref = flux_attention_reference(as_float64(kw))
+    out = launch.flux_attention(kw, mode="fp8")
     assert not out.isnan().any()
     err = rel_err(out, ref)
     assert 1e-4 < err < FP8_BOUND, err  # > 1e-4: it really is quantised
@@ -84,11 +84,13 @@ def test_fp8_error_is_bounded(case):
     f = as_float64(kw)
 
     def prep(name, norm):
+        f = f_dict
         parts = [_rms(f[f"txt_{name}"].unflatten(-1, (h, -1)), f[f"txt_norm_{name}"], 1e-6)] if st else []
         parts.append(_rms(f[f"img_{name}"].unflatten(-1, (h, -1)), f[f"img_norm_{name}"], 1e-6))
         return _rope(torch.cat(parts, 1), f["rope_cos"], f["rope_sin"]).transpose(1, 2)
 
-    v = torch.cat(([f["txt_v"]] if st else []) + [f["img_v"]], 1).unflatten(-1, (h, -1)).transpose(1, 2)
+    f_dict = f._asdict()
+    v = torch.cat(([f.txt_v] if st else []) + [f.img_v], 1).unflatten(-1, (h, -1)).transpose(1, 2)
     tile = launch._blocks(d, True)["BLOCK_N"]
     emu = fp8_attention_emulation(prep("q", "q"), prep("k", "k"), v, tile).transpose(1, 2).flatten(2)
     assert rel_err(out, emu) < FP8_VS_EMULATION, rel_err(out, emu)
@@ -110,36 +112,35 @@ def test_fp8_error_is_bounded(case):
     ],
 )
 def test_launcher_errors_are_clear(change, message):
-    kw = make_inputs(1, 2, 64, 3, 10, torch.float16, DEVICE)
+    x = make_inputs(1, 2, 64, 3, 10, torch.float16, DEVICE)
+    mode = change.pop("mode", "bf16")
     for key, val in change.items():
+        old = getattr(x, key)
         if val == "half-width":
-            val = kw[key][..., :64].contiguous()
+            val = old[..., :64].contiguous()
         elif val == "float32":
-            val = kw[key].float()
+            val = old.float()
         elif val == "transposed":
-            val = kw[key].transpose(1, 2).contiguous().transpose(1, 2)
+            val = old.transpose(1, 2).contiguous().transpose(1, 2)
         elif val == "short":
-            val = kw[key][:5]
+            val = old[:5]
         elif val == "wrong":
-            val = kw[key][:10]
-        kw[key] = val
+            val = old[:10]
+        x = x._replace(**{key: val})
     with pytest.raises(ValueError, match=re.escape(message)):
-        launch.flux_attention(**kw)
+        launch.flux_attention(x, mode=mode)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kw = make_inputs(1, 2, 64, 3, 10, torch.float16, "cpu")
     with pytest.raises(ValueError, match="need CUDA"):
-        launch.flux_attention(**kw)
+        launch.flux_attention(kw)
 
 
 def test_custom_op_schema_and_fake_impl():
     import srpo_infer.kernels.ops  # noqa: F401
 
-    kw = make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE, seed=5)
-    args = [kw.pop(k) for k in ("img_q", "img_k", "img_v", "img_norm_q", "img_norm_k", "rope_cos", "rope_sin",
-                                "heads")]  # fmt: skip
-    torch.library.opcheck(torch.ops.srpo.flux_attention.default, args, kw)
-    ref = flux_attention_reference(*args, **kw)
-    assert rel_err(torch.ops.srpo.flux_attention(*args, **kw), ref) < 2e-3
+    x = make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE, seed=5)
+    torch.library.opcheck(torch.ops.srpo.flux_attention.default, tuple(x), {"mode": "bf16"})
+    assert rel_err(torch.ops.srpo.flux_attention(*x), flux_attention_reference(x)) < 2e-3

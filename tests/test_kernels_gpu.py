@@ -30,11 +30,11 @@ def test_bf16_real_shapes(shape):
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(*shape)
-    ref = flux_attention_reference(**as_float64(kw))
-    out = flux_attention(**kw)
+    ref = flux_attention_reference(as_float64(kw))
+    out = flux_attention(kw)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert rel_err(out, ref) < BF16_BOUND
-    stock = flux_attention_reference(**kw)  # what diffusers' path gives in bf16
+    stock = flux_attention_reference(kw)  # what diffusers' path gives in bf16
     assert rel_err(out, ref) <= 1.5 * rel_err(stock, ref) + 1e-3
 
 
@@ -48,8 +48,8 @@ def test_fp8_real_shapes(shape):
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(*shape)
-    ref = flux_attention_reference(**as_float64(kw))
-    out = flux_attention(**kw, mode="fp8")
+    ref = flux_attention_reference(as_float64(kw))
+    out = flux_attention(kw, mode="fp8")
     assert not out.isnan().any()
     assert rel_err(out, ref) < FP8_BOUND
 
@@ -60,4 +60,4 @@ def test_fused_qkv_bf16():
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(512, 1024, fused_qkv=True)
-    assert rel_err(flux_attention(**kw), flux_attention_reference(**as_float64(kw))) < BF16_BOUND
+    assert rel_err(flux_attention(kw), flux_attention_reference(as_float64(kw))) < BF16_BOUND
