@@ -193,6 +193,14 @@ def _add_serve(sub) -> None:
                    help="delete stored images older than this; 0 keeps them")  # fmt: skip
     s.add_argument("--retention-gb", type=float, default=2.0,
                    help="delete the oldest stored images beyond this total size; 0: no size limit")  # fmt: skip
+    s.add_argument("--replicas", type=int, default=1,
+                   help="model replicas, one GPU each; more than 1 runs on Ray Serve "
+                   "(pip install 'srpo-infer[ray]')")  # fmt: skip
+    s.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --replicas and this on ongoing requests (Ray Serve)")  # fmt: skip
+    s.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster to deploy on (e.g. ray://head:10001 or auto) "
+                   "[default: a local Ray]")  # fmt: skip
     s.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
                    "the rest 503")  # fmt: skip
@@ -306,16 +314,38 @@ def _serve(args: argparse.Namespace) -> int:
         if not value >= 0:
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {value}")
     compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     app_options = dict(
         allow_unknown_fields=args.allow_unknown_fields, max_cost=args.max_cost,
         retention_seconds=args.retention_hours * 3600 or None, retention_bytes=int(args.retention_gb * 2**30) or None,
     )  # fmt: skip
+    quantize = None if args.quantize == "none" else args.quantize
+    pipeline_options = dict(base=args.base, device=args.device, attention=args.attention, quantize=quantize,
+                            compile=compile_flag)  # fmt: skip
+    if args.replicas > 1 or args.ray_address or args.max_replicas:
+        return _serve_on_ray(args, app_options, pipeline_options)
     return serve(
         args.model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
         public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
         default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, app_options=app_options,
-        base=args.base, device=args.device, attention=args.attention,
-        quantize=None if args.quantize == "none" else args.quantize, compile=compile_flag,
+        **pipeline_options,
+    )  # fmt: skip
+
+
+def _serve_on_ray(args: argparse.Namespace, app_options: dict, pipeline_options: dict) -> int:
+    import os
+
+    from .config import resolve_device
+    from .server.ray_serve import require_ray, serve_replicas
+
+    require_ray()  # a one-line error naming the extra when Ray is missing
+    app_options |= dict(api_key=args.api_key or os.environ.get("SRPO_API_KEY") or None, output_dir=args.output_dir,
+                        public_url=args.public_url, max_queue=args.max_queue)  # fmt: skip
+    return serve_replicas(
+        args.model, host=args.host, port=args.port, ray_address=args.ray_address, replicas=args.replicas,
+        max_replicas=args.max_replicas, use_gpu=resolve_device(args.device).type == "cuda",
+        pipeline_options=pipeline_options, app_options=app_options, default_acceleration=args.default_acceleration,
     )  # fmt: skip
 
 

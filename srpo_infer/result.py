@@ -56,6 +56,7 @@ class GenerationResult:
     has_nsfw_concepts: list[bool | None] = field(default_factory=list)
     tokens_used: int = 0
     transformer_evaluations: int = 0
+    replica: str | None = None  # which replica made the images, when several serve (Ray Serve)
     urls: list[str] | None = None
     output_format: str = "jpeg"
 
@@ -109,6 +110,7 @@ def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts
         "has_nsfw_concepts": list(has_nsfw_concepts),
         "prompt": result.prompt,
         "data": [dict(i) for i in images],
-        "meta": {"usage": {"tokens_used": result.tokens_used}},
+        "meta": {"usage": {"tokens_used": result.tokens_used}}
+        | ({"replica": result.replica} if result.replica is not None else {}),
         "transformer_evaluations": result.transformer_evaluations,
     }

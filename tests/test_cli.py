@@ -141,3 +141,15 @@ def test_installed_console_script(tmp_path):
     assert "denoising" in out.stderr  # the progress bar
     data = json.loads(out.stdout)
     assert Path(data["images"][0]["url"]).exists()
+
+
+def test_replicas_without_ray_is_one_line_naming_the_extra():
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.modules['ray.serve'] = None\n"
+        "from srpo_infer.cli import main; sys.exit(main(['serve', '--model', 'tiny-random', '--replicas', '2']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "srpo-infer: error: several replicas run on Ray Serve: pip install 'srpo-infer[ray]'"
+    ]

@@ -152,6 +152,7 @@ class ServerState:
 def create_app(
     pipeline=None,
     *,
+    backend=None,
     api_key: str | None = None,
     output_dir: str | Path = "outputs",
     public_url: str | None = None,
@@ -166,6 +167,7 @@ def create_app(
 ) -> FastAPI:
     """Build the ASGI app around a loaded :class:`~srpo_infer.SRPOPipeline`.
 
+    ``backend`` replaces the in-process worker (see :mod:`srpo_infer.server.ray_serve`).
     ``pipeline=None`` starts in the *loading* state (503 for generations) until
     ``app.state.set_pipeline(p)`` is called; ``app.state.set_failed(reason)`` records a failed load
     (``/health`` 500, generations 503 with the reason); ``app.state.drain(timeout)`` stops taking
@@ -186,7 +188,8 @@ def create_app(
     if max_cost is not None and not max_cost > 0:
         raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
     store = ImageStore(output_dir, retention_seconds, retention_bytes)
-    worker = Worker(max_queue)
+    # The backend runs the jobs: our GPU worker thread, or another engine's (Ray Serve's RayBackend).
+    worker = backend if backend is not None else Worker(max_queue)
     metrics = Metrics()
     state = ServerState(worker)
     app = FastAPI(
@@ -205,7 +208,8 @@ def create_app(
 
     app.state.set_pipeline, app.state.set_failed, app.state.drain = set_pipeline, set_failed, drain
     app.state.worker, app.state.metrics, app.state.store, app.state.server = worker, metrics, store, state
-    set_pipeline(pipeline)
+    if backend is None:
+        set_pipeline(pipeline)
     app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)

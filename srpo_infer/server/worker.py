@@ -35,7 +35,7 @@ def job_cost(width: int, height: int, num_inference_steps: int, num_images: int 
     return width * height * num_inference_steps * num_images / 1e6
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs go in sets
 class Job:
     kwargs: dict
     cost: float = 0.0

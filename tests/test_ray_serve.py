@@ -1,0 +1,115 @@
+"""The flux/srpo API on Ray Serve with a local Ray: 2 replicas of the tiny model behind our ingress.
+
+Marked ``ray``: the README's ``pytest`` leaves them out (they need ``pip install '.[ray]'`` and about a
+minute and a half on 2 cores); ``.ci/run`` runs them as a second step, ``pytest -m ray``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]  # a replica restart on a busy 2-core machine
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+
+from srpo_infer.server.ray_serve import APP_NAME, MODEL_DEPLOYMENT, build_application  # noqa: E402
+
+SEED_BODY = {"model": "flux/srpo", "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing "
+             "sunglasses.", "image_size": {"width": 1440, "height": 512}}  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # no /dev/shm, no room: this machine cannot run Ray
+        pytest.skip(f"a local Ray cannot start here: {exc}")
+    port = _port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_application("tiny-random", replicas=2, use_gpu=False, pipeline_options={"device": "cpu"},
+                                app_options={"output_dir": str(tmp_path_factory.mktemp("ray-out"))},
+                                warmup_sizes=[(512, 512)])  # fmt: skip
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body: dict, timeout: float = 300) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def _wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the deployment did not become healthy")
+
+
+def test_sixteen_concurrent_seed_requests_are_all_answered_by_both_replicas(cluster):
+    _wait_healthy(cluster)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post(cluster, SEED_BODY), range(16)))
+    assert [a.status_code for a in answers] == [200] * 16, [a.text[:200] for a in answers if a.status_code != 200]
+    for a in answers:
+        image = a.json()["images"][0]
+        assert (image["width"], image["height"], image["content_type"]) == (1440, 512, "image/jpeg")
+        fetched = httpx.get(cluster + image["url"])
+        assert fetched.status_code == 200 and fetched.content[:2] == b"\xff\xd8"  # a JPEG, from the ingress
+    assert len({a.json()["meta"]["replica"] for a in answers}) >= 2
+
+
+def test_bad_requests_get_the_same_422_as_the_single_process_server(cluster):
+    r = post(cluster, {"prompt": "a cat", "num_inferance_steps": 1})
+    assert r.status_code == 422
+    assert r.json() == {"error": {"message": "unknown field 'num_inferance_steps': did you mean "
+                                  "'num_inference_steps'?", "field": "num_inferance_steps", "status": 422}}  # fmt: skip
+    r = post(cluster, {"prompt": "a cat", "seed": True})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "seed"
+
+
+def test_a_killed_replica_loses_no_request_and_the_deployment_serves_again(cluster):
+    _wait_healthy(cluster)
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
+    pids = {handle.info.remote().result()["pid"] for _ in range(8)}
+    assert len(pids) == 2
+    body = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 10}
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, cluster, body) for _ in range(6)]
+        time.sleep(3)  # requests are running on both replicas
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        answers = [f.result() for f in futures]  # a request left without an answer would raise here
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, [a.text[:200] for a in answers]
+    assert codes.count(200) >= 3  # the live replica's, and the retried ones
+    for a in answers:
+        if a.status_code == 503:
+            assert "replica died" in a.json()["error"]["message"]
+    _wait_healthy(cluster)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Ray Serve restarts the dead replica
+        if len({handle.info.remote().result()["pid"] for _ in range(8)}) == 2:
+            break
+        time.sleep(1)
+    assert post(cluster, {"prompt": "after", "image_size": "square", "num_inference_steps": 2}).status_code == 200
