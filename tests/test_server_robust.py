@@ -111,7 +111,7 @@ def test_sigterm_drains_every_request_in_flight_then_exits_zero(tmp_path):
     proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none")
     try:
         _wait(lambda: _health(url) == 200, timeout=180)
-        body = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 20, "seed": 1}
+        body = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 50, "seed": 1}
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(post, url, body) for _ in range(4)]
             # All four accepted (one running, three queued) before the signal: a request arriving after
