@@ -309,3 +309,29 @@ def test_retry_after_follows_the_queued_work():
     assert worker.expected_wait() == pytest.approx(2.0 * (29.360128 + 2.097152))
     gate.set()
     assert worker.stop(5) == 0
+
+
+def test_an_fsspec_output_store_serves_and_expires_images():
+    """``output_dir`` as an fsspec URL (memory:// here; s3://, gs:// alike), as replicas on several
+    machines would share it."""
+    import fsspec
+
+    from srpo_infer.server.storage import FsspecImageStore
+
+    app = create_app(SlowPipeline(0.0), output_dir="memory://srpo-test/images")
+    with LiveServer(app) as server:
+        r = post(server.url, {"prompt": "a cat", **FAST})
+        url = r.json()["images"][0]["url"]
+        assert r.status_code == 200 and url.startswith("/files/")
+        fetched = httpx.get(server.url + url)
+        assert fetched.status_code == 200 and fetched.content[:2] == b"\xff\xd8"
+        assert httpx.get(server.url + "/files/" + "0" * 32 + ".jpeg").status_code == 404
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file("/srpo-test/images/" + url.rsplit("/", 1)[1])[:2] == b"\xff\xd8"
+    store = FsspecImageStore("memory://srpo-sweep", max_age=None, max_bytes=2500, sweep_every=1e9)
+    names = [store.save(bytes(1000), "png") for _ in range(4)]
+    fs.pipe_file("/srpo-sweep/notes.txt", b"not ours")
+    assert store.sweep() == 2  # 4000 bytes -> 2000: the oldest two go
+    assert sum(store.read(n) is not None for n in names) == 2
+    assert fs.cat_file("/srpo-sweep/notes.txt") == b"not ours"

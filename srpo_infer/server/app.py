@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,7 +48,7 @@ from ..request import (
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
 from .guard import Guard
 from .metrics import Metrics
-from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
+from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore, open_store
 from .worker import QueueFull, ShuttingDown, Worker, job_cost
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ def create_app(
     without one, ``has_nsfw_concepts`` is ``null`` per image (never ``false``). ``default_acceleration``
     follows the hosted API (``regular``). ``max_cost`` caps one request's megapixel-steps
     (width·height·steps·images / 10⁶; 1024², 28 steps = 29.4). Stored images expire after
-    ``retention_seconds`` or, oldest first, beyond ``retention_bytes`` (None: keep). Image URLs are
+    ``retention_seconds`` or, oldest first, beyond ``retention_bytes`` (None: keep); ``output_dir`` may be
+    an fsspec URL (``s3://bucket/srpo``) that several servers share. Image URLs are
     ``public_url`` + ``/files/NAME``, or relative (``/files/NAME`` under the mount path): never built
     from the client's ``Host`` header.
 
@@ -187,7 +188,7 @@ def create_app(
         raise ValueError(f"default_acceleration must be one of {list(ACCELERATIONS)}, got {default_acceleration!r}")
     if max_cost is not None and not max_cost > 0:
         raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
-    store = ImageStore(output_dir, retention_seconds, retention_bytes)
+    store = open_store(output_dir, max_age=retention_seconds, max_bytes=retention_bytes)
     # The backend runs the jobs: our GPU worker thread, or another engine's (Ray Serve's RayBackend).
     worker = backend if backend is not None else Worker(max_queue)
     metrics = Metrics()
@@ -260,10 +261,10 @@ def create_app(
     @app.get("/files/{name}", responses={404: {}})
     async def files(name: str):
         """An image stored by an earlier request. Only names this server wrote resolve."""
-        path = store.path(name)
-        if path is None:
+        data = await asyncio.to_thread(store.read, name)
+        if data is None:
             return _error(404, "no such file")
-        return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
+        return Response(data, media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]])
 
     @app.get("/health")
     async def health():
