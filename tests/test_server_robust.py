@@ -283,7 +283,8 @@ def test_stored_images_expire_by_age_and_by_total_size(tmp_path):
         os.utime(tmp_path / name, (now - age, now - age))
     assert store.sweep(now) == 2  # names[0] by age, then names[1] (oldest) to get back under 3000 bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[2:], "notes.txt"])
-    assert store.path(names[1]) is None and store.path(names[2]) is not None
+    assert store.read(names[1]) is None and store.read(names[2]) == bytes(1000)
+    assert store.read("../notes.txt") is None and store.read("notes.txt") is None  # only names it writes
 
 
 def test_retention_limits_are_checked():
@@ -316,8 +317,6 @@ def test_an_fsspec_output_store_serves_and_expires_images():
     machines would share it."""
     import fsspec
 
-    from srpo_infer.server.storage import FsspecImageStore
-
     app = create_app(SlowPipeline(0.0), output_dir="memory://srpo-test/images")
     with LiveServer(app) as server:
         r = post(server.url, {"prompt": "a cat", **FAST})
@@ -329,7 +328,7 @@ def test_an_fsspec_output_store_serves_and_expires_images():
         assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     fs = fsspec.filesystem("memory")
     assert fs.cat_file("/srpo-test/images/" + url.rsplit("/", 1)[1])[:2] == b"\xff\xd8"
-    store = FsspecImageStore("memory://srpo-sweep", max_age=None, max_bytes=2500, sweep_every=1e9)
+    store = ImageStore("memory://srpo-sweep", max_age=None, max_bytes=2500, sweep_every=1e9)
     names = [store.save(bytes(1000), "png") for _ in range(4)]
     fs.pipe_file("/srpo-sweep/notes.txt", b"not ours")
     assert store.sweep() == 2  # 4000 bytes -> 2000: the oldest two go

@@ -48,7 +48,7 @@ from ..request import (
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
 from .guard import Guard
 from .metrics import Metrics
-from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore, open_store
+from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
 from .worker import QueueFull, ShuttingDown, Worker, job_cost
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def create_app(
         raise ValueError(f"default_acceleration must be one of {list(ACCELERATIONS)}, got {default_acceleration!r}")
     if max_cost is not None and not max_cost > 0:
         raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
-    store = open_store(output_dir, max_age=retention_seconds, max_bytes=retention_bytes)
+    store = ImageStore(output_dir, max_age=retention_seconds, max_bytes=retention_bytes)
     # The backend runs the jobs: our GPU worker thread, or another engine's (Ray Serve's RayBackend).
     worker = backend if backend is not None else Worker(max_queue)
     metrics = Metrics()
