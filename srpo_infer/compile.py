@@ -45,10 +45,11 @@ def inductor_options(device: torch.device, mode: str = "default") -> dict:
     return options
 
 
-def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default", dynamic=None):
-    """``torch.compile(fn, fullgraph=True)`` with our Inductor options (other backends take none)."""
+def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default"):
+    """``torch.compile(fn, fullgraph=True)`` with our Inductor options (other backends take none); the
+    size-varying dims are marked dynamic on the inputs (:func:`mark_dynamic`)."""
     options = inductor_options(device, mode) if backend == "inductor" else None
-    return torch.compile(fn, fullgraph=True, backend=backend, options=options, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=True, backend=backend, options=options)
 
 
 def compile_regions(transformer: torch.nn.Module, device: torch.device, backend: str = "inductor",
