@@ -1,27 +1,35 @@
-"""Triton kernels for Flux joint attention: q/k RMSNorm + RoPE prologue, flash attention, fp8.
+"""Triton kernels for Flux joint attention: q/k RMSNorm + RoPE pre-pass, flash attention, fp8.
 
 Flux attention per block: q, k, v come from linear projections of a text stream (512 tokens) and an
 image stream; q and k get an RMSNorm with a learned scale and a rotary embedding over 3 position
 axes; the streams are concatenated (text first) and attended non-causally, 24 heads of dim 128.
 
-Tensors are addressed as two *streams* (text rows ``[0, S_txt)``, image rows ``[S_txt, S)``), each
-described by a base pointer and strides ``(batch, head, row)`` with unit stride along the head dim.
-The same description covers projection outputs ``[B, S, H*D]`` (head stride D, possibly a column
-slice of a fused QKV output) and head-major buffers ``[B, H, S, D]`` (one stream, ``S_txt = 0``), so
-no concatenated or transposed copy is ever needed.
+Two kernels:
+
+- ``_prologue_kernel`` reads the projections as two *streams* (text rows ``[0, S_txt)``, image rows
+  ``[S_txt, S)``, each a base pointer and strides ``(batch, head, row)``, unit stride along the head
+  dim: a fused QKV output's column slice works as is), normalises and rotates q and k, and writes q,
+  k and v head-major into ``[B*H, S_pad, D]`` buffers, text first, rows ``[S, S_pad)`` zero. The
+  attention loop then sees one contiguous K/V per head and never selects between streams; with
+  ``S_pad`` a multiple of every tile, no load needs a mask.
+- ``_attention_kernel``: non-causal flash attention over those buffers, loading tiles either with
+  pointers (``TMA=False``: any GPU) or with tensor descriptors (``TMA=True``: Hopper's TMA copies
+  from host-built descriptors; also the interpreter). Full key tiles run unmasked; the last, partial
+  one is peeled off and masked.
 
 RoPE pairs neighbouring channels (2i, 2i+1): ``out[d] = x[d] cos[d] + sign(d) x[d ^ 1] sin[d]`` with
 sign -1 on even d. The partner channel is a second load of the same (cached) rows with ``d ^ 1``.
 
-The prologue is a pre-pass (``_prologue_kernel``): normalise + rotate q and k once, write them
-head-major, then attend (``_attention_kernel``); V is read straight from the projection. A second
-design that normalised and rotated every K tile inside the attention loop was measured on an H200
-(2026-11-26, ``benchmarks/results/h200-2026-11-26/attention.md``) at 12.67 ms against the pre-pass's
-0.991 ms at 4608 tokens (13× slower: the prologue's CUDA-core work repeated S/BLOCK_M times per K
-tile), and was removed.
+A design that normalised and rotated every K tile inside the attention loop was measured on an
+H200 (2026-11-26, ``benchmarks/results/h200-2026-11-26/attention.md``) at 12.67 ms against the
+pre-pass's 0.991 ms at 4608 tokens (the prologue's CUDA-core work repeated once per query tile) and
+was removed.
 
-fp8 (e4m3): the pre-pass also quantises q and k per (token, head) row and V per (tile, head), and
-the attention kernel runs both matmuls in fp8 with fp32 accumulation (see ``_attention_kernel``).
+fp8 (e4m3): q and k are quantised per (token, head) row, so q·k factors as ``(q8·k8) sq sk``; v per
+(head, channel) over the whole sequence, so ``p·v`` factors as ``(p8·v8) sv`` with one ``sv`` per
+output column: the accumulation runs in place (``tl.dot(p, v, acc)``) and ``sv`` is applied once
+after the loop. V is stored transposed (``[B*H, D, S_pad]``) so the second matmul's operand is
+K-major, the layout Hopper's fp8 MMA reads without a shared-memory transpose.
 """
 
 from __future__ import annotations
@@ -97,6 +105,7 @@ def _load_norm_rope(
     return xn * cos + sign * xpn * sin
 
 
+
 # fmt: off
 @triton.jit
 def _prologue_kernel(
@@ -104,17 +113,18 @@ def _prologue_kernel(
     kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
     vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
     wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
-    q_out, k_out, v_out, q_scale, k_scale, v_scale,  # outputs: head-major q/k (fp8: v too) and fp8 scales
-    S_txt, S, H, n_tiles, eps,
+    q_out, k_out, v_out,  # head-major [B*H, S_pad, D]; fp8 v is transposed: [B*H, D, S_pad]
+    q_scale, k_scale, v_scale,  # fp8 only: [B*H, S_pad] outputs, and [B*H, D] input (v's amax / FP8_MAX)
+    S_txt, S, S_pad, H, eps,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
+    """One [BLOCK, HEAD_DIM] tile of rows per program; rows in [S, S_pad) are written as zeros."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    valid = (rows < S)[:, None]
     q = _load_norm_rope(
         qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, wq_txt, wq_img, cos_ptr, sin_ptr, rope_stride, b, h,
         rows, S_txt, S, eps, HEAD_DIM,
@@ -123,45 +133,86 @@ def _prologue_kernel(
         kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride, b, h,
         rows, S_txt, S, eps, HEAD_DIM,
     )
-    out_off = bh * S * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
+    v = tl.load(
+        _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt),
+        mask=(rows < S)[:, None], other=0.0,
+    )
+    out_off = (bh * S_pad + rows)[:, None] * HEAD_DIM + cols[None, :]
     if FP8:
-        # Per (token, head) scales: q·k factors exactly as (q8·k8) * sq * sk.
         sq = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / FP8_MAX
         sk = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-12) / FP8_MAX
-        tl.store(q_out + out_off, _to_fp8(q / sq[:, None], q_out.dtype.element_ty, ROUND_FP8), mask=valid)
-        tl.store(k_out + out_off, _to_fp8(k / sk[:, None], k_out.dtype.element_ty, ROUND_FP8), mask=valid)
-        tl.store(q_scale + bh * S + rows, sq, mask=rows < S)
-        tl.store(k_scale + bh * S + rows, sk, mask=rows < S)
-        # V per (tile, head): a tile of V rows shares one scale, so p·v8 factors per tile.
-        v = tl.load(
-            _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt), mask=valid, other=0.0
-        ).to(tl.float32)
-        sv = tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1e-12) / FP8_MAX
-        tl.store(v_out + out_off, _to_fp8(v / sv, v_out.dtype.element_ty, ROUND_FP8), mask=valid)
-        tl.store(v_scale + bh * n_tiles + pid, sv)
+        tl.store(q_out + out_off, _to_fp8(q / sq[:, None], q_out.dtype.element_ty, ROUND_FP8))
+        tl.store(k_out + out_off, _to_fp8(k / sk[:, None], k_out.dtype.element_ty, ROUND_FP8))
+        tl.store(q_scale + bh * S_pad + rows, sq)
+        tl.store(k_scale + bh * S_pad + rows, sk)
+        sv = tl.load(v_scale + bh * HEAD_DIM + cols)
+        v8 = _to_fp8(v.to(tl.float32) / sv[None, :], v_out.dtype.element_ty, ROUND_FP8)
+        # Transposed store: consecutive rows are consecutive bytes of one channel's row.
+        tl.store(v_out + (bh * HEAD_DIM + cols)[:, None] * S_pad + rows[None, :], tl.trans(v8))
     else:
-        tl.store(q_out + out_off, q.to(q_out.dtype.element_ty), mask=valid)
-        tl.store(k_out + out_off, k.to(k_out.dtype.element_ty), mask=valid)
+        tl.store(q_out + out_off, q.to(q_out.dtype.element_ty))
+        tl.store(k_out + out_off, k.to(k_out.dtype.element_ty))
+        tl.store(v_out + out_off, v)
+
+
+@triton.jit
+def _tile(src, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, row_stride, TMA: tl.constexpr):
+    """A [ROWS, COLS] tile at (row, col) of a row-major 2-D buffer: a TMA copy or a pointer load.
+
+    No mask: the buffers are padded so that every tile the kernel asks for is in bounds.
+    """
+    if TMA:
+        return src.load([row, col])
+    else:
+        offs = (row + tl.arange(0, ROWS))[:, None] * row_stride + col + tl.arange(0, COLS)[None, :]
+        return tl.load(src + offs)
+
+
+@triton.jit
+def _attend(
+    acc, l_i, m_i, q, sq, k, v, k_scale, kv_row, v_row, lo, hi, S, S_pad,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MASK: tl.constexpr,
+):
+    """Online-softmax update over key tiles [lo, hi); ``MASK`` only for the peeled last tile."""
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start = tl.multiple_of(start, BLOCK_N)
+        kt = _tile(k, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
+        s = tl.dot(q, tl.trans(kt)) * sq[:, None]
+        if FP8:
+            s = s * tl.load(k_scale + kv_row + start + tl.arange(0, BLOCK_N))[None, :]
+        if MASK:
+            s = tl.where((start + tl.arange(0, BLOCK_N) < S)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if FP8:
+            vt = _tile(v, v_row, start, HEAD_DIM, BLOCK_N, S_pad, TMA)  # [D, BLOCK_N]: K-major for p·v
+            acc = tl.dot(_to_fp8(p * P_SCALE, vt.dtype, ROUND_FP8), tl.trans(vt), acc)
+        else:
+            vv = _tile(v, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
+            acc = tl.dot(p.to(vv.dtype), vv, acc)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
 def _attention_kernel(
-    qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
-    kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
-    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
-    q_scale, k_scale, v_scale,
+    q, k, v,  # the pre-pass's buffers as 2-D row-major tensors, or (TMA) tensor descriptors over them
+    q_scale, k_scale, v_scale,  # fp8 only (see _prologue_kernel)
     out, o_sb, o_sh, o_ss,
-    S_txt, S, S_BUCKET, H, n_tiles, qk_scale,
+    S, S_pad, S_BUCKET, H, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+    FP8: tl.constexpr, ROUND_FP8: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Non-causal flash attention forward (online softmax in base 2, fp32 accumulation).
 
-    q and k come normalised and rotated from ``_prologue_kernel``. ``S_BUCKET`` is not used here:
-    it is the autotuner's key (the sequence length rounded up to a power of two).
-    ``FP8``: q, k, v are e4m3 with scales from ``_prologue_kernel``; BLOCK_N equals its V tile.
-    Output rows are written as ``out[b, s, h, :]``, so ``[B, S, H, D]`` flattens to ``[B, S, H*D]``
-    for the output projection without a transpose.
+    ``S_BUCKET`` is not used here: it is the autotuner's key (the sequence length rounded up to a
+    power of two). The softmax scale (times log2 e) rides on q's per-row factor ``sq``: one multiply
+    per score. Output rows are written as ``out[b, s, h, :]``, so ``[B, S, H, D]`` flattens to
+    ``[B, S, H*D]`` for the output projection without a transpose.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -169,48 +220,28 @@ def _attention_kernel(
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-
-    q = tl.load(
-        _rows_ptr(qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, b, h, rows, cols, S_txt),
-        mask=(rows < S)[:, None],
-        other=0.0,
-    )
+    kv_row = bh * S_pad
+    qt = _tile(q, kv_row + pid_m * BLOCK_M, 0, BLOCK_M, HEAD_DIM, HEAD_DIM, TMA)
     if FP8:
-        # Fold the softmax scale into q's per-row scale: one multiply per score instead of two.
-        sq = tl.load(q_scale + bh * S + rows, mask=rows < S, other=0.0) * qk_scale
+        sq = tl.load(q_scale + kv_row + rows) * qk_scale
+    else:
+        sq = tl.full([BLOCK_M], qk_scale, tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(0, S, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        kvalid = (keys < S)[:, None]
-        k = tl.load(
-            _rows_ptr(kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, b, h, keys, cols, S_txt), mask=kvalid, other=0.0
+    full = (S // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend(
+        acc, l_i, m_i, qt, sq, k, v, k_scale, kv_row, bh * HEAD_DIM, 0, full, S, S_pad,
+        HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, WARP_SPECIALIZE, False,
+    )
+    if full < S:
+        acc, l_i, m_i = _attend(
+            acc, l_i, m_i, qt, sq, k, v, k_scale, kv_row, bh * HEAD_DIM, full, full + BLOCK_N, S, S_pad,
+            HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, False, True,
         )
-        s = tl.dot(q, tl.trans(k))
-        if FP8:
-            sk = tl.load(k_scale + bh * S + keys, mask=keys < S, other=0.0)
-            s = s * sq[:, None] * sk[None, :]
-        else:
-            s = s * qk_scale
-        s = tl.where((keys < S)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        v = tl.load(
-            _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, keys, cols, S_txt), mask=kvalid, other=0.0
-        )
-        if FP8:
-            sv = tl.load(v_scale + bh * n_tiles + start // BLOCK_N)
-            pv = tl.dot(_to_fp8(p * P_SCALE, v.dtype, ROUND_FP8), v)
-            acc += pv * (sv / P_SCALE)
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
+    if FP8:
+        acc = acc * (tl.load(v_scale + bh * HEAD_DIM + cols) / P_SCALE)[None, :]
     o = acc / l_i[:, None]
     o_ptr = out + b * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=(rows < S)[:, None])

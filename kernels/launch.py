@@ -7,18 +7,20 @@ text stream; the result is ``[B, S_txt + S_img, H*D]``, text rows first, in the 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srpo_infer.attention import AttentionInputs
 
 from . import flux_attention as K
 
 LOG2E = 1.4426950408889634
+FP8_MAX = 448.0  # largest finite float8_e4m3fn (the kernels' FP8_MAX)
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MODES = ("bf16", "fp8")
@@ -40,49 +42,108 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner for bf16/fp16 on a GPU. The first
-# is the Triton flash-attention tutorial's Hopper choice for D=128; the rest trade tile size for
-# occupancy. Which one wins at each Flux shape has not been measured yet (no GPU was lent when this
-# was written): benchmarks/bench_attention.py records the winner (``tuned_configs``) next to the timings.
-GPU_CANDIDATES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+DESIGNS = ("pointer", "tma")
+# What ``design="auto"`` runs (``SRPO_ATTENTION_DESIGN`` overrides it, e.g. to time the pipeline with
+# "tma"). "tma" (tensor-descriptor loads, Hopper's TMA) is the design written for sm90, but it has only
+# run under the interpreter so far: no GPU was lent when it was written. It becomes the default on
+# sm >= 90 once benchmarks/bench_attention.py --sweep has timed it there.
+DEFAULT_DESIGN = "pointer"
+DESIGN_ENV = "SRPO_ATTENTION_DESIGN"
 
 
-def _blocks(head_dim: int, fp8: bool) -> dict:
-    """Fixed block sizes: the fp8 path (its key tile must equal the pre-pass's V-scale tile, so it is
-    not autotuned) and the pre-pass.
+class KernelConfig(NamedTuple):
+    """One launch configuration of ``_attention_kernel`` (the unit the sweep times)."""
 
-    Under the interpreter every program is numpy work, so tiles are small (and odd lengths still
-    cross tile edges).
-    """
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool = False
+
+
+# Tried by the autotuner on a GPU. The first is the Triton flash-attention tutorial's Hopper choice
+# for D=128; the rest trade tile size for occupancy. fp8 prefers wide key tiles (its MMA's K step is
+# 32). Which one wins at each Flux shape has not been measured yet: the benchmark records the
+# autotuner's choice (``tuned_configs``) and ``--sweep`` times every one of them side by side.
+BF16_CANDIDATES = (
+    KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 4),
+    KernelConfig(128, 32, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(64, 128, 4, 3),
+)  # fmt: skip
+FP8_CANDIDATES = (
+    KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 4, 3),
+    KernelConfig(64, 128, 4, 3),
+)  # fmt: skip
+# Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
+PROLOGUE_ROWS = 64  # rows per pre-pass program on a GPU (memory-bound: any divisor of the padding)
+
+
+def candidates(fp8: bool) -> tuple[KernelConfig, ...]:
+    """The autotuner's configurations for this mode (one under the interpreter)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128 if fp8 else 64, num_warps=8, num_stages=3)
+        return (INTERPRETER_CONFIG,)
+    return FP8_CANDIDATES if fp8 else BF16_CANDIDATES
 
 
-@functools.cache
-def _tuned_attention(interpreted: bool):
+def padding(configs) -> int:
+    """Rows the pre-pass pads each head to a multiple of: every tile of every configuration then lies
+    inside the buffers, so the attention loop loads without masks. Block sizes are powers of two, so the
+    largest is a multiple of all."""
+    return max(max(c.block_m, c.block_n) for c in configs)
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook: a config's tile sizes into the TMA descriptors (made with placeholder tiles)."""
+    if not nargs["TMA"]:
+        return
+    m, n, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
+    nargs["q"].block_shape = [m, d]
+    nargs["k"].block_shape = [n, d]
+    nargs["v"].block_shape = [d, n] if nargs["FP8"] else [n, d]
+
+
+_TUNERS: dict[tuple, object] = {}
+
+
+def _tuned_attention(fp8: bool, tma: bool):
     """``_attention_kernel`` under ``triton.autotune``, keyed on the sequence-length bucket and the head
     dim (never the exact length: a new image size must not re-benchmark on the request path), with the
-    choices cached on disk by Triton so later processes skip the benchmark too.
-
-    The interpreter gets one config (no benchmarking), so CPU tests run the same launch path.
-    """
-    if interpreted:
-        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    else:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, n, w, st in GPU_CANDIDATES]  # fmt: skip
-    return triton.autotune(configs=configs, key=["S_BUCKET", "HEAD_DIM"], cache_results=True)(K._attention_kernel)
+    choices cached on disk by Triton so later processes skip the benchmark too. One tuner per
+    (mode, design, interpreter)."""
+    key = (fp8, tma, interpreting())
+    if key not in _TUNERS:
+        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "WARP_SPECIALIZE": c.warp_specialize},
+                                 num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
+                   for c in candidates(fp8)]  # fmt: skip
+        _TUNERS[key] = triton.autotune(configs=configs, key=["S_BUCKET", "HEAD_DIM"], cache_results=True)(
+            K._attention_kernel
+        )
+    return _TUNERS[key]
 
 
 def tuned_configs() -> dict:
-    """The autotuner's choice per key so far: ``{str(key): "BLOCK_M=…, BLOCK_N=…, warps, stages"}``."""
-    tuner = _tuned_attention(interpreting())
-    if len(tuner.configs) == 1:  # nothing to choose (interpreter): Triton keeps no cache then
-        return {"any": str(tuner.configs[0])}
-    return {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+    """The autotuners' choices so far: ``{"bf16/pointer (4096, 128)": "BLOCK_M: 128, …"}``."""
+    chosen = {}
+    for (fp8, tma, _), tuner in _TUNERS.items():
+        name = f"{'fp8' if fp8 else 'bf16'}/{'tma' if tma else 'pointer'}"
+        if len(tuner.configs) == 1:  # nothing to choose (interpreter): Triton keeps no cache then
+            chosen[f"{name} any"] = str(tuner.configs[0])
+        chosen.update({f"{name} {key}": str(cfg) for key, cfg in tuner.cache.items()})
+    return chosen
+
+
+def resolve_design(design: str, device: torch.device) -> str:
+    """``auto`` → ``$SRPO_ATTENTION_DESIGN`` or :data:`DEFAULT_DESIGN`; ``tma`` needs host tensor
+    descriptors (sm >= 90, or the interpreter)."""
+    if design not in ("auto", *DESIGNS):
+        raise ValueError(f"design must be one of {('auto', *DESIGNS)}, got {design!r}")
+    if design == "auto":
+        design = os.environ.get(DESIGN_ENV) or DEFAULT_DESIGN
+        if design not in DESIGNS:
+            raise ValueError(f"{DESIGN_ENV} must be one of {DESIGNS}, got {design!r}")
+    if design == "tma" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise ValueError("design='tma' needs tensor memory accelerators (sm >= 90); use design='pointer'")
+    return design
 
 
 def _check_stream(name: str, t: torch.Tensor, ref: torch.Tensor, width: int) -> None:
@@ -96,30 +157,90 @@ def _check_stream(name: str, t: torch.Tensor, ref: torch.Tensor, width: int) -> 
         raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(2)})")
 
 
-def _stream_args(t: torch.Tensor, head_dim: int) -> list:
-    return [t, t.stride(0), head_dim, t.stride(1)]
-
-
-def _head_major_args(t: torch.Tensor, s_txt: int) -> list:
-    """A head-major ``[B, H, S, D]`` buffer as the (text, image) stream pair the kernel expects.
-
-    The image "stream" starts at row ``s_txt`` of the same buffer, so row r resolves to row r either way.
-    """
-    strides = [t.stride(0), t.stride(1), t.stride(2)]
-    return [t, *strides, t[:, :, s_txt:], *strides]
-
-
-def flux_attention(x: AttentionInputs, mode: str = "bf16", out: torch.Tensor | None = None) -> torch.Tensor:
+def flux_attention(
+    x: AttentionInputs,
+    mode: str = "bf16",
+    out: torch.Tensor | None = None,
+    design: str = "auto",
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
     """Fused Flux attention: RMSNorm(q, k) → RoPE → concat(text, image) → softmax(q kᵀ/√d) v.
 
     ``mode="fp8"`` runs both matmuls in float8 e4m3 (CUDA sm ≥ 89, or the interpreter).
     ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
+    ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`).
+    ``config``: run this :class:`KernelConfig` instead of the autotuner's choice (benchmark sweeps, tests).
 
     >>> # out = flux_attention(AttentionInputs(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 24))
     """
-    # Long on purpose: the checks of 13 tensors, then the two launches; each step is a few lines.
+    s_txt, s, head_dim = _check_inputs(x, mode)
     img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
     txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps = x[8:]
+    fp8 = mode == "fp8"
+    tma = resolve_design(design, img_q.device) == "tma"
+    batch, width, dev = img_q.shape[0], img_q.shape[2], img_q.device
+    if out is None:
+        out = torch.empty(batch, s, heads, head_dim, device=dev, dtype=img_q.dtype)
+    elif out.shape != (batch, s, width) or out.dtype != img_q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{batch}, {s}, {width}] {img_q.dtype} tensor")
+    else:
+        out = out.view(batch, s, heads, head_dim)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise ValueError(f"config must be a KernelConfig, got {config!r}")
+
+    # 1. Pre-pass: normalised, rotated q and k and the values, head-major and padded (fp8: quantised).
+    pad = padding([config] if config else candidates(fp8))
+    s_pad = triton.cdiv(s, pad) * pad
+    bh = batch * heads
+    has_txt = txt_q is not None
+    tq, tk, tv = (txt_q, txt_k, txt_v) if has_txt else (img_q, img_k, img_v)  # unused when s_txt == 0
+    wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
+    streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
+    rope = [wq_t, wk_t, img_norm_q, img_norm_k, rope_cos, rope_sin, rope_cos.stride(0)]
+    buf_dtype = torch.float8_e4m3fn if fp8 else img_q.dtype
+    q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=buf_dtype)
+    k = torch.empty_like(q)
+    if fp8:
+        v = torch.empty(bh * head_dim, s_pad, device=dev, dtype=buf_dtype)  # transposed: K-major for p·v
+        qs = torch.empty(bh * s_pad, device=dev, dtype=torch.float32)
+        ks = torch.empty_like(qs)
+        vs = img_v.abs().amax(1).float()
+        if has_txt:
+            vs = torch.maximum(vs, txt_v.abs().amax(1).float())
+        vs = (vs.clamp_min(1e-12) / FP8_MAX).contiguous()  # [B, H*D] = per (head, channel)
+    else:
+        v = torch.empty_like(q)
+        qs = ks = vs = q.new_empty(1, dtype=torch.float32)
+    rows = min(pad, INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS)
+    K._prologue_kernel[(s_pad // rows, bh)](
+        *streams, *rope, q, k, v, qs, ks, vs, s_txt, s, s_pad, heads, eps,
+        HEAD_DIM=head_dim, BLOCK=rows, FP8=fp8, ROUND_FP8=interpreting(), num_warps=1 if interpreting() else 4,
+    )  # fmt: skip
+
+    # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
+    if tma:
+        first = config or candidates(fp8)[0]
+        q, k, v = (TensorDescriptor.from_tensor(t, [first.block_m if t is q else first.block_n, head_dim])
+                   for t in (q, k, v))  # fmt: skip
+        if fp8:
+            v.block_shape = [head_dim, first.block_n]
+    args = [q, k, v, qs, ks, vs, out, out.stride(0), out.stride(2), out.stride(1),
+            s, s_pad, seq_bucket(s), heads, LOG2E / math.sqrt(head_dim)]  # fmt: skip
+    meta = dict(HEAD_DIM=head_dim, FP8=fp8, ROUND_FP8=interpreting(), TMA=tma)
+    if config is None:
+        _tuned_attention(fp8, tma)[lambda m: (triton.cdiv(s, m["BLOCK_M"]), bh)](*args, **meta)
+    else:
+        K._attention_kernel[(triton.cdiv(s, config.block_m), bh)](
+            *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n, WARP_SPECIALIZE=config.warp_specialize,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+    return out.view(batch, s, width)
+
+
+def _check_inputs(x: AttentionInputs, mode: str) -> tuple[int, int, int]:
+    """Every argument check, before anything is allocated or launched: ``(s_txt, s, head_dim)``."""
+    img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
+    txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, _ = x[8:]
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if img_q.dim() != 3:
@@ -134,8 +255,7 @@ def flux_attention(x: AttentionInputs, mode: str = "bf16", out: torch.Tensor | N
         raise ValueError(f"img_q dtype must be one of {DTYPES}, got {img_q.dtype}")
     if img_q.device.type != "cuda" and not interpreting():
         raise ValueError(f"tensors are on {img_q.device}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
-    fp8 = mode == "fp8"
-    if fp8 and img_q.device.type == "cuda" and torch.cuda.get_device_capability(img_q.device) < (8, 9):
+    if mode == "fp8" and img_q.device.type == "cuda" and torch.cuda.get_device_capability(img_q.device) < (8, 9):
         raise ValueError("mode='fp8' needs a GPU with fp8 tensor cores (sm >= 89); use mode='bf16'")
     has_txt = txt_q is not None
     if has_txt != (txt_k is not None) or has_txt != (txt_v is not None):
@@ -154,12 +274,9 @@ def flux_attention(x: AttentionInputs, mode: str = "bf16", out: torch.Tensor | N
                 raise ValueError(f"{name} has {t.shape[1]} tokens, txt_q has {txt_q.shape[1]}")
     s_txt = txt_q.shape[1] if has_txt else 0
     s = s_txt + img_q.shape[1]
-    for name, w in (
-        ("img_norm_q", img_norm_q),
-        ("img_norm_k", img_norm_k),
-        ("txt_norm_q", txt_norm_q),
-        ("txt_norm_k", txt_norm_k),
-    ):
+    norms = (("img_norm_q", img_norm_q), ("img_norm_k", img_norm_k), ("txt_norm_q", txt_norm_q),
+             ("txt_norm_k", txt_norm_k))  # fmt: skip
+    for name, w in norms:
         if w is not None and (w.shape != (head_dim,) or w.device != img_q.device):
             raise ValueError(f"{name} must be a [{head_dim}] tensor on {img_q.device}, got {tuple(w.shape)}")
     for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
@@ -170,55 +287,4 @@ def flux_attention(x: AttentionInputs, mode: str = "bf16", out: torch.Tensor | N
             )
     if rope_sin.stride(0) != rope_cos.stride(0):
         raise ValueError("rope_cos and rope_sin must have the same row stride")
-
-    batch = img_q.shape[0]
-    cfg = _blocks(head_dim, fp8)
-    tq, tk, tv = (txt_q, txt_k, txt_v) if has_txt else (img_q, img_k, img_v)  # unused when s_txt == 0
-    wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
-    qkv_streams = [
-        *_stream_args(tq, head_dim),
-        *_stream_args(img_q, head_dim),
-        *_stream_args(tk, head_dim),
-        *_stream_args(img_k, head_dim),
-        *_stream_args(tv, head_dim),
-        *_stream_args(img_v, head_dim),
-    ]
-    rope = [wq_t, wk_t, img_norm_q, img_norm_k, rope_cos, rope_sin, rope_cos.stride(0)]
-    if out is None:
-        out = torch.empty(batch, s, heads, head_dim, device=img_q.device, dtype=img_q.dtype)
-    elif out.shape != (batch, s, width) or out.dtype != img_q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{batch}, {s}, {width}] {img_q.dtype} tensor")
-    else:
-        out = out.view(batch, s, heads, head_dim)
-    out_args = [out, out.stride(0), out.stride(2), out.stride(1)]
-
-    kv_dtype = torch.float8_e4m3fn if fp8 else img_q.dtype
-    q = torch.empty(batch, heads, s, head_dim, device=img_q.device, dtype=kv_dtype)
-    k = torch.empty_like(q)
-    tile = cfg["BLOCK_N"]  # fp8: the V scale tile must equal the attention kernel's key tile
-    n_tiles = triton.cdiv(s, tile)
-    if fp8:
-        v = torch.empty_like(q)
-        qs = torch.empty(batch, heads, s, device=img_q.device, dtype=torch.float32)
-        ks = torch.empty_like(qs)
-        vs = torch.empty(batch, heads, n_tiles, device=img_q.device, dtype=torch.float32)
-    else:
-        v = qs = ks = vs = img_q.new_empty(1, dtype=torch.float32)
-    K._prologue_kernel[(n_tiles, batch * heads)](
-        *qkv_streams, *rope, q, k, v, qs, ks, vs, s_txt, s, heads, n_tiles, eps,
-        HEAD_DIM=head_dim, BLOCK=tile, FP8=fp8, ROUND_FP8=interpreting(), num_warps=1 if interpreting() else 4,
-    )  # fmt: skip
-    v_args = _head_major_args(v, s_txt) if fp8 else qkv_streams[16:24]
-    args = [*_head_major_args(q, s_txt), *_head_major_args(k, s_txt), *v_args, qs, ks, vs, *out_args, s_txt, s,
-            seq_bucket(s), heads, n_tiles, LOG2E / math.sqrt(head_dim)]  # fmt: skip
-    if fp8:  # fixed tiles: BLOCK_N is the V-scale tile the pre-pass used
-        K._attention_kernel[(triton.cdiv(s, cfg["BLOCK_M"]), batch * heads)](
-            *args, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FP8=True,
-            ROUND_FP8=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
-    else:
-        tuned = _tuned_attention(interpreting())
-        tuned[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), batch * heads)](
-            *args, HEAD_DIM=head_dim, FP8=False, ROUND_FP8=False
-        )
-    return out.view(batch, s, width)
+    return s_txt, s, head_dim

@@ -31,18 +31,40 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("design", launch.DESIGNS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_matches_fp64_reference(case, dtype):
+def test_matches_fp64_reference(case, dtype, design):
     b, h, d, st, si = case
     kw = make_inputs(b, h, d, st, si, dtype, DEVICE, seed=hash(case) % 1000)
     ref = flux_attention_reference(as_float64(kw))
     poisoned = torch.full((b, st + si, h * d), float("nan"), dtype=dtype, device=DEVICE)
-    out = launch.flux_attention(kw, out=poisoned)
+    out = launch.flux_attention(kw, out=poisoned, design=design)
     assert out.data_ptr() == poisoned.data_ptr()
     assert not out.isnan().any(), "kernel left output rows unwritten"
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+# Tile shapes that put the peeled last key tile in each position: none (S a multiple of BLOCK_N), a
+# sliver, the only tile (S < BLOCK_N), and query tiles larger or smaller than key tiles.
+TILE_CASES = [
+    (launch.KernelConfig(16, 16, 1, 1), 7, 25),  # S = 32: no partial tile
+    (launch.KernelConfig(32, 16, 1, 1), 7, 26),  # S = 33: a one-key tail
+    (launch.KernelConfig(16, 32, 1, 1), 3, 8),  # S = 11 < BLOCK_N: the tail is the whole loop
+    (launch.KernelConfig(16, 32, 1, 1, warp_specialize=True), 9, 40),
+]
+
+
+@pytest.mark.parametrize("design", launch.DESIGNS)
+@pytest.mark.parametrize("mode", launch.MODES)
+@pytest.mark.parametrize("config, s_txt, s_img", TILE_CASES, ids=[str(c[1:]) for c in TILE_CASES])
+def test_explicit_configs_and_peeled_tail(config, s_txt, s_img, mode, design):
+    kw = make_inputs(1, 2, 32, s_txt, s_img, torch.float32, DEVICE, seed=s_img)
+    ref = flux_attention_reference(as_float64(kw))
+    out = launch.flux_attention(kw, mode=mode, design=design, config=config)
+    bound = TOL[torch.float32] if mode == "bf16" else FP8_BOUND
+    assert rel_err(out, ref) < bound, rel_err(out, ref)
 
 
 def test_autotuning_is_keyed_on_sequence_buckets_not_lengths():
@@ -52,49 +74,64 @@ def test_autotuning_is_keyed_on_sequence_buckets_not_lengths():
     assert all(launch.seq_bucket(s) >= s > launch.seq_bucket(s) // 2 for s in lengths)
 
 
-def test_fused_qkv_column_slices():
+def test_every_candidate_tile_fits_the_padding():
+    """The attention loop loads without masks only because every tile of every candidate lies inside
+    the pre-pass's padded buffers."""
+    for fp8 in (False, True):
+        configs = launch.BF16_CANDIDATES if not fp8 else launch.FP8_CANDIDATES
+        pad = launch.padding(configs)
+        sizes = [size for c in configs for size in (c.block_m, c.block_n)]
+        assert all(size & (size - 1) == 0 for size in sizes)  # powers of two: the largest is a multiple of all
+        assert all(pad % size == 0 for size in sizes)
+
+
+@pytest.mark.parametrize("design", launch.DESIGNS)
+def test_fused_qkv_column_slices(design):
     kw = make_inputs(1, 2, 32, 9, 23, torch.float16, DEVICE, seed=3, fused_qkv=True)
     assert kw.img_q.stride(1) == 3 * 64  # a strided view, not a copy
     ref = flux_attention_reference(as_float64(kw))
-    assert rel_err(launch.flux_attention(kw), ref) < TOL[torch.float16]
+    assert rel_err(launch.flux_attention(kw, design=design), ref) < TOL[torch.float16]
 
 
-# fp8: relative L2 error vs exact stays under this bound on RMS-normalised random inputs. The emulation
-# in srpo_infer.attention reproduces the scheme in float64 torch; the kernel may differ from it only by
-# its online softmax (p is quantised against the running row max).
+# fp8: relative L2 error vs exact stays under this bound on RMS-normalised random inputs (e4m3 has 3
+# mantissa bits: ~2.5% RMS per quantised value; benchmarks/fp8_error.py splits the total between the
+# two matmuls). The emulation in srpo_infer.attention reproduces the scheme in float64 torch; the
+# kernel may differ from it only by its online softmax (p is quantised against the running row max).
 FP8_BOUND = 0.08
 FP8_VS_EMULATION = 0.03
 
 
+@pytest.mark.parametrize("design", launch.DESIGNS)
 @pytest.mark.parametrize("case", [(1, 2, 32, 7, 37), (1, 2, 64, 16, 50)], ids=str)
-def test_fp8_error_is_bounded(case):
-    from srpo_infer.attention import fp8_attention_emulation
+def test_fp8_error_is_bounded_and_matches_the_emulation(case, design):
+    from srpo_infer.attention import attention_prologue, fp8_attention_emulation
 
     b, h, d, st, si = case
     kw = make_inputs(b, h, d, st, si, torch.float16, DEVICE, seed=11)
     ref = flux_attention_reference(as_float64(kw))
-    out = launch.flux_attention(kw, mode="fp8")
+    out = launch.flux_attention(kw, mode="fp8", design=design)
     assert not out.isnan().any()
     err = rel_err(out, ref)
-    assert 1e-4 < err < FP8_BOUND, err  # > 1e-4: it really is quantised
+    assert 1e-3 < err < FP8_BOUND, err  # > 1e-3: it really is quantised
 
-    # The same scheme in torch: rebuild normalised, rotated q/k from the fp64 reference path.
-    from srpo_infer.attention import _rms, _rope
-
-    f = as_float64(kw)
-
-    def prep(name, norm):
-        f = f_dict
-        parts = [_rms(f[f"txt_{name}"].unflatten(-1, (h, -1)), f[f"txt_norm_{name}"], 1e-6)] if st else []
-        parts.append(_rms(f[f"img_{name}"].unflatten(-1, (h, -1)), f[f"img_norm_{name}"], 1e-6))
-        return _rope(torch.cat(parts, 1), f["rope_cos"], f["rope_sin"]).transpose(1, 2)
-
-    f_dict = f._asdict()
-    v = torch.cat(([f.txt_v] if st else []) + [f.img_v], 1).unflatten(-1, (h, -1)).transpose(1, 2)
-    tile = launch._blocks(d, True)["BLOCK_N"]
-    emu = fp8_attention_emulation(prep("q", "q"), prep("k", "k"), v, tile).transpose(1, 2).flatten(2)
+    emu = fp8_attention_emulation(*attention_prologue(as_float64(kw))).transpose(1, 2).flatten(2)
     assert rel_err(out, emu) < FP8_VS_EMULATION, rel_err(out, emu)
     assert rel_err(emu, ref) < FP8_BOUND
+
+
+def test_fp8_value_scale_is_per_channel():
+    """One channel of v 10⁵ times larger than the rest: with a scale per (head, channel) the other
+    channels keep their precision (one scale per head or tile would push them into e4m3's subnormals,
+    ~50% error)."""
+    kw = make_inputs(1, 2, 32, 5, 27, torch.float32, DEVICE, seed=4)
+    big = kw.img_v.clone()
+    big[..., 3] *= 1e5
+    kw = kw._replace(img_v=big, txt_v=kw.txt_v.clone())
+    kw.txt_v[..., 3] *= 1e5
+    ref = flux_attention_reference(as_float64(kw))
+    out = launch.flux_attention(kw, mode="fp8")
+    others = [c for c in range(64) if c != 3]
+    assert rel_err(out[..., others], ref[..., others]) < FP8_BOUND
 
 
 @pytest.mark.parametrize(
@@ -109,11 +146,14 @@ def test_fp8_error_is_bounded(case):
         (dict(rope_cos="short"), "rope_cos must be"),
         (dict(txt_k=None), "must be given together"),
         (dict(img_norm_q="wrong"), "img_norm_q must be a [64]"),
+        (dict(design="cudnn"), "design must be one of"),
+        (dict(config=(16, 16, 1, 1)), "config must be a KernelConfig"),
     ],
 )
 def test_launcher_errors_are_clear(change, message):
     x = make_inputs(1, 2, 64, 3, 10, torch.float16, DEVICE)
     mode = change.pop("mode", "bf16")
+    options = {key: change.pop(key) for key in ("design", "config") if key in change}
     for key, val in change.items():
         old = getattr(x, key)
         if val == "half-width":
@@ -128,7 +168,16 @@ def test_launcher_errors_are_clear(change, message):
             val = old[:10]
         x = x._replace(**{key: val})
     with pytest.raises(ValueError, match=re.escape(message)):
-        launch.flux_attention(x, mode=mode)
+        launch.flux_attention(x, mode=mode, **options)
+
+
+def test_design_from_the_environment(monkeypatch):
+    monkeypatch.setenv(launch.DESIGN_ENV, "tma")
+    assert launch.resolve_design("auto", torch.device(DEVICE)) == "tma"
+    assert launch.resolve_design("pointer", torch.device(DEVICE)) == "pointer"
+    monkeypatch.setenv(launch.DESIGN_ENV, "fast")
+    with pytest.raises(ValueError, match=r"SRPO_ATTENTION_DESIGN must be one of .* got 'fast'"):
+        launch.flux_attention(make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE))
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):

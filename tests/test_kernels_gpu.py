@@ -16,22 +16,30 @@ SHAPES = [(512, 3072), (512, 2880), (512, 4096), (0, 4608)]
 # bf16: inputs are rounded to bf16 before the fp64 reference too, so this bounds the kernel's own
 # error (bf16 output rounding ≈ 2e-3 relative, plus P in bf16 for the second matmul).
 BF16_BOUND = 1e-2
-FP8_BOUND = 0.08  # same bound as the CPU kernel tests
+FP8_BOUND = 0.08  # same bound as the CPU kernel tests; benchmarks/fp8_error.py explains the floor
 
 
 def _inputs(s_txt, s_img, dtype=torch.bfloat16, **kw):
     return make_inputs(1, 24, 128, s_txt, s_img, dtype, "cuda", seed=s_img, **kw)
 
 
+def _designs():
+    """Every design this GPU can run ("tma" needs sm >= 90)."""
+    if not torch.cuda.is_available():
+        return ["pointer"]
+    return ["pointer"] + (["tma"] if torch.cuda.get_device_capability() >= (9, 0) else [])
+
+
+@pytest.mark.parametrize("design", _designs())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bf16_real_shapes(shape):
+def test_bf16_real_shapes(shape, design):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(*shape)
     ref = flux_attention_reference(as_float64(kw))
-    out = flux_attention(kw)
+    out = flux_attention(kw, design=design)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert rel_err(out, ref) < BF16_BOUND
     stock = flux_attention_reference(kw)  # what diffusers' path gives in bf16
@@ -41,23 +49,33 @@ def test_bf16_real_shapes(shape):
 @pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores"
 )
+@pytest.mark.parametrize("design", _designs())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fp8_real_shapes(shape):
+def test_fp8_real_shapes(shape, design):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(*shape)
     ref = flux_attention_reference(as_float64(kw))
-    out = flux_attention(kw, mode="fp8")
+    out = flux_attention(kw, mode="fp8", design=design)
     assert not out.isnan().any()
     assert rel_err(out, ref) < FP8_BOUND
 
 
-def test_fused_qkv_bf16():
+@pytest.mark.parametrize("design", _designs())
+def test_fused_qkv_bf16(design):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
 
     kw = _inputs(512, 1024, fused_qkv=True)
-    assert rel_err(flux_attention(kw), flux_attention_reference(as_float64(kw))) < BF16_BOUND
+    assert rel_err(flux_attention(kw, design=design), flux_attention_reference(as_float64(kw))) < BF16_BOUND
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0), reason="pre-Hopper")
+def test_tma_is_refused_before_hopper():
+    from srpo_infer.kernels.launch import flux_attention
+
+    with pytest.raises(ValueError, match="sm >= 90"):
+        flux_attention(_inputs(0, 256), design="tma")
