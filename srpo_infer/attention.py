@@ -90,32 +90,31 @@ def flux_attention_reference(x: AttentionInputs, sdpa_backend=None) -> torch.Ten
     return out.transpose(1, 2).flatten(2)
 
 
-def fp8_attention_emulation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int) -> torch.Tensor:
+def fp8_attention_emulation(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_qk: bool = True, fp8_pv: bool = True
+) -> torch.Tensor:
     """The fp8 scheme of ``triton-fp8`` in float64 torch, for measuring its error without a GPU.
 
     ``q, k, v``: normalised, rotated ``[B, H, S, D]``. q and k are quantised to e4m3 per (token, head),
-    v per (tile of ``tile`` tokens, head), probabilities as e4m3 of 256·p. Measured on random
-    RMS-normalised inputs (D=128, S=1536; score std 4), relative L2 error vs exact: per-token q/k
-    scales 8.9% (per-tile 9.3%; with outlier channels 20% vs 35%), so per-token was chosen; V per-tile
-    2.6% vs per-channel 2.6% (per-tile needs no extra pass). q·k dominates the error; p alone is 1%.
+    v per (head, channel) over the sequence, probabilities as e4m3 of 256·p. ``fp8_qk`` / ``fp8_pv``
+    switch each matmul's quantisation off, to split the error between them
+    (``benchmarks/fp8_error.py`` prints that table).
     """
     f8 = torch.float8_e4m3fn
 
-    def quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def quant(x: torch.Tensor, dim: int) -> torch.Tensor:
+        scale = x.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 448
         return (x / scale).to(f8).to(torch.float64) * scale
 
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
-    q = quant(q, q.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448)
-    k = quant(k, k.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448)
+    if fp8_qk:
+        q, k = quant(q, -1), quant(k, -1)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     p = torch.exp(s - s.amax(-1, keepdim=True))
-    out = torch.zeros_like(q)
-    for start in range(0, v.shape[2], tile):
-        vt = v[:, :, start : start + tile]
-        vt = quant(vt, vt.abs().amax((-1, -2), keepdim=True).clamp_min(1e-12) / 448)
-        pt = (p[..., start : start + tile] * 256).to(f8).to(torch.float64) / 256
-        out += pt @ vt
-    return out / p.sum(-1, keepdim=True)
+    denominator = p.sum(-1, keepdim=True)
+    if fp8_pv:
+        p, v = (p * 256).to(f8).to(torch.float64) / 256, quant(v, -2)
+    return p @ v / denominator
 
 
 def random_attention_inputs(
