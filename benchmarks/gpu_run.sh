@@ -8,9 +8,9 @@
 # The GPU machines have torch + triton + transformers but no diffusers/torchao/optimum-quanto: carry
 # them as wheels in .whl/ (README, "Measuring on a GPU"). Results: at most 8 files under $OUT
 #   log.txt                    versions, GPU, every step's output, the GPU tests
-#   bench.json/.md/.png        srpo-infer bench: diffusers vs +compile, +compile+fp8, all, ... (1024², 1440×512)
+#   attention.json/.md         benchmarks/bench_attention.py --sweep: SDPA rivals, our kernels, every config
+#   bench.json/.md/.png        srpo-infer bench: +compile vs +compile+triton(-fp8), diffusers, ... (1024², 1440×512)
 #   warmup-cold.json/-warm.json  srpo-infer warmup in two fresh processes (the second loads the saved cache)
-#   attention.json/.md         benchmarks/bench_attention.py with the compiled-prologue rivals
 # CPU dry run of the plumbing (in an environment with the project's dependencies):
 #   MODEL=tiny-random ATTENTION_ARGS=--smoke OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh
 set -uo pipefail
@@ -72,28 +72,29 @@ PY
 } >>"$LOG" 2>&1
 CLI=(python3 -m srpo_infer.cli)
 
-# 1. The pipeline ablation, most important configurations first (issue 9's must-show), then the
-#    compile-style and Triton comparisons while time lasts. The report is rewritten after every row.
-step "pipeline bench" 330 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1440x512 --no-official --repeats 2 \
+# 1. Attention at the Flux shapes (issue 10): every SDPA rival (eager, compiled prologue, bare cuDNN),
+#    our kernels autotuned per design, then the sweep of every design x configuration.
+# shellcheck disable=SC2086  # ATTENTION_ARGS is a word list on purpose
+step "attention bench + sweep" 170 python3 "$REPO/benchmarks/bench_attention.py" \
+  ${ATTENTION_ARGS:---sizes 1024x1024 1440x512} --sweep --out "$OUT/attention.json"
+
+# 2. Correctness at real shapes (both designs, bf16 and fp8) and the compiled paths on the tiny model.
+step "gpu tests" 100 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  "$REPO/tests/test_kernels_gpu.py" "$REPO/tests/test_fast_path_gpu.py"
+
+# 3. The pipeline ablation, our kernels against +compile first (issue 10), then issue 9's rows while
+#    time lasts. The report is rewritten after every row.
+step "pipeline bench" 230 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1440x512 --no-official --repeats 2 \
   --config-timeout 100 --out "$WORK/bench" \
-  --configs diffusers +compile +compile+fp8 all +compile+triton +compile+triton-fp8 +compile-full \
+  --configs +compile +compile+triton +compile+triton-fp8 diffusers +compile+fp8 all +compile-full \
   mem:offload-model mem:offload-group
 cp "$WORK"/bench/bench.{json,md,png} "$OUT"/ 2>/dev/null
 
-# 2. Cold then warm start: two fresh processes, each with an empty Inductor cache of its own, so the
+# 4. Cold then warm start: two fresh processes, each with an empty Inductor cache of its own, so the
 #    second can only be warm through the artifacts the first saved. Check sizes count recompiles.
 for run in cold warm; do
-  step "warmup $run" 90 env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-$run" "${CLI[@]}" warmup --model "$MODEL" \
+  step "warmup $run" 60 env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-$run" "${CLI[@]}" warmup --model "$MODEL" \
     --sizes 1024x1024 --check-sizes 1440x512 768x1024 --cache-dir "$WORK/compile-cache" --out "$OUT/warmup-$run.json"
 done
-
-# 3. Attention at the Flux shapes: our kernels against eager, compiled-prologue and bare SDPA.
-# shellcheck disable=SC2086  # ATTENTION_ARGS is a word list on purpose
-step "attention bench" 90 python3 "$REPO/benchmarks/bench_attention.py" ${ATTENTION_ARGS:---sizes 1024x1024 1440x512} \
-  --out "$OUT/attention.json"
-
-# 4. Correctness at real shapes and the compiled paths on the tiny model (GPU-only tests).
-step "gpu tests" 120 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-  "$REPO/tests/test_kernels_gpu.py" "$REPO/tests/test_fast_path_gpu.py"
 echo "== done in $((SECONDS - START))s; files in $OUT" >>"$LOG"
 tail -n 3 "$LOG"

@@ -15,16 +15,19 @@ def test_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "attention.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = ROOT / "benchmarks" / "bench_attention.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--sweep", "--out", str(out)],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["benchmark"] == "attention" and result["versions"]["torch"]
     names = {r["candidate"] for r in result["rows"]}
-    assert {"sdpa-default", "compiled-sdpa-default", "triton", "triton-fp8"} <= names
+    assert {"sdpa-default", "compiled-sdpa-default", "triton", "triton/tma", "triton-fp8", "triton-fp8/tma"} <= names
+    # the sweep: each design's configurations, warp specialisation for tma only
+    assert {"triton/pointer/16x16w1s1", "triton/tma/16x16w1s1+ws", "triton-fp8/tma/16x16w1s1"} <= names
     for r in result["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_best_stock"] > 0
-        assert r["rel_err_vs_fp32"] < (0.08 if r["candidate"] == "triton-fp8" else 2e-3), r
-    assert "| candidate |" in out.with_suffix(".md").read_text()
+        assert r["rel_err_vs_fp32"] < (0.08 if r["candidate"].startswith("triton-fp8") else 2e-3), r
+    table = out.with_suffix(".md").read_text()
+    assert "| candidate |" in table and "| rival: compiled prologue + SDPA |" in table
     assert result["tuned_configs"] and all("BLOCK_M" in v for v in result["tuned_configs"].values())
