@@ -8,6 +8,7 @@ never branch on the backend; :func:`set_attention_backend` swaps the processor.
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -225,6 +226,7 @@ def check_backend_available(backend: str, device: torch.device) -> None:
         raise ValueError(f"attention must be one of {['auto', *BACKENDS]}, got {backend!r}")
     if backend == "sdpa":
         return
+    check_triton()
     from srpo_infer.kernels.launch import interpreting
 
     if device.type != "cuda" and not interpreting():
@@ -234,6 +236,27 @@ def check_backend_available(backend: str, device: torch.device) -> None:
         )
     if backend == "triton-fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError("attention='triton-fp8' needs fp8 tensor cores (sm >= 89); use attention='triton'")
+
+
+MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor), tl.range(warp_specialize=)
+
+
+def check_triton(version: str | None = None) -> None:
+    """Raise a clear error when Triton is missing or older than :data:`MIN_TRITON` (``version``: for tests)."""
+    if version is None:
+        try:
+            import triton
+        except ImportError as exc:
+            raise ValueError(
+                "the Triton attention backends need the 'triton' package; pip install 'srpo-infer[triton]' "
+                "or use attention='sdpa'"
+            ) from exc
+        version = triton.__version__
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRITON:
+        want = ".".join(map(str, MIN_TRITON))
+        raise ValueError(f"the Triton attention backends need triton >= {want}, found {version}; "
+                         "upgrade triton (and torch) or use attention='sdpa'")  # fmt: skip
 
 
 def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -85,6 +86,18 @@ def test_load_pipeline_attention_choice(monkeypatch):
         srpo_infer.load_pipeline("tiny-random", device="cpu", attention="flash")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        srpo_infer.load_pipeline("tiny-random", device="cpu", attention="triton")
+
+
+def test_old_or_missing_triton_is_a_clear_error(monkeypatch):
+    from srpo_infer.attention import check_triton
+
+    check_triton("3.4.0")
+    check_triton("3.6.0+git9a1b2c3")
+    with pytest.raises(ValueError, match=r"need triton >= 3\.4, found 3\.2\.0"):
+        check_triton("3.2.0")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton → ImportError
+    with pytest.raises(ValueError, match=r"need the 'triton' package; pip install 'srpo-infer\[triton\]'"):
         srpo_infer.load_pipeline("tiny-random", device="cpu", attention="triton")
 
 
