@@ -61,16 +61,18 @@ class KernelConfig(NamedTuple):
     warp_specialize: bool = False
 
 
-# Tried by the autotuner on a GPU. The first is the Triton flash-attention tutorial's Hopper choice
-# for D=128; the rest trade tile size for occupancy. fp8 prefers wide key tiles (its MMA's K step is
-# 32). Which one wins at each Flux shape has not been measured yet: the benchmark records the
-# autotuner's choice (``tuned_configs``) and ``--sweep`` times every one of them side by side.
+# Tried by the autotuner on a GPU. On the H200 (2026-11-26, benchmarks/results/h200-2026-11-26/
+# attention.json) the autotuner picked 128x128, 8 warps, 3 stages for the pre-pass design at 3392 and
+# 4608 tokens, so that comes first; the Triton tutorial keeps 8 warps on sm90 only for 128x128 tiles,
+# so the smaller tiles run with 4. fp8 prefers wide key tiles (its MMA's K step is 32). Which one
+# wins for the padded-buffer kernel is not measured yet: the benchmark records the autotuner's choice
+# (``tuned_configs``) and ``--sweep`` times every one of them side by side.
 BF16_CANDIDATES = (
-    KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 4),
-    KernelConfig(128, 32, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(64, 128, 4, 3),
+    KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 4), KernelConfig(128, 64, 4, 3),
+    KernelConfig(128, 64, 4, 4), KernelConfig(64, 128, 4, 3), KernelConfig(64, 64, 4, 3),
 )  # fmt: skip
 FP8_CANDIDATES = (
-    KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 4, 3),
+    KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 4), KernelConfig(128, 64, 4, 3),
     KernelConfig(64, 128, 4, 3),
 )  # fmt: skip
 # Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
