@@ -67,6 +67,24 @@ def test_backend_matches_stock_processor(stock, backend, fused):
 
 
 @needs_kernels
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="tma: sm90")
+@pytest.mark.parametrize("backend", ["triton", "triton-fp8"])
+def test_design_chosen_by_environment_reaches_the_model(stock, backend, monkeypatch):
+    """``SRPO_ATTENTION_DESIGN=tma`` runs the descriptor design inside the transformer, same result."""
+    calls = []
+    real = launch.resolve_design
+    monkeypatch.setattr(launch, "resolve_design", lambda d, dev: calls.append(real(d, dev)) or calls[-1])
+    monkeypatch.setenv(launch.DESIGN_ENV, "tma")
+    model, inputs, ref = stock
+    ours = copy.deepcopy(model)
+    set_attention_backend(ours, backend)
+    with torch.inference_mode():
+        out = ours(**inputs)[0]
+    assert calls and set(calls) == {"tma"}
+    assert rel_err(out, ref) < TOL[backend], (backend, rel_err(out, ref))
+
+
+@needs_kernels
 def test_compile_fullgraph_traces_the_custom_op(stock):
     """torch.compile(fullgraph=True) must see the kernel as one op: no graph break, same output."""
     model, inputs, ref = stock
