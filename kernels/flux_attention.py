@@ -38,9 +38,10 @@ import triton
 import triton.language as tl
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
-# P is in [0, 1]; e4m3's smallest subnormal is 2**-9, so probabilities are scaled by 2**8 before the
-# cast (and the product unscaled after): values down to 2**-17 survive, and 256 < 448 cannot overflow.
-P_SCALE = tl.constexpr(256.0)
+# P is in [0, 1]; e4m3's smallest subnormal is 2**-9, so fp8 probabilities are computed as 2**8 p (the
+# exponent shifted by 8 inside exp2, no extra multiply): values down to 2**-17 survive, 256 < 448
+# cannot overflow, and the factor cancels because the row sums l carry it too.
+P_LOG2_SCALE = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -178,19 +179,24 @@ def _attend(
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start = tl.multiple_of(start, BLOCK_N)
         kt = _tile(k, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
-        s = tl.dot(q, tl.trans(kt)) * sq[:, None]
+        s = tl.dot(q, tl.trans(kt))
         if FP8:
             s = s * tl.load(k_scale + kv_row + start + tl.arange(0, BLOCK_N))[None, :]
         if MASK:
             s = tl.where((start + tl.arange(0, BLOCK_N) < S)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # sq > 0, so the row max of s * sq is (row max of s) * sq: the scale then rides on one FMA per
+        # score inside exp2 instead of a multiply and a subtract.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * sq)
+        if FP8:
+            p = tl.math.exp2(s * sq[:, None] - (m_new - P_LOG2_SCALE)[:, None])
+        else:
+            p = tl.math.exp2(s * sq[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if FP8:
             vt = _tile(v, v_row, start, HEAD_DIM, BLOCK_N, S_pad, TMA)  # [D, BLOCK_N]: K-major for p·v
-            acc = tl.dot(_to_fp8(p * P_SCALE, vt.dtype, ROUND_FP8), tl.trans(vt), acc)
+            acc = tl.dot(_to_fp8(p, vt.dtype, ROUND_FP8), tl.trans(vt), acc)
         else:
             vv = _tile(v, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
             acc = tl.dot(p.to(vv.dtype), vv, acc)
@@ -241,7 +247,7 @@ def _attention_kernel(
             HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, False, True,
         )
     if FP8:
-        acc = acc * (tl.load(v_scale + bh * HEAD_DIM + cols) / P_SCALE)[None, :]
+        acc = acc * tl.load(v_scale + bh * HEAD_DIM + cols)[None, :]
     o = acc / l_i[:, None]
     o_ptr = out + b * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=(rows < S)[:, None])
