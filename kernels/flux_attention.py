@@ -28,8 +28,9 @@ was removed.
 fp8 (e4m3): q and k are quantised per (token, head) row, so q·k factors as ``(q8·k8) sq sk``; v per
 (head, channel) over the whole sequence, so ``p·v`` factors as ``(p8·v8) sv`` with one ``sv`` per
 output column: the accumulation runs in place (``tl.dot(p, v, acc)``) and ``sv`` is applied once
-after the loop. V is stored transposed (``[B*H, D, S_pad]``) so the second matmul's operand is
-K-major, the layout Hopper's fp8 MMA reads without a shared-memory transpose.
+after the loop (``_value_amax_kernel`` finds each channel's max first: one more launch, one more
+read of v). V is stored transposed (``[B*H, D, S_pad]``) so the second matmul's operand is K-major,
+the layout Hopper's fp8 MMA reads without a shared-memory transpose.
 """
 
 from __future__ import annotations
@@ -109,13 +110,31 @@ def _load_norm_rope(
 
 # fmt: off
 @triton.jit
+def _value_amax_kernel(
+    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, amax, S_txt, S, H,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # fmt: on
+    """fp8: the largest |v| per (batch, head, channel) over both streams, into a zeroed ``[B*H, D]``
+    buffer (one atomic max per channel per tile), so the pre-pass can quantise v per channel."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    ptrs = _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, bh // H, bh % H, rows, cols, S_txt)
+    v = tl.load(ptrs, mask=(rows < S)[:, None], other=0.0).to(tl.float32)
+    tl.atomic_max(amax + bh * HEAD_DIM + cols, tl.max(tl.abs(v), axis=0))
+
+
+# fmt: off
+@triton.jit
 def _prologue_kernel(
     qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss,  # q: text stream, image stream (ptr, strides b/h/s)
     kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
     vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
     wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
     q_out, k_out, v_out,  # head-major [B*H, S_pad, D]; fp8 v is transposed: [B*H, D, S_pad]
-    q_scale, k_scale, v_scale,  # fp8 only: [B*H, S_pad] outputs, and [B*H, D] input (v's amax / FP8_MAX)
+    q_scale, k_scale, v_amax,  # fp8 only: [B*H, S_pad] outputs; [B*H, D] input (_value_amax_kernel)
     S_txt, S, S_pad, H, eps,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
@@ -146,7 +165,7 @@ def _prologue_kernel(
         tl.store(k_out + out_off, _to_fp8(k / sk[:, None], k_out.dtype.element_ty, ROUND_FP8))
         tl.store(q_scale + bh * S_pad + rows, sq)
         tl.store(k_scale + bh * S_pad + rows, sk)
-        sv = tl.load(v_scale + bh * HEAD_DIM + cols)
+        sv = tl.maximum(tl.load(v_amax + bh * HEAD_DIM + cols), 1e-12) / FP8_MAX
         v8 = _to_fp8(v.to(tl.float32) / sv[None, :], v_out.dtype.element_ty, ROUND_FP8)
         # Transposed store: consecutive rows are consecutive bytes of one channel's row.
         tl.store(v_out + (bh * HEAD_DIM + cols)[:, None] * S_pad + rows[None, :], tl.trans(v8))
@@ -207,7 +226,7 @@ def _attend(
 @triton.jit
 def _attention_kernel(
     q, k, v,  # the pre-pass's buffers as 2-D row-major tensors, or (TMA) tensor descriptors over them
-    q_scale, k_scale, v_scale,  # fp8 only (see _prologue_kernel)
+    q_scale, k_scale, v_amax,  # fp8 only (see _prologue_kernel)
     out, o_sb, o_sh, o_ss,
     S, S_pad, S_BUCKET, H, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -247,7 +266,8 @@ def _attention_kernel(
             HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, False, True,
         )
     if FP8:
-        acc = acc * tl.load(v_scale + bh * HEAD_DIM + cols)[None, :]
+        sv = tl.maximum(tl.load(v_amax + bh * HEAD_DIM + cols), 1e-12) / FP8_MAX  # as in the pre-pass
+        acc = acc * sv[None, :]
     o = acc / l_i[:, None]
     o_ptr = out + b * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=(rows < S)[:, None])

@@ -20,7 +20,6 @@ from srpo_infer.attention import AttentionInputs
 from . import flux_attention as K
 
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0  # largest finite float8_e4m3fn (the kernels' FP8_MAX)
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MODES = ("bf16", "fp8")
@@ -199,6 +198,8 @@ def flux_attention(
     wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
     streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
     rope = [wq_t, wk_t, img_norm_q, img_norm_k, rope_cos, rope_sin, rope_cos.stride(0)]
+    rows = min(pad, INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS)
+    prologue_warps = 1 if interpreting() else 4
     buf_dtype = torch.float8_e4m3fn if fp8 else img_q.dtype
     q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=buf_dtype)
     k = torch.empty_like(q)
@@ -206,26 +207,24 @@ def flux_attention(
         v = torch.empty(bh * head_dim, s_pad, device=dev, dtype=buf_dtype)  # transposed: K-major for p·v
         qs = torch.empty(bh * s_pad, device=dev, dtype=torch.float32)
         ks = torch.empty_like(qs)
-        vs = img_v.abs().amax(1).float()
-        if has_txt:
-            vs = torch.maximum(vs, txt_v.abs().amax(1).float())
-        vs = (vs.clamp_min(1e-12) / FP8_MAX).contiguous()  # [B, H*D] = per (head, channel)
+        vs = torch.zeros(bh, head_dim, device=dev, dtype=torch.float32)  # per (head, channel) max |v|
+        K._value_amax_kernel[(s_pad // rows, bh)](
+            *streams[16:], vs, s_txt, s, heads, HEAD_DIM=head_dim, BLOCK=rows, num_warps=prologue_warps
+        )
     else:
         v = torch.empty_like(q)
         qs = ks = vs = q.new_empty(1, dtype=torch.float32)
-    rows = min(pad, INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS)
     K._prologue_kernel[(s_pad // rows, bh)](
         *streams, *rope, q, k, v, qs, ks, vs, s_txt, s, s_pad, heads, eps,
-        HEAD_DIM=head_dim, BLOCK=rows, FP8=fp8, ROUND_FP8=interpreting(), num_warps=1 if interpreting() else 4,
+        HEAD_DIM=head_dim, BLOCK=rows, FP8=fp8, ROUND_FP8=interpreting(), num_warps=prologue_warps,
     )  # fmt: skip
 
     # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
     if tma:
-        first = config or candidates(fp8)[0]
-        q, k, v = (TensorDescriptor.from_tensor(t, [first.block_m if t is q else first.block_n, head_dim])
-                   for t in (q, k, v))  # fmt: skip
-        if fp8:
-            v.block_shape = [head_dim, first.block_n]
+        first = config or candidates(fp8)[0]  # the autotuner's pre-hook resets the tiles per config
+        q = TensorDescriptor.from_tensor(q, [first.block_m, head_dim])
+        k = TensorDescriptor.from_tensor(k, [first.block_n, head_dim])
+        v = TensorDescriptor.from_tensor(v, [head_dim, first.block_n] if fp8 else [first.block_n, head_dim])
     args = [q, k, v, qs, ks, vs, out, out.stride(0), out.stride(2), out.stride(1),
             s, s_pad, seq_bucket(s), heads, LOG2E / math.sqrt(head_dim)]  # fmt: skip
     meta = dict(HEAD_DIM=head_dim, FP8=fp8, ROUND_FP8=interpreting(), TMA=tma)
