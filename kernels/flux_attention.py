@@ -107,7 +107,6 @@ def _load_norm_rope(
     return xn * cos + sign * xpn * sin
 
 
-
 # fmt: off
 @triton.jit
 def _value_amax_kernel(
