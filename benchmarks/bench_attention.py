@@ -133,7 +133,7 @@ def _bare(backend):
     return fn
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_update=None) -> dict:
     import torch
     import triton
     from srpo_infer.kernels.launch import tuned_configs
@@ -150,14 +150,34 @@ def run(args: argparse.Namespace) -> dict:
         shapes = {name: dict(s_txt=512, s_img=(w // 16) * (h // 16), heads=24, head_dim=128)
                   for name, (w, h) in SIZES.items() if name in args.sizes}  # fmt: skip
         dtype, warmup, repeats = torch.bfloat16, args.warmup, args.repeats
-    rows = []
+    rows: list[dict] = []
+
+    def result() -> dict:
+        # "Best stock" is the fastest complete stock path (prologue included), bare SDPA excluded.
+        for size in {r["size"] for r in rows}:
+            stock = [r["ms"] for r in rows if r["size"] == size and r["kind"] == "stock" and "ms" in r]
+            for r in rows:
+                if stock and r["size"] == size and "ms" in r:
+                    r["speedup_vs_best_stock"] = min(stock) / r["ms"]
+        return dict(
+            benchmark="attention",
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+            interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+            versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
+            dtype=str(dtype).replace("torch.", ""),
+            warmup=warmup,
+            repeats=repeats,
+            tuned_configs=tuned_configs(),  # the autotuner's block-size choice per (sequence bucket, head_dim)
+            rows=rows,
+        )
+
     for size, shape in shapes.items():
         kw = random_attention_inputs(1, shape["heads"], shape["head_dim"], shape["s_txt"], shape["s_img"], dtype,
                                      device, seed=1)  # fmt: skip
         tokens = shape["s_txt"] + shape["s_img"]
         flops = attention_flops(1, shape["heads"], shape["head_dim"], tokens)
         reference = flux_attention_reference(kw.to(torch.float32))
-        size_rows = []
         for name, kind, fn in candidates(device, args.sweep):
             row = dict(size=size, tokens=tokens, candidate=name, kind=kind)
             try:
@@ -170,27 +190,11 @@ def run(args: argparse.Namespace) -> dict:
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            size_rows.append(row)
+            rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-        # "Best stock" is the fastest complete stock path (prologue included), bare SDPA excluded.
-        stock = [r["ms"] for r in size_rows if r["kind"] == "stock" and "ms" in r]
-        best = min(stock) if stock else None
-        for r in size_rows:
-            if best and "ms" in r:
-                r["speedup_vs_best_stock"] = best / r["ms"]
-        rows.extend(size_rows)
-    return dict(
-        benchmark="attention",
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
-        interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
-        dtype=str(dtype).replace("torch.", ""),
-        warmup=warmup,
-        repeats=repeats,
-        tuned_configs=tuned_configs(),  # the autotuner's block-size choice per (sequence bucket, head_dim)
-        rows=rows,
-    )
+            if on_update is not None:  # a run cut short by its time box keeps every row so far
+                on_update(result())
+    return result()
 
 
 def markdown(result: dict) -> str:
@@ -247,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    result = run(args)
-    table = markdown(result)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
+
+    def write(result: dict) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+
+    print(markdown(run(args, on_update=write)))
     return 0
 
 
