@@ -334,3 +334,46 @@ def test_an_fsspec_output_store_serves_and_expires_images():
     assert store.sweep() == 2  # 4000 bytes -> 2000: the oldest two go
     assert sum(store.read(n) is not None for n in names) == 2
     assert fs.cat_file("/srpo-sweep/notes.txt") == b"not ours"
+
+
+class _NeverFinishing:
+    """A backend (the worker interface) whose jobs never finish: the request's fate is the handler's."""
+
+    def __init__(self):
+        from srpo_infer.server.worker import Job
+
+        self.job = Job({})
+        self.submitted = threading.Event()
+        self.pipeline, self.depth, self.busy = self, 0, False
+
+    def expected_wait(self) -> float:
+        return 0.0
+
+    def submit(self, cost: float = 0.0, **kwargs):
+        self.submitted.set()
+        return self.job
+
+    def stop(self, drain_timeout: float = 60.0) -> int:
+        return 0
+
+
+def test_a_server_that_cancels_the_handler_on_hang_up_cancels_the_job(tmp_path):
+    """Ray Serve's proxy (unlike uvicorn) cancels the request's task when its client hangs up, and no
+    ``http.disconnect`` ever arrives: the job must be stopped then too."""
+    import asyncio
+
+    backend = _NeverFinishing()
+    app = create_app(backend=backend, output_dir=tmp_path)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            request = asyncio.create_task(client.post("/v1/images/generations", json={"prompt": "a cat"}))
+            while not backend.submitted.is_set():
+                await asyncio.sleep(0.01)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+
+    asyncio.run(scenario())
+    assert backend.job.stop.is_set() and backend.job.future.cancelled()

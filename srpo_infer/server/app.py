@@ -367,14 +367,19 @@ async def _wait_for(job, request: Request, state: ServerState):
     """The job's result; a client that hangs up cancels its job (dropped if queued, stopped at the next
     step if running), and a job's failure becomes its HTTP error."""
     future = asyncio.wrap_future(job.future)
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
-        if done:
-            break
-        if await request.is_disconnected():
-            job.cancel()
-            log.info("client hung up; its job was cancelled")
-            raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled")
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel()
+                log.info("client hung up; its job was cancelled")
+                raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled")
+    except asyncio.CancelledError:  # servers that cancel the handler on a hang-up (Ray Serve's proxy)
+        job.cancel()
+        log.info("request cancelled by the server; its job was cancelled")
+        raise
     try:
         return future.result()
     except asyncio.CancelledError:
