@@ -89,6 +89,27 @@ def test_bad_requests_get_the_same_422_as_the_single_process_server(cluster):
     assert r.status_code == 422 and r.json()["error"]["field"] == "seed"
 
 
+def _replica_infos(handle, calls: int = 8) -> dict:
+    """``info()`` of each replica, by pid (the handle routes each call to any replica)."""
+    return {i["pid"]: i for i in (handle.info.remote().result() for _ in range(calls))}
+
+
+def test_a_client_that_hangs_up_stops_its_generation_on_the_replica(cluster):
+    _wait_healthy(cluster)
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
+    before = sum(i["cancelled"] for i in _replica_infos(handle).values())
+    long = {"prompt": "a long one", "image_size": "square_hd", "num_inference_steps": 50}
+    with pytest.raises(httpx.TimeoutException):
+        post(cluster, long, timeout=3)  # the client gives up while the replica is generating
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # far less than 50 steps at 1024² would take to finish
+        if sum(i["cancelled"] for i in _replica_infos(handle).values()) > before:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no replica stopped the abandoned generation")
+
+
 def test_a_killed_replica_loses_no_request_and_the_deployment_serves_again(cluster):
     _wait_healthy(cluster)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)

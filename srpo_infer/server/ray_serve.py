@@ -57,19 +57,41 @@ class SRPOModel:
 
             torch.set_num_threads(1)  # CPU replicas share the host's cores: do not oversubscribe them
         self.pipe = load_pipeline(model, progress=False, **pipeline_options)
+        self.cancelled = 0
         self.pipe.warmup(warmup_sizes, accelerations=accelerations)
         log.info("replica %s ready", self.replica)
 
-    def generate(self, kwargs: dict):
-        result = self.pipe.generate(**kwargs)
+    async def generate(self, kwargs: dict):
+        """Generate in a worker thread. When the ingress cancels the request (its client hung up, or it
+        drains), Ray Serve cancels this coroutine; the stop event then ends the generation at its next
+        step instead of letting it run to the end on a replica others are waiting for."""
+        import asyncio
+
+        from ..pipeline import GenerationCancelled
+
+        stop = threading.Event()
+
+        def work():
+            try:
+                return self.pipe.generate(**kwargs, should_stop=stop.is_set)
+            except GenerationCancelled:
+                self.cancelled += 1
+                raise
+
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, work)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
         result.replica = self.replica
         return result
 
     def info(self) -> dict:
-        """This replica's id and process id (tests kill replicas by pid)."""
+        """This replica's id, process id (tests kill replicas by pid) and how many generations it
+        stopped early because their request was cancelled."""
         import os
 
-        return {"replica": self.replica, "pid": os.getpid()}
+        return {"replica": self.replica, "pid": os.getpid(), "cancelled": self.cancelled}
 
 
 class RayBackend:
