@@ -16,7 +16,9 @@ Two deployments in one Ray Serve application:
 
 A replica that dies (out of memory, killed) takes its running request with it: the backend retries
 that request once on another replica, and answers 503 if that fails too; Ray Serve restarts the
-replica. ``/health`` is ``ok`` only while at least one model replica is running.
+replica. ``/health`` is ``ok`` only while at least one model replica is running. A request the
+ingress cancels (its client hung up) is cancelled on its replica too, which stops the generation
+before its next denoising step.
 """
 
 from __future__ import annotations
