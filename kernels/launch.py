@@ -93,14 +93,17 @@ def padding(configs) -> int:
     return max(max(c.block_m, c.block_n) for c in configs)
 
 
+def _tiles(block_m: int, block_n: int, head_dim: int, fp8: bool) -> tuple[list, list, list]:
+    """The q, k and v tile shapes of a TMA load (fp8 v is stored transposed)."""
+    return [block_m, head_dim], [block_n, head_dim], [head_dim, block_n] if fp8 else [block_n, head_dim]
+
+
 def _set_block_shapes(nargs: dict) -> None:
-    """Autotuner pre-hook: a config's tile sizes into the TMA descriptors (made with placeholder tiles)."""
-    if not nargs["TMA"]:
-        return
-    m, n, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
-    nargs["q"].block_shape = [m, d]
-    nargs["k"].block_shape = [n, d]
-    nargs["v"].block_shape = [d, n] if nargs["FP8"] else [n, d]
+    """Autotuner pre-hook: a config's tile sizes into the TMA descriptors."""
+    if nargs["TMA"]:
+        tiles = _tiles(nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"], nargs["FP8"])
+        for name, tile in zip("qkv", tiles, strict=True):
+            nargs[name].block_shape = tile
 
 
 _TUNERS: dict[tuple, object] = {}
@@ -222,9 +225,8 @@ def flux_attention(
     # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
     if tma:
         first = config or candidates(fp8)[0]  # the autotuner's pre-hook resets the tiles per config
-        q = TensorDescriptor.from_tensor(q, [first.block_m, head_dim])
-        k = TensorDescriptor.from_tensor(k, [first.block_n, head_dim])
-        v = TensorDescriptor.from_tensor(v, [head_dim, first.block_n] if fp8 else [first.block_n, head_dim])
+        tiles = _tiles(first.block_m, first.block_n, head_dim, fp8)
+        q, k, v = (TensorDescriptor.from_tensor(t, tile) for t, tile in zip((q, k, v), tiles, strict=True))
     args = [q, k, v, qs, ks, vs, out, out.stride(0), out.stride(2), out.stride(1),
             s, s_pad, seq_bucket(s), heads, LOG2E / math.sqrt(head_dim)]  # fmt: skip
     meta = dict(HEAD_DIM=head_dim, FP8=fp8, ROUND_FP8=interpreting(), TMA=tma)
