@@ -10,9 +10,13 @@ reference computed from the same bf16 inputs.
     python benchmarks/bench_attention.py --smoke --out /tmp/a.json     # CPU, Triton interpreter
 
 The rivals: every SDPA backend after the eager prologue, the prologue compiled by Inductor then
-cuDNN / flash SDPA (what ``compile=True`` runs with ``attention="sdpa"``), and bare cuDNN SDPA on
-prepared q/k/v (no prologue: the bar for the attention itself). Goals (issue 10, H100/H200, 4608
-tokens): bf16 ≤ 0.45 ms and ≥ 1.0× the compiled rival; fp8 ≤ 0.30 ms and ≥ 1.4× it, error ≤ 3e-2.
+cuDNN / flash SDPA (what ``compile=True`` runs with ``attention="sdpa"``), bare cuDNN SDPA on
+prepared q/k/v (no prologue: the bar for the attention itself) and, where the package imports,
+SageAttention's INT8 kernels (``sageattention``, PyPI 1.0.6) after the compiled prologue and bare: the
+8-bit rival. Errors: relative L2 and L1 (Σ|O−O′|/Σ|O|, the 8-bit papers' measure) and cosine
+similarity against fp32. Goals (issues 10 and 18, H100/H200, 4608 tokens): ``triton`` ≤ 0.45 ms and
+≥ 1.0× the compiled rival; ``triton-int8`` ≤ 0.36 ms, relative L1 ≤ 1.5e-2; ``triton-int8-fp8``
+≤ 0.30 ms, relative L1 ≤ 4.5e-2.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def candidates(device: str, sweep: bool = False):
                              backend=compile_backend)  # fmt: skip
 
     out.append(("compiled-sdpa-default", "stock", compiled()))
+    out += _sageattention(device, compile_backend)
     if device == "cuda":
         pinned = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
                   ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH))  # fmt: skip
@@ -85,37 +90,73 @@ def candidates(device: str, sweep: bool = False):
     return out + ours(device, sweep)
 
 
-def ours(device: str, sweep: bool = False):
-    """Our kernels: each mode and design autotuned (``triton``, ``triton/tma``, ...) and, with
-    ``sweep``, every candidate configuration of each on its own (``triton/tma/128x64w8s3+ws``)."""
+def _sageattention(device: str, compile_backend: str):
+    """SageAttention (INT8 q·kᵀ, K smoothed) after the compiled stock prologue, and bare: the published
+    8-bit rival. Absent where ``sageattention`` does not import (it needs CUDA and its own wheel)."""
+    if device != "cuda":
+        return []
+    try:
+        from sageattention import sageattn
+    except Exception:  # not installed, or its import fails on this GPU
+        return []
     import torch
-    from srpo_infer.kernels.launch import DESIGNS, KernelConfig, candidates, flux_attention
 
-    modes = ["bf16"]
-    if device == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
-        modes.append("fp8")
-    designs = [d for d in DESIGNS if d != "tma" or device == "cpu" or torch.cuda.get_device_capability() >= (9, 0)]
+    from srpo_infer.attention import attention_prologue
+
+    prologue = torch.compile(attention_prologue, fullgraph=True, backend=compile_backend)
+
+    def full(x):
+        return sageattn(*prologue(x), tensor_layout="HND", is_causal=False).transpose(1, 2).flatten(2)
+
+    bare = _bare(None, lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False))
+    return [("sageattention", "rival", full), ("bare-sageattention", "bare", bare)]
+
+
+def ours(device: str, sweep: bool = False):
+    """Our kernels: each backend and design autotuned (``triton``, ``triton-int8/tma``, ...) and, with
+    ``sweep``, every candidate configuration of each on its own (``triton/tma/128x64w4s3``)."""
+    import torch
+    from srpo_infer.kernels.launch import DESIGNS, MODES, candidates, flux_attention
+
+    from srpo_infer.attention import KERNEL_MODES, attend
+
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    backends = [b for b, m in KERNEL_MODES.items() if capability is None or capability >= MODES[m].min_capability]
+    designs = [d for d in DESIGNS if d != "tma" or capability is None or capability >= (9, 0)]
     rows = []
-    for mode in modes:
-        name = "triton" if mode == "bf16" else "triton-fp8"
+    for backend in backends:
         for design in designs:
-            label = name if design == "pointer" else f"{name}/{design}"
-            rows.append((label, "ours", lambda x, m=mode, d=design: flux_attention(x, mode=m, design=d)))
+            label = backend if design == "pointer" else f"{backend}/{design}"
+            with_design = lambda x, b=backend, d=design: _with_design(d, attend, x, b)  # noqa: E731
+            rows.append((label, "ours", with_design))
         if not sweep:
             continue
+        mode = KERNEL_MODES[backend]
         for design in designs:
-            configs = list(candidates(mode == "fp8"))
-            if design == "tma":  # warp specialisation is a loop option for descriptor loads only
-                configs += [KernelConfig(*c[:4], warp_specialize=True) for c in configs]
-            for c in configs:
-                tag = f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}{'+ws' if c.warp_specialize else ''}"
+            for c in candidates(mode):
                 fn = lambda x, m=mode, d=design, c=c: flux_attention(x, mode=m, design=d, config=c)  # noqa: E731
-                rows.append((f"{name}/{design}/{tag}", "sweep", fn))
+                rows.append((f"{backend}/{design}/{c.tag}", "sweep", fn))
     return rows
 
 
-def _bare(backend):
-    """SDPA alone on q/k/v prepared (outside the timing) from the same inputs."""
+def _with_design(design: str, fn, *args):
+    """Run ``fn`` with ``$SRPO_ATTENTION_DESIGN`` set: the public seam (:func:`attend`) picks the design from it."""
+    from srpo_infer.kernels.launch import DESIGN_ENV
+
+    old = os.environ.get(DESIGN_ENV)
+    os.environ[DESIGN_ENV] = design
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            os.environ.pop(DESIGN_ENV)
+        else:
+            os.environ[DESIGN_ENV] = old
+
+
+def _bare(backend, attention=None):
+    """SDPA (or ``attention(q, k, v)``) alone on ``[B, H, S, D]`` q/k/v prepared (outside the timing)
+    from the same inputs."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
@@ -127,6 +168,8 @@ def _bare(backend):
         if id(kw) not in prepared:
             prepared.clear()
             prepared[id(kw)] = tuple(t.contiguous() for t in attention_prologue(kw))
+        if attention is not None:
+            return attention(*prepared[id(kw)]).transpose(1, 2).flatten(2)
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(*prepared[id(kw)]).transpose(1, 2).flatten(2)
 
@@ -139,7 +182,7 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
     from srpo_infer.kernels.launch import tuned_configs
 
     from srpo_infer.attention import attention_flops, flux_attention_reference, random_attention_inputs
-    from srpo_infer.deviation import relative_error
+    from srpo_infer.deviation import cosine_similarity, relative_error, relative_l1
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
@@ -183,6 +226,8 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
             try:
                 out = fn(kw)
                 row["rel_err_vs_fp32"] = relative_error(out, reference)
+                row["rel_l1_vs_fp32"] = relative_l1(out, reference)
+                row["cosine_vs_fp32"] = cosine_similarity(out, reference)
                 times = _timer(lambda fn=fn, kw=kw: fn(kw), device, warmup, repeats)
                 row["ms"] = statistics.median(times)
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
@@ -200,29 +245,34 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
 def markdown(result: dict) -> str:
     """The rows as a Markdown table."""
     lines = [f"Attention on {result['device']} ({result['dtype']}, {result['date']})", "",
-             "| size | tokens | candidate | ms | TFLOP/s | × best stock | rel. err vs fp32 |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| size | tokens | candidate | ms | TFLOP/s | × best stock | rel. L2 vs fp32 | rel. L1 | cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['size']} | {r['tokens']} | {r['candidate']} | – | – | – | {r['error']} |")
+            lines.append(f"| {r['size']} | {r['tokens']} | {r['candidate']} | – | – | – | {r['error']} | | |")
             continue
         lines.append(
             f"| {r['size']} | {r['tokens']} | {r['candidate']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
-            f"{r.get('speedup_vs_best_stock', float('nan')):.2f} | {r['rel_err_vs_fp32']:.2e} |"
+            f"{r.get('speedup_vs_best_stock', float('nan')):.2f} | {r['rel_err_vs_fp32']:.2e} | "
+            f"{r['rel_l1_vs_fp32']:.2e} | {r['cosine_vs_fp32']:.6f} |"
         )
     return "\n".join([*lines, "", *summary(result)])
 
 
+# Per backend: (ms at 4608 tokens, × the compiled rival at every size, relative L1 vs fp32). bf16:
+# issue 10 (its L1 bound is the GPU tests' L2 bound, 1e-2); 8-bit: issue 18 (no ratio goal).
+GOALS = {"triton": (0.45, 1.0, 1e-2), "triton-int8": (0.36, 0.0, 1.5e-2), "triton-int8-fp8": (0.30, 0.0, 4.5e-2)}
+
+
 def summary(result: dict) -> list[str]:
-    """Per size: the compiled rival, the fastest row of each of our modes, and issue 10's goals
-    (bf16 ≤ 0.45 ms and ≥ 1.0× the compiled rival, error ≤ 1e-2 as in the GPU tests; fp8 ≤ 0.30 ms,
-    ≥ 1.4× it, error ≤ 3e-2; the ms goals at 4608 tokens, the ratios at every size), read off the rows."""
-    lines = ["| size | rival: compiled prologue + SDPA | ours | fastest row | ms | × rival | rel. err | goal |",
+    """Per size: the compiled rival, the fastest row of each of our backends, and its goals
+    (:data:`GOALS`; the ms goals at 4608 tokens, the ratios at every size), read off the rows."""
+    lines = ["| size | rival: compiled prologue + SDPA | ours | fastest row | ms | × rival | rel. L1 | goal |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    goals = {"triton": (0.45, 1.0, 1e-2), "triton-fp8": (0.30, 1.4, 3e-2)}
+    goals = GOALS
     for size in dict.fromkeys(r["size"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["size"] == size and "ms" in r]
-        rivals = [r for r in rows if r["candidate"].startswith("compiled-")]
+        rivals = [r for r in rows if r["candidate"].startswith("compiled-sdpa")]
         if not rivals:
             continue
         rival = min(rivals, key=lambda r: r["ms"])
@@ -232,11 +282,11 @@ def summary(result: dict) -> list[str]:
                 continue
             best = min(mine, key=lambda r: r["ms"])
             ratio = rival["ms"] / best["ms"]
-            ok = ratio >= ratio_goal and best["rel_err_vs_fp32"] <= err_goal
+            ok = ratio >= ratio_goal and best["rel_l1_vs_fp32"] <= err_goal
             ok = ok and (best["ms"] <= ms_goal if best["tokens"] == 4608 else True)  # ms goals are at 4608
             verdict = "met" if ok else "not met"
             lines.append(f"| {size} | {rival['candidate']} {rival['ms']:.3f} ms | {mode} | {best['candidate']} | "
-                         f"{best['ms']:.3f} | {ratio:.2f} | {best['rel_err_vs_fp32']:.2e} | {verdict} |")  # fmt: skip
+                         f"{best['ms']:.3f} | {ratio:.2f} | {best['rel_l1_vs_fp32']:.2e} | {verdict} |")  # fmt: skip
     return lines if len(lines) > 2 else []
 
 

@@ -1,11 +1,15 @@
-"""Triton kernels for Flux joint attention: q/k RMSNorm + RoPE pre-pass, flash attention, fp8.
+"""Triton kernels for Flux joint attention: q/k RMSNorm + RoPE pre-pass, flash attention, 8-bit modes.
 
 Flux attention per block: q, k, v come from linear projections of a text stream (512 tokens) and an
 image stream; q and k get an RMSNorm with a learned scale and a rotary embedding over 3 position
 axes; the streams are concatenated (text first) and attended non-causally, 24 heads of dim 128.
 
-Two kernels:
+Three kernels:
 
+- ``_stats_kernel`` (8-bit modes only): per (batch, head), the sum over tokens of the normalised,
+  rotated k (for K smoothing) and, when p·v runs in e4m3, each value channel's max |v|. ``CHUNKS``
+  programs per head each write a partial; the pre-pass reduces them in a fixed order, so the result
+  is the same on every run (atomics would make the quantisation, and so the image, vary by run).
 - ``_prologue_kernel`` reads the projections as two *streams* (text rows ``[0, S_txt)``, image rows
   ``[S_txt, S)``, each a base pointer and strides ``(batch, head, row)``, unit stride along the head
   dim: a fused QKV output's column slice works as is), normalises and rotates q and k, and writes q,
@@ -20,17 +24,20 @@ Two kernels:
 RoPE pairs neighbouring channels (2i, 2i+1): ``out[d] = x[d] cos[d] + sign(d) x[d ^ 1] sin[d]`` with
 sign -1 on even d. The partner channel is a second load of the same (cached) rows with ``d ^ 1``.
 
-A design that normalised and rotated every K tile inside the attention loop was measured on an
-H200 (2026-11-26, ``benchmarks/results/h200-2026-11-26/attention.md``) at 12.67 ms against the
-pre-pass's 0.991 ms at 4608 tokens (the prologue's CUDA-core work repeated once per query tile) and
-was removed.
+8-bit modes, the scheme of SageAttention (arXiv 2410.02367) and SageAttention2 (arXiv 2411.10958):
 
-fp8 (e4m3): q and k are quantised per (token, head) row, so q·k factors as ``(q8·k8) sq sk``; v per
-(head, channel) over the whole sequence, so ``p·v`` factors as ``(p8·v8) sv`` with one ``sv`` per
-output column: the accumulation runs in place (``tl.dot(p, v, acc)``) and ``sv`` is applied once
-after the loop (``_value_amax_kernel`` finds each channel's max first: one more launch, one more
-read of v). V is stored transposed (``[B*H, D, S_pad]``) so the second matmul's operand is K-major,
-the layout Hopper's fp8 MMA reads without a shared-memory transpose.
+- ``QK_INT8``: q·kᵀ in INT8 with one scale per (token, head) row, so it factors as
+  ``(q8·k8) sq sk`` with an exact int32 sum. K is *smoothed* first: its mean over the tokens of the
+  head is subtracted, which shifts every score of a query by the same amount (``q·mean``) and so
+  leaves softmax unchanged, while removing the shared offset that real keys carry and that would
+  otherwise spend the 8 bits. e4m3 (3 mantissa bits) here costs ~4× the error of INT8.
+- ``PV_FP8``: p·v in e4m3. v is quantised per (head, channel) over the sequence, so ``sv`` is one
+  factor per output column applied once after the loop; V is stored transposed (``[B*H, D, S_pad]``)
+  so the operand is K-major, the layout Hopper's fp8 MMA reads without a shared-memory transpose.
+  Probabilities leave ``exp2`` already times 2**8 (the exponent shifted). Hopper's fp8 MMA
+  accumulates in reduced precision (~22 bits), so each key tile's p·v goes into a fresh accumulator
+  that is then added to the fp32 running sum (two-level accumulation); accumulating the whole row in
+  place would carry that reduced precision across all tiles.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+INT8_MAX = tl.constexpr(127.0)
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P is in [0, 1]; e4m3's smallest subnormal is 2**-9, so fp8 probabilities are computed as 2**8 p (the
 # exponent shifted by 8 inside exp2, no extra multiply): values down to 2**-17 survive, 256 < 448
@@ -63,6 +71,13 @@ def _to_fp8(x, dtype, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _quantise_rows_int8(x):
+    """Each row of an fp32 tile to INT8 (round to nearest) with its scale: ``x ≈ x8 * scale[:, None]``."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / INT8_MAX
+    return tl.floor(x / scale[:, None] + 0.5).to(tl.int8), scale
+
+
+@triton.jit
 def _rows_ptr(txt_ptr, t_sb, t_sh, t_ss, img_ptr, i_sb, i_sh, i_ss, b, h, rows, cols, S_txt):
     """Pointers of a [rows, cols] tile whose rows may straddle the text/image stream boundary."""
     is_txt = rows < S_txt
@@ -82,7 +97,7 @@ def _load_norm_rope(
     HEAD_DIM: tl.constexpr,
 ):
     # fmt: on
-    """Load a [rows, HEAD_DIM] tile of q or k and return RMSNorm(x) * w, rotated, in fp32."""
+    """Load a [rows, HEAD_DIM] tile of q or k and return RMSNorm(x) * w, rotated, in fp32 (rows ≥ S: 0)."""
     cols = tl.arange(0, HEAD_DIM)
     partner = cols ^ 1
     valid = (rows < S)[:, None]
@@ -109,20 +124,38 @@ def _load_norm_rope(
 
 # fmt: off
 @triton.jit
-def _value_amax_kernel(
-    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, amax, S_txt, S, H,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+def _stats_kernel(
+    kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
+    vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
+    wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride,
+    k_sum, v_amax,  # [B*H, CHUNKS, D] fp32 partials: Σ k (normalised, rotated), max |v|
+    S_txt, S, H, eps,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, PV_FP8: tl.constexpr,
 ):
     # fmt: on
-    """fp8: the largest |v| per (batch, head, channel) over both streams, into a zeroed ``[B*H, D]``
-    buffer (one atomic max per channel per tile), so the pre-pass can quantise v per channel."""
-    pid = tl.program_id(0)
+    """Program ``(c, bh)`` covers row tiles c, c + CHUNKS, c + 2·CHUNKS, … of one head."""
+    c = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    b = bh // H
+    h = bh % H
     cols = tl.arange(0, HEAD_DIM)
-    ptrs = _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, bh // H, bh % H, rows, cols, S_txt)
-    v = tl.load(ptrs, mask=(rows < S)[:, None], other=0.0).to(tl.float32)
-    tl.atomic_max(amax + bh * HEAD_DIM + cols, tl.max(tl.abs(v), axis=0))
+    k_acc = tl.zeros([HEAD_DIM], tl.float32)
+    v_acc = tl.zeros([HEAD_DIM], tl.float32)
+    for start in range(c * BLOCK, S, CHUNKS * BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        k = _load_norm_rope(
+            kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss, wk_txt, wk_img, cos_ptr, sin_ptr, rope_stride, b, h,
+            rows, S_txt, S, eps, HEAD_DIM,
+        )
+        k_acc += tl.sum(k, axis=0)
+        if PV_FP8:
+            ptrs = _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt)
+            v = tl.load(ptrs, mask=(rows < S)[:, None], other=0.0).to(tl.float32)
+            v_acc = tl.maximum(v_acc, tl.max(tl.abs(v), axis=0))
+    out = (bh * CHUNKS + c) * HEAD_DIM + cols
+    tl.store(k_sum + out, k_acc)
+    if PV_FP8:
+        tl.store(v_amax + out, v_acc)
 
 
 # fmt: off
@@ -132,10 +165,12 @@ def _prologue_kernel(
     kt, kt_sb, kt_sh, kt_ss, ki, ki_sb, ki_sh, ki_ss,
     vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss,
     wq_txt, wk_txt, wq_img, wk_img, cos_ptr, sin_ptr, rope_stride,
-    q_out, k_out, v_out,  # head-major [B*H, S_pad, D]; fp8 v is transposed: [B*H, D, S_pad]
-    q_scale, k_scale, v_amax,  # fp8 only: [B*H, S_pad] outputs; [B*H, D] input (_value_amax_kernel)
+    q_out, k_out, v_out,  # head-major [B*H, S_pad, D]; PV_FP8: v transposed, [B*H, D, S_pad]
+    q_scale, k_scale,  # QK_INT8: [B*H, S_pad] per-row scales (outputs)
+    k_sum, v_amax,  # QK_INT8 / PV_FP8: the stats kernel's [B*H, CHUNKS, D] partials (inputs)
     S_txt, S, S_pad, H, eps,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+    QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
 ):
     """One [BLOCK, HEAD_DIM] tile of rows per program; rows in [S, S_pad) are written as zeros."""
     pid = tl.program_id(0)
@@ -144,6 +179,7 @@ def _prologue_kernel(
     h = bh % H
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
+    valid = (rows < S)[:, None]
     q = _load_norm_rope(
         qt, qt_sb, qt_sh, qt_ss, qi, qi_sb, qi_sh, qi_ss, wq_txt, wq_img, cos_ptr, sin_ptr, rope_stride, b, h,
         rows, S_txt, S, eps, HEAD_DIM,
@@ -153,24 +189,28 @@ def _prologue_kernel(
         rows, S_txt, S, eps, HEAD_DIM,
     )
     v = tl.load(
-        _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt),
-        mask=(rows < S)[:, None], other=0.0,
+        _rows_ptr(vt, vt_sb, vt_sh, vt_ss, vi, vi_sb, vi_sh, vi_ss, b, h, rows, cols, S_txt), mask=valid, other=0.0,
     )
     out_off = (bh * S_pad + rows)[:, None] * HEAD_DIM + cols[None, :]
-    if FP8:
-        sq = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / FP8_MAX
-        sk = tl.maximum(tl.max(tl.abs(k), axis=1), 1e-12) / FP8_MAX
-        tl.store(q_out + out_off, _to_fp8(q / sq[:, None], q_out.dtype.element_ty, ROUND_FP8))
-        tl.store(k_out + out_off, _to_fp8(k / sk[:, None], k_out.dtype.element_ty, ROUND_FP8))
+    partials = (bh * CHUNKS + tl.arange(0, CHUNKS))[:, None] * HEAD_DIM + cols[None, :]
+    if QK_INT8:
+        k_mean = tl.sum(tl.load(k_sum + partials), axis=0) / S  # fixed order: the same on every run
+        k = tl.where(valid, k - k_mean[None, :], 0.0)
+        q8, sq = _quantise_rows_int8(q)
+        k8, sk = _quantise_rows_int8(k)
+        tl.store(q_out + out_off, q8)
+        tl.store(k_out + out_off, k8)
         tl.store(q_scale + bh * S_pad + rows, sq)
         tl.store(k_scale + bh * S_pad + rows, sk)
-        sv = tl.maximum(tl.load(v_amax + bh * HEAD_DIM + cols), 1e-12) / FP8_MAX
+    else:
+        tl.store(q_out + out_off, q.to(q_out.dtype.element_ty))
+        tl.store(k_out + out_off, k.to(k_out.dtype.element_ty))
+    if PV_FP8:
+        sv = tl.maximum(tl.max(tl.load(v_amax + partials), axis=0), 1e-12) / FP8_MAX
         v8 = _to_fp8(v.to(tl.float32) / sv[None, :], v_out.dtype.element_ty, ROUND_FP8)
         # Transposed store: consecutive rows are consecutive bytes of one channel's row.
         tl.store(v_out + (bh * HEAD_DIM + cols)[:, None] * S_pad + rows[None, :], tl.trans(v8))
     else:
-        tl.store(q_out + out_off, q.to(q_out.dtype.element_ty))
-        tl.store(k_out + out_off, k.to(k_out.dtype.element_ty))
         tl.store(v_out + out_off, v)
 
 
@@ -190,34 +230,37 @@ def _tile(src, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, row_stride, TMA
 @triton.jit
 def _attend(
     acc, l_i, m_i, q, sq, k, v, k_scale, kv_row, v_row, lo, hi, S, S_pad,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
+    ROUND_FP8: tl.constexpr, TMA: tl.constexpr, MASK: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi); ``MASK`` only for the peeled last tile."""
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         kt = _tile(k, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
-        s = tl.dot(q, tl.trans(kt))
-        if FP8:
+        if QK_INT8:
+            s = tl.dot(q, tl.trans(kt)).to(tl.float32)  # exact int32 sums
             s = s * tl.load(k_scale + kv_row + start + tl.arange(0, BLOCK_N))[None, :]
+        else:
+            s = tl.dot(q, tl.trans(kt))
         if MASK:
             s = tl.where((start + tl.arange(0, BLOCK_N) < S)[None, :], s, float("-inf"))
         # sq > 0, so the row max of s * sq is (row max of s) * sq: the scale then rides on one FMA per
         # score inside exp2 instead of a multiply and a subtract.
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * sq)
-        if FP8:
+        if PV_FP8:
             p = tl.math.exp2(s * sq[:, None] - (m_new - P_LOG2_SCALE)[:, None])
         else:
             p = tl.math.exp2(s * sq[:, None] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if FP8:
+        if PV_FP8:
             vt = _tile(v, v_row, start, HEAD_DIM, BLOCK_N, S_pad, TMA)  # [D, BLOCK_N]: K-major for p·v
-            acc = tl.dot(_to_fp8(p, vt.dtype, ROUND_FP8), tl.trans(vt), acc)
+            # Two-level accumulation: a fresh accumulator per tile (Hopper's fp8 MMA keeps ~22 bits),
+            # added to the fp32 sum here. Written as a separate add, not tl.dot(p, v, acc).
+            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, vt.dtype, ROUND_FP8), tl.trans(vt))
         else:
             vv = _tile(v, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
-            acc = tl.dot(p.to(vv.dtype), vv, acc)
+            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -225,11 +268,11 @@ def _attend(
 @triton.jit
 def _attention_kernel(
     q, k, v,  # the pre-pass's buffers as 2-D row-major tensors, or (TMA) tensor descriptors over them
-    q_scale, k_scale, v_amax,  # fp8 only (see _prologue_kernel)
+    q_scale, k_scale, v_amax,  # 8-bit modes only (see _prologue_kernel)
     out, o_sb, o_sh, o_ss,
     S, S_pad, S_BUCKET, H, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP8: tl.constexpr, ROUND_FP8: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, TMA: tl.constexpr,
 ):
     """Non-causal flash attention forward (online softmax in base 2, fp32 accumulation).
 
@@ -246,7 +289,7 @@ def _attention_kernel(
     cols = tl.arange(0, HEAD_DIM)
     kv_row = bh * S_pad
     qt = _tile(q, kv_row + pid_m * BLOCK_M, 0, BLOCK_M, HEAD_DIM, HEAD_DIM, TMA)
-    if FP8:
+    if QK_INT8:
         sq = tl.load(q_scale + kv_row + rows) * qk_scale
     else:
         sq = tl.full([BLOCK_M], qk_scale, tl.float32)
@@ -257,15 +300,16 @@ def _attention_kernel(
     full = (S // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend(
         acc, l_i, m_i, qt, sq, k, v, k_scale, kv_row, bh * HEAD_DIM, 0, full, S, S_pad,
-        HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, WARP_SPECIALIZE, False,
+        HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, ROUND_FP8, TMA, False,
     )
     if full < S:
         acc, l_i, m_i = _attend(
             acc, l_i, m_i, qt, sq, k, v, k_scale, kv_row, bh * HEAD_DIM, full, full + BLOCK_N, S, S_pad,
-            HEAD_DIM, BLOCK_N, FP8, ROUND_FP8, TMA, False, True,
+            HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, ROUND_FP8, TMA, True,
         )
-    if FP8:
-        sv = tl.maximum(tl.load(v_amax + bh * HEAD_DIM + cols), 1e-12) / FP8_MAX  # as in the pre-pass
+    if PV_FP8:  # the per-channel V scale, as in the pre-pass (max over the stats partials)
+        partials = (bh * CHUNKS + tl.arange(0, CHUNKS))[:, None] * HEAD_DIM + cols[None, :]
+        sv = tl.maximum(tl.max(tl.load(v_amax + partials), axis=0), 1e-12) / FP8_MAX
         acc = acc * sv[None, :]
     o = acc / l_i[:, None]
     o_ptr = out + b * o_sb + h * o_sh + rows[:, None] * o_ss + cols[None, :]

@@ -3,26 +3,42 @@
 Callers pass the q/k/v projection outputs ``[B, S_stream, H*D]`` (column slices of a fused QKV
 output are fine: only the last dim must be contiguous) of an image stream and, for double blocks, a
 text stream; the result is ``[B, S_txt + S_img, H*D]``, text rows first, in the input dtype.
+
+This package is a leaf: it imports nothing from ``srpo_infer`` outside itself. The inputs are any
+sequence in the field order of ``srpo_infer.attention.AttentionInputs`` (that NamedTuple, in practice).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from srpo_infer.attention import AttentionInputs
-
 from . import flux_attention as K
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MODES = ("bf16", "fp8")
+
+
+class Mode(NamedTuple):
+    """What one kernel mode quantises, and the compute capability it needs."""
+
+    qk_int8: bool  # q·kᵀ in INT8 (per-token scales, K smoothed)
+    pv_fp8: bool  # p·v in e4m3 (per-channel V scales, two-level accumulation)
+    min_capability: tuple[int, int]
+
+
+MODES = {
+    "bf16": Mode(False, False, (8, 0)),  # the input dtype throughout (bf16, fp16 or fp32)
+    "int8": Mode(True, False, (8, 0)),  # accurate 8-bit: INT8 q·kᵀ, p·v in the input dtype
+    "int8-fp8": Mode(True, True, (8, 9)),  # fast 8-bit: INT8 q·kᵀ, e4m3 p·v (fp8 tensor cores)
+}
 
 
 def seq_bucket(s: int) -> int:
@@ -57,51 +73,78 @@ class KernelConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool = False
+
+    @property
+    def tag(self) -> str:
+        """``128x64w4s3``: tiles, warps, pipeline stages."""
+        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
 
 
-# Tried by the autotuner on a GPU. On the H200 (2026-11-26, benchmarks/results/h200-2026-11-26/
-# attention.json) the autotuner picked 128x128, 8 warps, 3 stages for the pre-pass design at 3392 and
-# 4608 tokens, so that comes first; the Triton tutorial keeps 8 warps on sm90 only for 128x128 tiles,
-# so the smaller tiles run with 4. fp8 prefers wide key tiles (its MMA's K step is 32). Which one
-# wins for the padded-buffer kernel is not measured yet: the benchmark records the autotuner's choice
-# (``tuned_configs``) and ``--sweep`` times every one of them side by side.
-BF16_CANDIDATES = (
-    KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 4), KernelConfig(128, 64, 4, 3),
-    KernelConfig(128, 64, 4, 4), KernelConfig(64, 128, 4, 3), KernelConfig(64, 64, 4, 3),
-)  # fmt: skip
-FP8_CANDIDATES = (
-    KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 4), KernelConfig(128, 64, 4, 3),
-    KernelConfig(64, 128, 4, 3),
-)  # fmt: skip
+C = KernelConfig
+# The autotuner's candidates per mode and architecture, each checked by benchmarks/kernel_static.py
+# (CI): it compiles every one for its target and fails on a spill, on shared memory over the limit,
+# or on a compile error. Hopper (sm90, 227 KiB of shared memory per block): on the H200 (2026-11-26)
+# the autotuner picked 128x128, 8 warps, 3 stages for the bf16 kernel, so that comes first; 4 stages of
+# 128x128 bf16 tiles need 288 KiB and can never launch, so there is none. The 8-bit modes halve (q, k)
+# or quarter (int8-fp8) the tile bytes, which buys a 4th stage. Ampere and Ada (sm80/sm89, 163/99 KiB):
+# 128x64 with 4 warps needs 255 registers and spills on sm80, so wide tiles run with 8 warps there.
+_HOPPER = {
+    "bf16": (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 4), C(64, 128, 4, 3), C(64, 64, 4, 3)),
+    "int8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
+    "int8-fp8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
+}
+_AMPERE = {
+    "bf16": (C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),
+    "int8": (C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3)),
+    "int8-fp8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 128, 4, 3)),
+}
 # Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
 INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
-PROLOGUE_ROWS = 64  # rows per pre-pass program on a GPU (memory-bound: any divisor of the padding)
+# The pre-pass and the stats pass: rows per program and warps. Memory-bound, but a [rows, 128] fp32
+# tile of q, k and their RoPE partners lives in registers: 64 rows on 4 warps spilled 6.9 KB per
+# thread on sm90 (benchmarks/results/static-2026-11-29); 32 rows on 8 warps fits.
+PROLOGUE_ROWS, PROLOGUE_WARPS = 32, 8
+STATS_CHUNKS = 8  # programs per head in the stats pass (a power of two: the pre-pass reduces them at once)
 
 
-def candidates(fp8: bool) -> tuple[KernelConfig, ...]:
-    """The autotuner's configurations for this mode (one under the interpreter)."""
+def device_capability(device: torch.device | None = None) -> tuple[int, int]:
+    """The compute capability whose candidates run: the GPU's, or Hopper's where there is none."""
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if on_gpu:
+        return torch.cuda.get_device_capability(device)
+    return (9, 0)
+
+
+def candidates(mode: str, capability: tuple[int, int] | None = None) -> tuple[KernelConfig, ...]:
+    """The autotuner's configurations for this mode and GPU (one under the interpreter)."""
     if interpreting():
+        _check_mode(mode)
         return (INTERPRETER_CONFIG,)
-    return FP8_CANDIDATES if fp8 else BF16_CANDIDATES
+    return gpu_candidates(mode, capability or device_capability())
 
 
-def padding(configs) -> int:
+def gpu_candidates(mode: str, capability: tuple[int, int]) -> tuple[KernelConfig, ...]:
+    """The configurations a GPU of this compute capability autotunes over (what the static check compiles)."""
+    _check_mode(mode)
+    return (_HOPPER if capability >= (9, 0) else _AMPERE)[mode]
+
+
+def padding(configs: Sequence[KernelConfig]) -> int:
     """Rows the pre-pass pads each head to a multiple of: every tile of every configuration then lies
     inside the buffers, so the attention loop loads without masks. Block sizes are powers of two, so the
     largest is a multiple of all."""
     return max(max(c.block_m, c.block_n) for c in configs)
 
 
-def _tiles(block_m: int, block_n: int, head_dim: int, fp8: bool) -> tuple[list, list, list]:
-    """The q, k and v tile shapes of a TMA load (fp8 v is stored transposed)."""
-    return [block_m, head_dim], [block_n, head_dim], [head_dim, block_n] if fp8 else [block_n, head_dim]
+def _tiles(block_m: int, block_n: int, head_dim: int, pv_fp8: bool) -> tuple[list, list, list]:
+    """The q, k and v tile shapes of a TMA load (e4m3 v is stored transposed)."""
+    return [block_m, head_dim], [block_n, head_dim], [head_dim, block_n] if pv_fp8 else [block_n, head_dim]
 
 
 def _set_block_shapes(nargs: dict) -> None:
     """Autotuner pre-hook: a config's tile sizes into the TMA descriptors."""
     if nargs["TMA"]:
-        tiles = _tiles(nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"], nargs["FP8"])
+        tiles = _tiles(nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"], nargs["PV_FP8"])
         for name, tile in zip("qkv", tiles, strict=True):
             nargs[name].block_shape = tile
 
@@ -109,17 +152,17 @@ def _set_block_shapes(nargs: dict) -> None:
 _TUNERS: dict[tuple, object] = {}
 
 
-def _tuned_attention(fp8: bool, tma: bool):
+def _tuned_attention(mode: str, tma: bool, capability: tuple[int, int]):
     """``_attention_kernel`` under ``triton.autotune``, keyed on the sequence-length bucket and the head
     dim (never the exact length: a new image size must not re-benchmark on the request path), with the
     choices cached on disk by Triton so later processes skip the benchmark too. One tuner per
-    (mode, design, interpreter)."""
-    key = (fp8, tma, interpreting())
+    (mode, design, candidate set)."""
+    configs = candidates(mode, capability)
+    key = (mode, tma, configs)
     if key not in _TUNERS:
-        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "WARP_SPECIALIZE": c.warp_specialize},
-                                 num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
-                   for c in candidates(fp8)]  # fmt: skip
-        _TUNERS[key] = triton.autotune(configs=configs, key=["S_BUCKET", "HEAD_DIM"], cache_results=True)(
+        tuned = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                               num_stages=c.num_stages, pre_hook=_set_block_shapes) for c in configs]  # fmt: skip
+        _TUNERS[key] = triton.autotune(configs=tuned, key=["S_BUCKET", "HEAD_DIM"], cache_results=True)(
             K._attention_kernel
         )
     return _TUNERS[key]
@@ -128,8 +171,8 @@ def _tuned_attention(fp8: bool, tma: bool):
 def tuned_configs() -> dict:
     """The autotuners' choices so far: ``{"bf16/pointer (4096, 128)": "BLOCK_M: 128, …"}``."""
     chosen = {}
-    for (fp8, tma, _), tuner in _TUNERS.items():
-        name = f"{'fp8' if fp8 else 'bf16'}/{'tma' if tma else 'pointer'}"
+    for (mode, tma, _), tuner in _TUNERS.items():
+        name = f"{mode}/{'tma' if tma else 'pointer'}"
         if len(tuner.configs) == 1:  # nothing to choose (interpreter): Triton keeps no cache then
             chosen[f"{name} any"] = str(tuner.configs[0])
         chosen.update({f"{name} {key}": str(cfg) for key, cfg in tuner.cache.items()})
@@ -150,37 +193,32 @@ def resolve_design(design: str, device: torch.device) -> str:
     return design
 
 
-def _check_stream(name: str, t: torch.Tensor, ref: torch.Tensor, width: int) -> None:
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be [batch, tokens, heads*head_dim], got shape {tuple(t.shape)}")
-    if t.shape[0] != ref.shape[0] or t.shape[2] != width:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{ref.shape[0]}, tokens, {width}]")
-    if t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {ref.dtype} on {ref.device} like img_q")
-    if t.stride(2) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(2)})")
+class Launch(NamedTuple):
+    """One kernel launch of a plan: ``kernel[grid](*args, **meta)``."""
+
+    name: str  # "stats", "prologue" or "attention"
+    kernel: object  # a @triton.jit function, or the autotuner over one
+    grid: tuple | Callable
+    args: list
+    meta: dict
 
 
-def flux_attention(
-    x: AttentionInputs,
+def plan(
+    x: Sequence,
     mode: str = "bf16",
     out: torch.Tensor | None = None,
     design: str = "auto",
     config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """Fused Flux attention: RMSNorm(q, k) → RoPE → concat(text, image) → softmax(q kᵀ/√d) v.
-
-    ``mode="fp8"`` runs both matmuls in float8 e4m3 (CUDA sm ≥ 89, or the interpreter).
-    ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
-    ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`).
-    ``config``: run this :class:`KernelConfig` instead of the autotuner's choice (benchmark sweeps, tests).
-
-    >>> # out = flux_attention(AttentionInputs(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 24))
-    """
-    s_txt, s, head_dim = _check_inputs(x, mode)
+    capability: tuple[int, int] | None = None,
+) -> tuple[list[Launch], torch.Tensor]:
+    """Every launch :func:`flux_attention` makes, with its buffers allocated, and the output
+    ``[B, S, H*D]``; nothing runs. ``capability`` (with CPU tensors and no interpreter) plans for a
+    GPU that is not here: ``benchmarks/kernel_static.py`` compiles the result for that target."""
+    for_target = capability is not None and not interpreting()
+    s_txt, s, head_dim = _check_inputs(x, mode, for_target)
     img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
     txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps = x[8:]
-    fp8 = mode == "fp8"
+    flags = MODES[mode]
     tma = resolve_design(design, img_q.device) == "tma"
     batch, width, dev = img_q.shape[0], img_q.shape[2], img_q.device
     if out is None:
@@ -191,61 +229,98 @@ def flux_attention(
         out = out.view(batch, s, heads, head_dim)
     if config is not None and not isinstance(config, KernelConfig):
         raise ValueError(f"config must be a KernelConfig, got {config!r}")
+    capability = capability or device_capability(dev)
 
-    # 1. Pre-pass: normalised, rotated q and k and the values, head-major and padded (fp8: quantised).
-    pad = padding([config] if config else candidates(fp8))
+    # 1. Pre-pass: normalised, rotated q and k and the values, head-major and padded (8-bit: quantised).
+    pad = padding([config] if config else candidates(mode, capability))
     s_pad = triton.cdiv(s, pad) * pad
     bh = batch * heads
     has_txt = txt_q is not None
     tq, tk, tv = (txt_q, txt_k, txt_v) if has_txt else (img_q, img_k, img_v)  # unused when s_txt == 0
     wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
     streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
-    rope = [wq_t, wk_t, img_norm_q, img_norm_k, rope_cos, rope_sin, rope_cos.stride(0)]
+    rope = [rope_cos, rope_sin, rope_cos.stride(0)]
     rows = min(pad, INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS)
-    prologue_warps = 1 if interpreting() else 4
-    buf_dtype = torch.float8_e4m3fn if fp8 else img_q.dtype
-    q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=buf_dtype)
+    warps = 1 if interpreting() else PROLOGUE_WARPS
+    chunks = 2 if interpreting() else STATS_CHUNKS
+    qk_dtype = torch.int8 if flags.qk_int8 else img_q.dtype
+    q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=qk_dtype)
     k = torch.empty_like(q)
-    if fp8:
-        v = torch.empty(bh * head_dim, s_pad, device=dev, dtype=buf_dtype)  # transposed: K-major for p·v
-        qs = torch.empty(bh * s_pad, device=dev, dtype=torch.float32)
-        ks = torch.empty_like(qs)
-        vs = torch.zeros(bh, head_dim, device=dev, dtype=torch.float32)  # per (head, channel) max |v|
-        K._value_amax_kernel[(s_pad // rows, bh)](
-            *streams[16:], vs, s_txt, s, heads, HEAD_DIM=head_dim, BLOCK=rows, num_warps=prologue_warps
-        )
+    if flags.pv_fp8:
+        v = torch.empty(bh * head_dim, s_pad, device=dev, dtype=torch.float8_e4m3fn)  # transposed: K-major
     else:
-        v = torch.empty_like(q)
-        qs = ks = vs = q.new_empty(1, dtype=torch.float32)
-    K._prologue_kernel[(s_pad // rows, bh)](
-        *streams, *rope, q, k, v, qs, ks, vs, s_txt, s, s_pad, heads, eps,
-        HEAD_DIM=head_dim, BLOCK=rows, FP8=fp8, ROUND_FP8=interpreting(), num_warps=prologue_warps,
-    )  # fmt: skip
+        v = torch.empty(bh * s_pad, head_dim, device=dev, dtype=img_q.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    unused = torch.empty(1, **f32)  # a mode's pointer arguments it never reads
+    qs = torch.empty(bh * s_pad, **f32) if flags.qk_int8 else unused
+    ks = torch.empty(bh * s_pad, **f32) if flags.qk_int8 else unused
+    k_sum = torch.empty(bh, chunks, head_dim, **f32) if flags.qk_int8 else unused
+    v_amax = torch.empty(bh, chunks, head_dim, **f32) if flags.pv_fp8 else unused
+    launches = []
+    if flags.qk_int8 or flags.pv_fp8:
+        launches.append(Launch("stats", K._stats_kernel, (chunks, bh),
+                               [*streams[8:], wk_t, img_norm_k, *rope, k_sum, v_amax, s_txt, s, heads, eps],
+                               dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, PV_FP8=flags.pv_fp8,
+                                    num_warps=warps)))  # fmt: skip
+    launches.append(Launch("prologue", K._prologue_kernel, (s_pad // rows, bh),
+                           [*streams, wq_t, wk_t, img_norm_q, img_norm_k, *rope, q, k, v, qs, ks, k_sum, v_amax,
+                            s_txt, s, s_pad, heads, eps],
+                           dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, QK_INT8=flags.qk_int8,
+                                PV_FP8=flags.pv_fp8, ROUND_FP8=interpreting(), num_warps=warps)))  # fmt: skip
 
     # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
     if tma:
-        first = config or candidates(fp8)[0]  # the autotuner's pre-hook resets the tiles per config
-        tiles = _tiles(first.block_m, first.block_n, head_dim, fp8)
+        first = config or candidates(mode, capability)[0]  # the autotuner's pre-hook resets the tiles per config
+        tiles = _tiles(first.block_m, first.block_n, head_dim, flags.pv_fp8)
         q, k, v = (TensorDescriptor.from_tensor(t, tile) for t, tile in zip((q, k, v), tiles, strict=True))
-    args = [q, k, v, qs, ks, vs, out, out.stride(0), out.stride(2), out.stride(1),
+    args = [q, k, v, qs, ks, v_amax, out, out.stride(0), out.stride(2), out.stride(1),
             s, s_pad, seq_bucket(s), heads, LOG2E / math.sqrt(head_dim)]  # fmt: skip
-    meta = dict(HEAD_DIM=head_dim, FP8=fp8, ROUND_FP8=interpreting(), TMA=tma)
+    meta = dict(HEAD_DIM=head_dim, CHUNKS=chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8,
+                ROUND_FP8=interpreting(), TMA=tma)  # fmt: skip
     if config is None:
-        _tuned_attention(fp8, tma)[lambda m: (triton.cdiv(s, m["BLOCK_M"]), bh)](*args, **meta)
+        grid = lambda m: (triton.cdiv(s, m["BLOCK_M"]), bh)  # noqa: E731
+        launches.append(Launch("attention", _tuned_attention(mode, tma, capability), grid, args, meta))
     else:
-        K._attention_kernel[(triton.cdiv(s, config.block_m), bh)](
-            *args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n, WARP_SPECIALIZE=config.warp_specialize,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-    return out.view(batch, s, width)
+        meta |= dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                     num_stages=config.num_stages)  # fmt: skip
+        launches.append(Launch("attention", K._attention_kernel, (triton.cdiv(s, config.block_m), bh), args, meta))
+    return launches, out.view(batch, s, width)
 
 
-def _check_inputs(x: AttentionInputs, mode: str) -> tuple[int, int, int]:
+def flux_attention(
+    x: Sequence,
+    mode: str = "bf16",
+    out: torch.Tensor | None = None,
+    design: str = "auto",
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Fused Flux attention: RMSNorm(q, k) → RoPE → concat(text, image) → softmax(q kᵀ/√d) v.
+
+    ``x``: the fields of ``srpo_infer.attention.AttentionInputs``, in order.
+    ``mode``: ``bf16`` (the input dtype throughout), ``int8`` (INT8 q·kᵀ with K smoothed, p·v in the
+    input dtype; CUDA sm ≥ 80) or ``int8-fp8`` (INT8 q·kᵀ, e4m3 p·v; sm ≥ 89); see :data:`MODES`.
+    ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
+    ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`).
+    ``config``: run this :class:`KernelConfig` instead of the autotuner's choice (benchmark sweeps, tests).
+
+    >>> # out = flux_attention(AttentionInputs(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 24))
+    """
+    launches, result = plan(x, mode, out, design, config)
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.meta)
+    return result
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def _check_inputs(x: Sequence, mode: str, for_target: bool = False) -> tuple[int, int, int]:
     """Every argument check, before anything is allocated or launched: ``(s_txt, s, head_dim)``."""
     img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
     txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, _ = x[8:]
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     if img_q.dim() != 3:
         raise ValueError(f"img_q must be [batch, tokens, heads*head_dim], got shape {tuple(img_q.shape)}")
     if not isinstance(heads, int) or heads < 1 or img_q.shape[2] % heads:
@@ -256,10 +331,11 @@ def _check_inputs(x: AttentionInputs, mode: str) -> tuple[int, int, int]:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim} ({width} / {heads} heads)")
     if img_q.dtype not in DTYPES:
         raise ValueError(f"img_q dtype must be one of {DTYPES}, got {img_q.dtype}")
-    if img_q.device.type != "cuda" and not interpreting():
+    if img_q.device.type != "cuda" and not interpreting() and not for_target:
         raise ValueError(f"tensors are on {img_q.device}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
-    if mode == "fp8" and img_q.device.type == "cuda" and torch.cuda.get_device_capability(img_q.device) < (8, 9):
-        raise ValueError("mode='fp8' needs a GPU with fp8 tensor cores (sm >= 89); use mode='bf16'")
+    need = MODES[mode].min_capability
+    if img_q.device.type == "cuda" and torch.cuda.get_device_capability(img_q.device) < need:
+        raise ValueError(f"mode={mode!r} needs a GPU with compute capability >= {need[0]}.{need[1]}; use mode='bf16'")
     has_txt = txt_q is not None
     if has_txt != (txt_k is not None) or has_txt != (txt_v is not None):
         raise ValueError("txt_q, txt_k and txt_v must be given together")
@@ -291,3 +367,14 @@ def _check_inputs(x: AttentionInputs, mode: str) -> tuple[int, int, int]:
     if rope_sin.stride(0) != rope_cos.stride(0):
         raise ValueError("rope_cos and rope_sin must have the same row stride")
     return s_txt, s, head_dim
+
+
+def _check_stream(name: str, t: torch.Tensor, ref: torch.Tensor, width: int) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be [batch, tokens, heads*head_dim], got shape {tuple(t.shape)}")
+    if t.shape[0] != ref.shape[0] or t.shape[2] != width:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{ref.shape[0]}, tokens, {width}]")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} is {t.dtype} on {t.device}; expected {ref.dtype} on {ref.device} like img_q")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(2)})")

@@ -2,15 +2,13 @@
 
 As a custom op with a fake (meta) implementation, ``torch.compile(fullgraph=True)`` sees one opaque
 node with a known output shape instead of tracing into Triton launch code. A custom op's schema takes
-flat tensors, so here (and only here) :class:`AttentionInputs` is spelled out field by field; callers
-pass ``*inputs``.
+flat tensors, so here (and only here) the attention inputs are spelled out field by field, in the
+order of ``srpo_infer.attention.AttentionInputs``; callers pass ``*inputs``.
 """
 
 from __future__ import annotations
 
 import torch
-
-from srpo_infer.attention import AttentionInputs
 
 from . import launch
 
@@ -34,8 +32,8 @@ def flux_attention(
     mode: str = "bf16",
 ) -> torch.Tensor:
     """``srpo::flux_attention``: see :func:`srpo_infer.kernels.launch.flux_attention`."""
-    x = AttentionInputs(img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads,
-                        txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps)  # fmt: skip
+    x = (img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads,
+         txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps)  # fmt: skip
     return launch.flux_attention(x, mode=mode)
 
 

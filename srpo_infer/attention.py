@@ -1,13 +1,14 @@
 """The attention seam: one processor on every Flux attention module picks the backend once.
 
 Backends: ``sdpa`` (the stock math: RMSNorm → concat → RoPE → ``scaled_dot_product_attention``),
-``triton`` (our fused kernels, bf16/fp16) and ``triton-fp8`` (q·k and p·v in float8 e4m3). Blocks
-never branch on the backend; :func:`set_attention_backend` swaps the processor.
+``triton`` (our fused kernels in the model's dtype), ``triton-int8`` (q·kᵀ in INT8 with K smoothed,
+p·v in the model's dtype: the accurate 8-bit mode) and ``triton-int8-fp8`` (INT8 q·kᵀ, e4m3 p·v: the
+fast one). Blocks never branch on the backend; :func:`set_attention_backend` swaps the processor, and
+:func:`attend` runs any backend on one set of inputs.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import NamedTuple
 
@@ -17,6 +18,10 @@ import torch.nn.functional as F
 from .config import ATTENTION_BACKENDS
 
 BACKENDS = ATTENTION_BACKENDS
+# The one place a backend name becomes a kernel mode (srpo_infer.kernels.launch.MODES).
+KERNEL_MODES = {"triton": "bf16", "triton-int8": "int8", "triton-int8-fp8": "int8-fp8"}
+# What each 8-bit backend needs beyond the Triton kernels' sm 8.0 (INT8 tensor cores are on every such GPU).
+_MIN_CAPABILITY = {"triton-int8-fp8": (8, 9)}
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,33 +94,6 @@ def flux_attention_reference(x: AttentionInputs, sdpa_backend=None) -> torch.Ten
         with sdpa_kernel(sdpa_backend):
             out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
-
-
-def fp8_attention_emulation(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_qk: bool = True, fp8_pv: bool = True
-) -> torch.Tensor:
-    """The fp8 scheme of ``triton-fp8`` in float64 torch, for measuring its error without a GPU.
-
-    ``q, k, v``: normalised, rotated ``[B, H, S, D]``. q and k are quantised to e4m3 per (token, head),
-    v per (head, channel) over the sequence, probabilities as e4m3 of 256·p. ``fp8_qk`` / ``fp8_pv``
-    switch each matmul's quantisation off, to split the error between them
-    (``benchmarks/fp8_error.py`` prints that table).
-    """
-    f8 = torch.float8_e4m3fn
-
-    def quant(x: torch.Tensor, dim: int) -> torch.Tensor:
-        scale = x.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 448
-        return (x / scale).to(f8).to(torch.float64) * scale
-
-    q, k, v = (t.to(torch.float64) for t in (q, k, v))
-    if fp8_qk:
-        q, k = quant(q, -1), quant(k, -1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    denominator = p.sum(-1, keepdim=True)
-    if fp8_pv:
-        p, v = (p * 256).to(f8).to(torch.float64) / 256, quant(v, -2)
-    return p @ v / denominator
 
 
 def random_attention_inputs(
@@ -193,15 +171,31 @@ class FluxAttentionProcessor:
             attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
             attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
         )  # fmt: skip
-        if self.backend == "sdpa":
-            out = flux_attention_reference(x)
-        else:
-            out = torch.ops.srpo.flux_attention(*x, mode="fp8" if self.backend == "triton-fp8" else "bf16")
+        out = attend(x, self.backend)
         if eq is not None:
             txt_out, img_out = out.split_with_sizes([eq.shape[1], out.shape[1] - eq.shape[1]], dim=1)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
             return img_out, attn.to_add_out(txt_out.contiguous())
         return out
+
+
+def attend(inputs: AttentionInputs, backend: str = "sdpa") -> torch.Tensor:
+    """One Flux attention call through ``backend`` (:data:`BACKENDS`): ``[B, S_txt + S_img, H*D]``.
+
+    The seam every caller shares (the processor, the benchmarks, the tests, research code), so a
+    backend is compared with another on exactly the same inputs.
+
+    >>> x = random_attention_inputs(1, 2, 32, 3, 5, torch.float32)
+    >>> attend(x, "sdpa").shape
+    torch.Size([1, 8, 64])
+    """
+    if backend == "sdpa":
+        return flux_attention_reference(inputs)
+    if backend not in KERNEL_MODES:
+        raise ValueError(f"attention backend must be one of {list(BACKENDS)}, got {backend!r}")
+    import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
+
+    return torch.ops.srpo.flux_attention(*inputs, mode=KERNEL_MODES[backend])
 
 
 def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -234,8 +228,10 @@ def check_backend_available(backend: str, device: torch.device) -> None:
             f"attention={backend!r} needs a CUDA GPU (the Triton kernels run on CPU only under "
             "TRITON_INTERPRET=1, for testing); use attention='sdpa'"
         )
-    if backend == "triton-fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError("attention='triton-fp8' needs fp8 tensor cores (sm >= 89); use attention='triton'")
+    need = _MIN_CAPABILITY.get(backend)
+    if need and device.type == "cuda" and torch.cuda.get_device_capability(device) < need:
+        raise ValueError(f"attention={backend!r} needs fp8 tensor cores (sm >= {need[0]}{need[1]}); "
+                         "use attention='triton-int8'")  # fmt: skip
 
 
 MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor), tl.range(warp_specialize=)

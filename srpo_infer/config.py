@@ -24,7 +24,9 @@ TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"  # FLUX.1-dev sizes, random weights, built on the GPU
 COMPILE_SCOPES = ("regional", "full")
 COMPILE_MODES = ("default", "max-autotune")
-ATTENTION_BACKENDS = ("sdpa", "triton", "triton-fp8")
+ATTENTION_BACKENDS = ("sdpa", "triton", "triton-int8", "triton-int8-fp8")
+# Names that are gone, with what replaced them (an old script gets told, not a bare "must be one of").
+RETIRED_BACKENDS = {"triton-fp8": "triton-int8-fp8 (INT8 q·kᵀ, e4m3 p·v: ~4× less error than e4m3 q·kᵀ)"}
 MEMORY_MODES = ("auto", "gpu", "offload-model", "offload-group")  # see srpo_infer.memory
 QUANTIZE_MODES = ("fp8", "fp8-weight")
 # Module-name patterns (fnmatch, full dotted names) kept in the compute dtype when quantizing: the
@@ -93,7 +95,7 @@ class PipelineConfig:
     device: torch.device | str | None = None
     dtype: torch.dtype | str | None = None
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
-    attention: str = "auto"  # auto | sdpa | triton | triton-fp8
+    attention: str = "auto"  # auto | sdpa | triton | triton-int8 | triton-int8-fp8
     quantize: str | None = "auto"  # auto | fp8 | fp8-weight | None
     quantize_skip: tuple[str, ...] = DEFAULT_QUANTIZE_SKIP
     quantize_text_encoder: bool = False  # T5 in fp8-weight (~4.7 GB less memory), with or without quantize
@@ -176,9 +178,11 @@ def resolve_attention(backend: str) -> str:
     """``auto`` → ``sdpa`` for now: our kernels become the default once the attention benchmark shows
     them faster than the best stock path on the device at equal accuracy. On the H200 (2026-11-26)
     ``triton`` beat the eager prologue + cuDNN but its real rival under compile (the compiled prologue
-    + cuDNN) is not timed yet, and ``triton-fp8`` was 3.2× slower than ``triton``."""
+    + cuDNN) is not timed yet; the 8-bit backends have never run on a GPU."""
     if backend == "auto":
         return "sdpa"
+    if backend in RETIRED_BACKENDS:
+        raise ValueError(f"attention={backend!r} was replaced by {RETIRED_BACKENDS[backend]}")
     return _one_of("attention", backend, ("auto", *ATTENTION_BACKENDS))
 
 

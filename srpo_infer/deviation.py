@@ -30,3 +30,24 @@ def psnr(candidate, reference) -> float:
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
     mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def relative_l1(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """Σ|candidate − reference| / Σ|reference| in float64: the 8-bit attention papers' measure
+    (SageAttention reports it with :func:`cosine_similarity`).
+
+    >>> relative_l1(torch.tensor([1.0, -3.0]), torch.tensor([1.0, -2.0]))
+    0.3333333333333333
+    """
+    a, b = candidate.detach().to(torch.float64), reference.detach().to(torch.float64)
+    return ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+def cosine_similarity(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """Cosine of the angle between the two tensors, flattened, in float64.
+
+    >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))
+    1.0
+    """
+    a, b = candidate.detach().to(torch.float64).flatten(), reference.detach().to(torch.float64).flatten()
+    return (a @ b / (a.norm() * b.norm())).item()

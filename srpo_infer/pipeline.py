@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .attention import KERNEL_MODES
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
 from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, validate_request
@@ -254,7 +255,7 @@ class SRPOPipeline:
         """Compile (or load compiled artifacts) for ``sizes`` ahead of the first request.
 
         Runs a 2-step generation per size and acceleration level (two steps, so CUDA graphs record too;
-        ``regular``/``high`` run the step cache's stages). With ``attention="triton"`` one size per
+        ``regular``/``high`` run the step cache's stages). With a Triton attention backend one size per
         autotuning bucket is added, so no request pays a kernel benchmark. A compiled VAE decoder also decodes at the
         smallest and the largest valid size, because convolution guards split it into a small and a
         large graph; after warm-up no valid size compiles anything new. When compiled, the compile
@@ -263,7 +264,7 @@ class SRPOPipeline:
         >>> pipe.warmup([(1024, 1024), (1440, 512)])  # doctest: +SKIP
         """
         sizes = list(sizes or [(1024, 768)])
-        if self.config.attention == "triton":  # its autotuner keys on 4 sequence buckets: warm them all
+        if self.config.attention in KERNEL_MODES:  # their autotuners key on 4 sequence buckets: warm them all
             sizes += attention_warmup_sizes(sizes, self.config.max_sequence_length)
         timings = {}
         for width, height in sizes:
