@@ -85,7 +85,8 @@ def markdown(result: dict) -> str:
     lines = [f"8-bit attention error, emulated in float64 ({shape['s_txt']}+{shape['s_img']} tokens, "
              f"{shape['heads']} heads, D=128, key tiles of {shape['block_n']}; {result['date']}); worst of "
              f"{len({r['seed'] for r in result['rows']})} seed(s)", "",
-             "| inputs | scheme | rel. L1 | rel. L2 | cosine | bound (rel. L1) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| inputs | scheme | rel. L1 | rel. L2 | cosine | bound (rel. L1) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for family in dict.fromkeys(r["inputs"] for r in result["rows"]):
         for scheme in dict.fromkeys(r["scheme"] for r in result["rows"]):
             rows = [r for r in result["rows"] if r["inputs"] == family and r["scheme"] == scheme]

@@ -9,7 +9,7 @@
 # them as wheels in .whl/ (README, "Measuring on a GPU"). Results: at most 8 files under $OUT
 #   log.txt                    versions, GPU, every step's output, the GPU tests
 #   attention.json/.md         benchmarks/bench_attention.py --sweep: SDPA rivals, our kernels, every config
-#   bench.json/.md/.png        srpo-infer bench: +compile vs +compile+triton(-fp8), diffusers, ... (1024², 1440×512)
+#   bench.json/.md/.png        srpo-infer bench: +compile vs +compile+triton(-int8-fp8), diffusers, ... (1024², 1440×512)
 #   warmup-cold.json/-warm.json  srpo-infer warmup in two fresh processes (the second loads the saved cache)
 # CPU dry run of the plumbing (in an environment with the project's dependencies):
 #   MODEL=tiny-random ATTENTION_ARGS=--smoke OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh
@@ -86,7 +86,7 @@ step "gpu tests" 100 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" 
 #    time lasts. The report is rewritten after every row.
 step "pipeline bench" 230 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1440x512 --no-official --repeats 2 \
   --config-timeout 100 --out "$WORK/bench" \
-  --configs +compile +compile+triton +compile+triton-fp8 diffusers +compile+fp8 all +compile-full \
+  --configs +compile +compile+triton +compile+triton-int8-fp8 diffusers +compile+fp8 all +compile-full \
   mem:offload-model mem:offload-group
 cp "$WORK"/bench/bench.{json,md,png} "$OUT"/ 2>/dev/null
 

@@ -255,9 +255,11 @@ def _attend(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if PV_FP8:
             vt = _tile(v, v_row, start, HEAD_DIM, BLOCK_N, S_pad, TMA)  # [D, BLOCK_N]: K-major for p·v
-            # Two-level accumulation: a fresh accumulator per tile (Hopper's fp8 MMA keeps ~22 bits),
-            # added to the fp32 sum here. Written as a separate add, not tl.dot(p, v, acc).
-            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, vt.dtype, ROUND_FP8), tl.trans(vt))
+            # Two-level accumulation: a fresh accumulator per tile (the fp8 MMA of Ada and Hopper keeps
+            # ~22 bits), added to the fp32 sum here. A non-zero max_num_imprecise_acc keeps Triton from
+            # folding the add back into the dot (it does so on sm89 otherwise: benchmarks/kernel_static.py).
+            pv = tl.dot(_to_fp8(p, vt.dtype, ROUND_FP8), tl.trans(vt), max_num_imprecise_acc=BLOCK_N)
+            acc = acc * alpha[:, None] + pv
         else:
             vv = _tile(v, kv_row + start, 0, BLOCK_N, HEAD_DIM, HEAD_DIM, TMA)
             acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])

@@ -34,3 +34,33 @@ def test_attention_benchmark_smoke(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| candidate |" in table and "| rival: compiled prologue + SDPA |" in table
     assert result["tuned_configs"] and all("BLOCK_M" in v for v in result["tuned_configs"].values())
+
+
+def test_static_check_finds_what_cannot_run_on_hopper():
+    """benchmarks/kernel_static.py compiles for sm_90a without a GPU (in a process without the
+    interpreter). It must flag a tile configuration that needs more shared memory than Hopper has
+    (128x128 bf16, 4 stages: 288 KiB) and the pre-pass as it shipped before (64 rows on 4 warps:
+    spills), and pass the shipped choices."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+from kernel_static import check
+from srpo_infer.kernels import launch
+rows = [check(dict(kernel="attention", mode="bf16", design="pointer", config=c, target=(9, 0)))
+        for c in [(128, 128, 8, 4), tuple(launch.gpu_candidates("bf16", (9, 0))[0])]]
+rows.append(check(dict(kernel="attention", mode="int8-fp8", design="tma", config=(128, 64, 8, 3), target=(9, 0))))
+rows.append(check(dict(kernel="prologue", mode="bf16", design="-", config=None, target=(9, 0))))
+launch.PROLOGUE_ROWS, launch.PROLOGUE_WARPS = 64, 4
+rows.append(check(dict(kernel="prologue", mode="bf16", design="-", config=None, target=(9, 0))))
+print(json.dumps(rows))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    too_big, shipped, fast_8bit, prologue, old_prologue = json.loads(run.stdout.splitlines()[-1])
+    assert too_big["smem_bytes"] > too_big["smem_limit"] and "shared memory" in too_big["problems"][0]
+    assert shipped["problems"] == [] and shipped["mma"] == ["bf16"] and shipped["regs"] <= 255
+    assert fast_8bit["problems"] == [] and {"s8", "e4m3"} <= set(fast_8bit["mma"]) and fast_8bit["tma_copies"] > 0
+    assert fast_8bit["fp8_accumulators"] and set(fast_8bit["fp8_accumulators"]) == {"fresh"}
+    assert prologue["problems"] == [] and prologue["spill_bytes"] == 0
+    assert old_prologue["spill_bytes"] > 0 and "spills" in old_prologue["problems"][0]

@@ -1,4 +1,4 @@
-"""GPU checks of the Triton attention at real Flux shapes, bf16 and fp8 (skipped without CUDA)."""
+"""GPU checks of the Triton attention at real Flux shapes, bf16 and the 8-bit modes (skipped without CUDA)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ SHAPES = [(512, 3072), (512, 2880), (512, 4096), (0, 4608)]
 # bf16: inputs are rounded to bf16 before the fp64 reference too, so this bounds the kernel's own
 # error (bf16 output rounding ≈ 2e-3 relative, plus P in bf16 for the second matmul).
 BF16_BOUND = 1e-2
-FP8_BOUND = 0.08  # same bound as the CPU kernel tests; benchmarks/fp8_error.py explains the floor
 
 
 def _inputs(s_txt, s_img, dtype=torch.bfloat16, **kw):
@@ -46,21 +45,49 @@ def test_bf16_real_shapes(shape, design):
     assert rel_err(out, ref) <= 1.5 * rel_err(stock, ref) + 1e-3
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores"
-)
+# The 8-bit modes' bounds (relative L1 vs float64, issue 18), as benchmarks/attention_error.py checks
+# them in emulation: random inputs here.
+L1_BOUND = {"int8": 1.5e-2, "int8-fp8": 4.5e-2}
+
+
+def _modes():
+    """The 8-bit modes this GPU runs (int8-fp8 needs fp8 tensor cores, sm >= 89)."""
+    if not torch.cuda.is_available():
+        return ["int8"]
+    return ["int8"] + (["int8-fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+
+
+@pytest.mark.parametrize("mode", _modes())
 @pytest.mark.parametrize("design", _designs())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fp8_real_shapes(shape, design):
+def test_8bit_real_shapes(shape, design, mode):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
+    from srpo_infer.deviation import relative_l1
 
     kw = _inputs(*shape)
     ref = flux_attention_reference(as_float64(kw))
-    out = flux_attention(kw, mode="fp8", design=design)
+    out = flux_attention(kw, mode=mode, design=design)
     assert not out.isnan().any()
-    assert rel_err(out, ref) < FP8_BOUND
+    assert relative_l1(out, ref) < L1_BOUND[mode], relative_l1(out, ref)
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_8bit_matches_the_emulation_on_the_gpu(mode):
+    """Within 1e-2 of the float64 emulation with the fp8 accumulator model (2 heads of 1024²): a GPU
+    whose fp8 accumulation differs from the model, or a kernel that accumulates in place, shows here."""
+    from srpo_infer.kernels.launch import flux_attention
+
+    from srpo_infer.attention import attention_prologue
+    from srpo_infer.deviation import relative_l1
+    from srpo_infer.quantised_attention import emulate
+
+    kw = make_inputs(1, 2, 128, 512, 4096, torch.bfloat16, "cuda", seed=3)
+    out = flux_attention(kw, mode=mode).cpu()
+    q, k, v = (t.cpu() for t in attention_prologue(as_float64(kw)))
+    emu = emulate(q, k, v, qk="int8", pv="bfloat16" if mode == "int8" else "e4m3").transpose(1, 2).flatten(2)
+    assert relative_l1(out, emu) < 1e-2, relative_l1(out, emu)
 
 
 @pytest.mark.parametrize("design", _designs())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_kernels_are_not_a_top_level_package(tmp_path):
@@ -22,3 +23,15 @@ def test_public_api_names():
 
     for name in ("load_pipeline", "generate", "GenerationResult", "PipelineConfig", "CheckpointError"):
         assert hasattr(srpo_infer, name), name
+
+
+def test_kernels_are_a_leaf():
+    """kernels/ imports nothing from srpo_infer (the library imports the kernels, never the reverse)."""
+    import ast
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(n == "srpo_infer" or n.startswith("srpo_infer.") for n in names), (path.name, names)

@@ -108,12 +108,13 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
 
 
 def test_sigterm_drains_every_request_in_flight_then_exits_zero(tmp_path):
-    proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none")
+    # A drain time no busy machine can outlast: the test waits for the answers, not for a clock.
+    proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none", "--drain-timeout", "3600")
     try:
         _wait(lambda: _health(url) == 200, timeout=180)
         body = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 50, "seed": 1}
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(post, url, body) for _ in range(4)]
+            futures = [pool.submit(post, url, body, 900) for _ in range(4)]  # the last waits for three
             # All four accepted (one running, three queued) before the signal: a request arriving after
             # it is refused with 503 by design (tested in test_a_drain_that_runs_out_of_time_...).
             _wait(lambda: _queue_depth(url) >= 3)
