@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .compile import guard_failures, new_guard_failures
 from .config import PipelineConfig
 from .deviation import psnr, relative_error
 from .request import GenerationRequest
@@ -74,16 +75,32 @@ CPU_SMOKE = (
     BenchConfig("ours-eager"),
     BenchConfig("+fp8-weight", quantize="fp8-weight"),
     BenchConfig("+compile", compile=True),
-    BenchConfig("+compile-full", compile=True, compile_scope="full"),
     BenchConfig("+cache-high", acceleration="high"),
 )
+CPU_EXTRA = (BenchConfig("+compile-full", compile=True, compile_scope="full"),)  # by name: a second C++ build
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What ``srpo-infer bench`` runs when not told: the real settings on a GPU; on a CPU a set that
+    shows every mechanism and finishes in a few minutes (measured: see ``CPU_DEFAULTS_SECONDS``)."""
+
+    sizes: tuple[str, ...]
+    steps: int
+    official: bool  # also 1024x1024 at 50 steps, SRPO's own setting
+    repeats: int
+
+
+GPU_DEFAULTS = Defaults(("1024x768", "1440x512", "1024x1024"), 28, True, 3)
+CPU_DEFAULTS = Defaults(("512x512", "768x512"), 4, False, 2)
+CPU_DEFAULTS_SECONDS = 150  # tiny-random, idle 2-core machine, 2026-11-29 (README: the bench)
 
 
 def select_configs(names: list[str] | None, device: torch.device) -> list[BenchConfig]:
     """The configurations to run, in the order given (default: the device's whole table)."""
     if names is None:
         return list(ABLATION if device.type == "cuda" else CPU_SMOKE)
-    known = {c.name: c for c in (*CPU_SMOKE, *ABLATION)}
+    known = {c.name: c for c in (*CPU_SMOKE, *CPU_EXTRA, *ABLATION)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"--configs: unknown configuration(s) {unknown}; known: {list(known)}")
@@ -362,6 +379,7 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
     runner = _Baseline(pipe) if bench.baseline else None
     graphs_start = pipe.compiled_graphs()
     graphs_after_first = None
+    failures_after_first: dict[str, list[str]] = {}
     for setting in args.settings:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -379,6 +397,7 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
                     first = seconds
                     if graphs_after_first is None:
                         graphs_after_first = pipe.compiled_graphs()
+                        failures_after_first = guard_failures()
                 else:
                     times.append(seconds)
                     denoise.append(den)
@@ -402,6 +421,8 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
             graphs_compiled=pipe.compiled_graphs() - graphs_start,
             recompiles_after_first_size=pipe.compiled_graphs() - (graphs_after_first or graphs_start),
         )
+        if row["recompiles_after_first_size"]:  # what compiled, and why (torch.compile's failed guards)
+            row["recompile_reasons"] = new_guard_failures(failures_after_first) or ["a new graph (no guard failed)"]
         if bench.baseline:
             shared.reference[setting.label] = (latents.float().cpu(), image)
         if setting.label in shared.reference:
@@ -498,9 +519,21 @@ def markdown_table(result: dict) -> str:
     head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
             f"median of {result['repeats']}")  # fmt: skip
     lines = [head, "", markdown_header(), *(markdown_row(r) for r in result["rows"])]
+    lines += ["", RECOMPILES_EXPLAINED]
+    for r in result["rows"]:
+        for reason in r.get("recompile_reasons", []):
+            lines.append(f"- {r['config']} at {r['setting']}: {reason}")
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
     return "\n".join(lines)
+
+
+RECOMPILES_EXPLAINED = (
+    "recompiles: graphs torch.compile built at this setting after the configuration's first setting. The "
+    "bench calls no warmup() (it times the first call instead), so a whole-model compile may build its VAE "
+    "decoder's large-size graph here: convolution guards split the decoder into a small and a large graph, "
+    "which warmup() builds ahead of any request. Each recompile's reason (the guard that failed) is listed:"
+)
 
 
 def chart(result: dict, path: Path) -> None:
@@ -541,6 +574,11 @@ def write_reports(result: dict, out_dir: Path) -> dict[str, Path]:
     try:
         chart(result, paths["png"])
     except ImportError:  # the chart is a convenience; the numbers are in the JSON and the table
-        log.warning("no chart: matplotlib is missing (pip install 'srpo-infer[bench]')")
+        if not _said["no matplotlib"]:  # reports are rewritten after every row: say it once
+            log.warning("no chart: matplotlib is missing (pip install 'srpo-infer[bench]')")
+            _said["no matplotlib"] = True
         del paths["png"]
     return paths
+
+
+_said = {"no matplotlib": False}

@@ -91,20 +91,61 @@ def _snapshot_download(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    # Pipeline repos keep the transformer in a subfolder; SRPO ships a single top-level file.
+    patterns = ["*.safetensors", "*.json", "transformer/*.safetensors", "transformer/*.json"]
+    cached = cached_snapshot(repo_id, patterns, "model")
+    if cached is not None:
+        return cached
     try:
-        # Pipeline repos keep the transformer in a subfolder; SRPO ships a single top-level file.
-        return snapshot_download(
-            repo_id,
-            allow_patterns=["*.safetensors", "*.json", "transformer/*.safetensors", "transformer/*.json"],
-            token=os.environ.get("HF_TOKEN") or None,
-        )
+        return snapshot_download(repo_id, allow_patterns=patterns, token=os.environ.get("HF_TOKEN") or None)
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and downloading is off "
-            "(HF_HUB_OFFLINE=1 or no network); pass a local file or folder instead"
+            f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded; "
+            "pass a local file or folder instead"
         ) from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"could not download model {repo_id!r}: {exc}") from exc
+
+
+def cached_snapshot(repo_id: str, patterns: list[str], what: str) -> str | None:
+    """The cached snapshot folder of ``repo_id``, or ``None`` when a download is needed and can happen.
+
+    When it cannot (``HF_HUB_OFFLINE`` is set, or the Hub does not answer within a few seconds) this
+    says so at once, in one line: the Hub client would otherwise retry for ~20 s and then blame the
+    repo (gated, missing) for what is a missing network.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            "set: download it once with network (unset HF_HUB_OFFLINE), or pass a local folder"
+        )
+    host = hub_unreachable(constants.ENDPOINT)
+    if host:
+        raise CheckpointError(f"{what} {repo_id!r} is not in the local Hugging Face cache and {host} cannot be "
+                              "reached (no network?): connect, or pass a local folder; set HF_HUB_OFFLINE=1 to "
+                              "use only the cache")  # fmt: skip
+    return None
+
+
+def hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """``endpoint``'s host when no TCP connection to it opens within ``timeout`` seconds, else ``None``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError:
+        return url.netloc
 
 
 # --------------------------------------------------------------------------- reading the header

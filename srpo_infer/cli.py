@@ -6,12 +6,13 @@ srpo-infer generate "a T-Rex on a beach" --model tiny-random --width 1440 --heig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-from .config import ATTENTION_BACKENDS, COMPILE_MODES, COMPILE_SCOPES, DEFAULT_MODEL, QUANTIZE_MODES
 from .request import ACCELERATIONS, DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE_PRESETS
 
 # Library field names → the flags a CLI user typed, so errors name what the user can change.
@@ -26,42 +27,93 @@ def _as_flags(message: str) -> str:
     return f"{FLAGS[field]} {rest}" if field in FLAGS else message
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once: not when it is None (the help text says what None means) or already said."""
+class _Help(argparse.HelpFormatter):
+    """One style for defaults: ``[default: X]`` after the help, once. A help text that explains its own
+    default (``[default: cuda if available]``) keeps it; ``None`` defaults show nothing more."""
 
     def _get_help_string(self, action):
-        if action.default is None or "[default:" in (action.help or "") or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if "[default:" in text or action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
+            return text
+        return f"{text} [default: {_shown(action.default)}]"
+
+
+def _shown(value) -> str:
+    """A default as a user types it: on/off/none for True/False/None, lists space-separated."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_shown, value))
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "none"}[value]
+    return str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes (``--steps two``, ``--format gif``) in the same one line and exit code 2
+    as ours, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"srpo-infer: error: {message}\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = _Parser(
         prog="srpo-infer",
         description="Fast inference for Tencent's SRPO text-to-image model (FLUX.1-dev fine-tune).",
-        epilog="Try it without a GPU or a download:  srpo-infer generate 'a cat' --model tiny-random",
+        epilog="Try it without a GPU or a download:\n  srpo-infer generate 'a cat' --model tiny-random",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"srpo-infer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_bench, _add_warmup, _add_serve):
         add(sub)
     return parser
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    """What to load and where: the same three options for every command that loads a pipeline."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="transformer: HF repo id, folder, .safetensors file, 'tiny-random' (no download, CPU) or "
-                   "'full-random' (FLUX.1-dev sizes, random weights, GPU)")  # fmt: skip
-    p.add_argument("--base", default=None,
-                   help="VAE/text encoders/scheduler: HF repo id or folder "
-                   "[default: FLUX.1-dev; tiny for tiny-random]")  # fmt: skip
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … [default: cuda if available]")
+def _load_fields() -> list:
+    """The :class:`PipelineConfig` fields every loading command offers as flags (one definition)."""
+    from dataclasses import fields
+
+    from .config import PipelineConfig
+
+    return [f for f in fields(PipelineConfig) if f.metadata.get("cli")]
 
 
-def _add_optimizations(p: argparse.ArgumentParser) -> None:
-    """The pipeline's speed switches, shared by the commands that load one for long."""
-    p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_BACKENDS])
-    p.add_argument("--quantize", default="auto", choices=["auto", *QUANTIZE_MODES, "none"])
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_load_options(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """What to load and how to run it: a flag per :class:`PipelineConfig` field, with that field's
+    help, allowed values and default (``defaults`` overrides a command's own)."""
+    defaults = defaults or {}
+    group = p.add_argument_group("loading and speed (the library's load_pipeline options)")
+    for f in _load_fields():
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        choices = f.metadata["choices"]
+        if isinstance(default, bool) and choices is None:  # a plain switch: --lora-fuse / --no-lora-fuse
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{f.metadata['help']} [default: {_shown(default)}]")  # fmt: skip
+            continue
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
+        shown = choices is not None and default in choices  # else None: "not given", the help says what then
+        group.add_argument(_flag(f.name), default=_shown(default) if shown else default, type=kind,
+                           choices=[_shown(c) for c in choices] if choices else None,
+                           metavar=None if choices else f.name.upper(), help=f.metadata["help"])  # fmt: skip
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """The parsed load flags as :func:`~srpo_infer.load_pipeline` keywords (on/off/none → True/False/None)."""
+    options = {}
+    for f in _load_fields():
+        value = getattr(args, f.name)
+        if f.metadata["choices"] is not None and value is not None:
+            value = {_shown(c): c for c in f.metadata["choices"]}[value]
+        options[f.name] = value
+    if options.get("cache_dir") is None:
+        del options["cache_dir"]  # the config's own default ($SRPO_CACHE_DIR/compile)
+    return options
 
 
 def _add_generate(sub) -> None:
@@ -76,7 +128,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--width", type=int, default=None, help="512–1536, multiple of 32 [default: 1024]")
     g.add_argument("--height", type=int, default=None, help="512–1536, multiple of 32 [default: 768]")
     g.add_argument("--image-size", choices=sorted(IMAGE_SIZE_PRESETS), help="a preset instead of --width/--height")
-    g.add_argument("--seed", type=int, default=None, help="noise seed; random when omitted (printed in the JSON)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]")  # fmt: skip
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps, 1–50")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale, 1–20")
     g.add_argument("--num-images", type=int, default=1, help="1–4; image i uses seed + i")
@@ -85,13 +138,6 @@ def _add_generate(sub) -> None:
         default="none",
         choices=list(ACCELERATIONS),
         help="first-block step caching: none is exact; regular/high skip work on steps that change little",
-    )
-    _add_model(g)
-    g.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="compute dtype [default: bfloat16 on CUDA, float32 on CPU]",
     )
     g.add_argument(
         "--output",
@@ -107,15 +153,21 @@ def _add_generate(sub) -> None:
         help="image format [default: from --output's extension, else jpeg]",
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _add_load_options(g)
 
 
 def _add_bench(sub) -> None:
+    from .bench import CPU_DEFAULTS, CPU_DEFAULTS_SECONDS, CPU_SMOKE, GPU_DEFAULTS
+
+    gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
     b = sub.add_parser(
         "bench",
         help="benchmark diffusers vs our pipeline, one optimization at a time (JSON, Markdown, PNG)",
         description="Runs stock diffusers FluxPipeline (baseline) and our pipeline with each optimization "
-        "added one at a time, on the same weights, prompt and seed, in one process. On a CPU only the "
-        "smoke set runs (baseline, eager, fp8-weight, compile).",
+        "added one at a time, on the same weights, prompt and seed, in one process. On a GPU: the whole "
+        "table at the real settings. On a CPU: " + ", ".join(c.name for c in CPU_SMOKE) + f" on the tiny "
+        f"model at {' '.join(cpu.sizes)}, {cpu.steps} steps (about {CPU_DEFAULTS_SECONDS // 60 + 1} minutes on "
+        "2 cores).",
         formatter_class=_Help,
     )
     b.add_argument("--model", default=None,
@@ -123,19 +175,37 @@ def _add_bench(sub) -> None:
                    "[default: full-random on CUDA, tiny-random on CPU]")  # fmt: skip
     b.add_argument("--base", default=None, help="base components for real weights [default: FLUX.1-dev]")
     b.add_argument("--device", default=None, help="cpu, cuda … [default: cuda if available]")
-    b.add_argument("--sizes", nargs="+", default=["1024x768", "1440x512", "1024x1024"], help="WIDTHxHEIGHT …")
-    b.add_argument("--steps", type=int, default=28, help="denoising steps per image")
-    b.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the official SRPO setting: 1024x1024, 50 steps")  # fmt: skip
+    b.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        help=f"WIDTHxHEIGHT … [default: {' '.join(gpu.sizes)} on a GPU, {' '.join(cpu.sizes)} on a CPU]",
+    )
+    b.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps per image [default: {gpu.steps} on a GPU, {cpu.steps} on a CPU]",
+    )
+    b.add_argument(
+        "--official",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the official SRPO setting: 1024x1024, 50 steps [default: on a GPU only]",
+    )
     b.add_argument("--configs", nargs="+", default=None,
                    help="these configurations, in this order (put diffusers first: deviations are measured "
-                   "against it) [default: the whole table]")  # fmt: skip
+                   "against it) [default: the device's whole table]")  # fmt: skip
     b.add_argument("--config-timeout", type=float, default=None,
                    help="seconds per configuration (all its sizes); past it the configuration becomes an error "
                    "row and the next one runs [default: no limit]")  # fmt: skip
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per setting, after one warm-up [default: {gpu.repeats} on a GPU, "
+                   f"{cpu.repeats} on a CPU]")  # fmt: skip
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
-    b.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json, bench.md, bench.png")
+    b.add_argument("--out", default=None,
+                   help="folder for bench.json, bench.md, bench.png [default: a new folder in the system's temp "
+                   "directory, printed at the end]")  # fmt: skip
 
 
 def _add_warmup(sub) -> None:
@@ -148,16 +218,12 @@ def _add_warmup(sub) -> None:
         "twice: the second process shows compile-cache hits instead of misses.",
         formatter_class=_Help,
     )
-    _add_model(w)
     w.add_argument("--sizes", nargs="+", default=["1024x768"], help="WIDTHxHEIGHT sizes to warm up")
     w.add_argument("--check-sizes", nargs="*", default=[], help="WIDTHxHEIGHT sizes to generate after warm-up")
-    w.add_argument("--acceleration", nargs="+", default=["none"], choices=list(ACCELERATIONS))
-    _add_optimizations(w)
-    w.add_argument("--compile-scope", default="regional", choices=list(COMPILE_SCOPES))
-    w.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES))
-    w.add_argument("--compile-backend", default="inductor")
-    w.add_argument("--cache-dir", default=None, help="compiled artifacts [default: $SRPO_CACHE_DIR/compile]")
+    w.add_argument("--acceleration", nargs="+", default=["none"], choices=list(ACCELERATIONS),
+                   help="step-caching levels to warm up")  # fmt: skip
     w.add_argument("--out", default=None, help="also write the JSON report to this file")
+    _add_load_options(w, defaults={"compile": True})
 
 
 def _add_serve(sub) -> None:
@@ -169,9 +235,8 @@ def _add_serve(sub) -> None:
         "/health answers 503 until it is ready.",
         formatter_class=_Help,
     )
-    _add_model(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
     s.add_argument("--output-dir", default="outputs", help="where generated images are stored and served from")
     s.add_argument("--public-url", default=None,
@@ -182,8 +247,6 @@ def _add_serve(sub) -> None:
                    help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
     s.add_argument("--default-acceleration", default="regular", choices=list(ACCELERATIONS),
                    help="acceleration for requests that do not say (the hosted API's default is regular)")  # fmt: skip
-    _add_optimizations(s)
-    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     s.add_argument("--allow-unknown-fields", action="store_true",
                    help="ignore unknown request fields instead of answering 422 (for lenient clients)")  # fmt: skip
     s.add_argument("--max-cost", type=float, default=None,
@@ -204,6 +267,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
                    "the rest 503")  # fmt: skip
+    _add_load_options(s)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -228,7 +292,7 @@ def _generate(args: argparse.Namespace) -> int:
     fmt = args.output_format
     if fmt is None:
         fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(output.suffix.lower(), "jpeg")
-    pipe = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    pipe = load_pipeline(**_load_options(args), progress=not args.quiet)
     result = pipe.generate(
         args.prompt,
         width=width,
@@ -260,12 +324,7 @@ def _sizes(texts: list[str], flag: str) -> list[tuple[int, int]]:
 def _warmup(args: argparse.Namespace) -> int:
     from .warm_start import warm_start_report
 
-    options = dict(model=args.model, base=args.base, device=args.device, attention=args.attention,
-                   quantize=None if args.quantize == "none" else args.quantize, compile=True,
-                   compile_scope=args.compile_scope, compile_mode=args.compile_mode,
-                   compile_backend=args.compile_backend, progress=False)  # fmt: skip
-    if args.cache_dir is not None:
-        options["cache_dir"] = args.cache_dir
+    options = {**_load_options(args), "progress": False}
     report = warm_start_report(_sizes(args.sizes, "--sizes"), _sizes(args.check_sizes, "--check-sizes"),
                                tuple(args.acceleration), **options)  # fmt: skip
     text = json.dumps(report, indent=2)
@@ -277,25 +336,39 @@ def _warmup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
 
-    from .bench import BenchArgs, Setting, markdown_header, markdown_row, run_benchmark, write_reports
+    from .bench import (
+        CPU_DEFAULTS,
+        GPU_DEFAULTS,
+        BenchArgs,
+        Setting,
+        markdown_header,
+        markdown_row,
+        run_benchmark,
+        write_reports,
+    )
+    from .config import resolve_device
 
-    settings = [Setting(w, h, args.steps) for w, h in _sizes(args.sizes, "--sizes")]
-    if args.official:
+    on_gpu = resolve_device(args.device).type == "cuda"
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    steps = args.steps if args.steps is not None else defaults.steps
+    settings = [Setting(w, h, steps) for w, h in _sizes(args.sizes or list(defaults.sizes), "--sizes")]
+    if args.official if args.official is not None else defaults.official:
         settings.append(Setting(1024, 1024, 50))
-    model = args.model or ("full-random" if torch.cuda.is_available() else "tiny-random")
+    model = args.model or ("full-random" if on_gpu else "tiny-random")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="srpo-bench-"))
 
     def on_row(row: dict, partial: dict) -> None:  # print each row as it lands; keep the reports current
         print(markdown_row(row), flush=True)
-        write_reports(partial, Path(args.out))
+        write_reports(partial, out)
 
     print(markdown_header(), flush=True)
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
-        repeats=args.repeats, compile_backend=args.compile_backend, config_timeout=args.config_timeout,
+        repeats=args.repeats or defaults.repeats, compile_backend=args.compile_backend,
+        config_timeout=args.config_timeout,
     ), on_row=on_row)  # fmt: skip
-    paths = write_reports(result, Path(args.out))
+    paths = write_reports(result, out)
     print()
     print(paths["md"].read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -313,27 +386,25 @@ def _serve(args: argparse.Namespace) -> int:
     for flag, value in (("--retention-hours", args.retention_hours), ("--retention-gb", args.retention_gb)):
         if not value >= 0:
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {value}")
-    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     app_options = dict(
         allow_unknown_fields=args.allow_unknown_fields, max_cost=args.max_cost,
         retention_seconds=args.retention_hours * 3600 or None, retention_bytes=int(args.retention_gb * 2**30) or None,
     )  # fmt: skip
-    quantize = None if args.quantize == "none" else args.quantize
-    pipeline_options = dict(base=args.base, device=args.device, attention=args.attention, quantize=quantize,
-                            compile=compile_flag)  # fmt: skip
+    pipeline_options = _load_options(args)
+    model = pipeline_options.pop("model")
     if args.replicas > 1 or args.ray_address or args.max_replicas:
-        return _serve_on_ray(args, app_options, pipeline_options)
+        return _serve_on_ray(args, model, app_options, pipeline_options)
     return serve(
-        args.model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
+        model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
         public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
         default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, app_options=app_options,
         **pipeline_options,
     )  # fmt: skip
 
 
-def _serve_on_ray(args: argparse.Namespace, app_options: dict, pipeline_options: dict) -> int:
+def _serve_on_ray(args: argparse.Namespace, model: str, app_options: dict, pipeline_options: dict) -> int:
     import os
 
     from .config import resolve_device
@@ -343,10 +414,22 @@ def _serve_on_ray(args: argparse.Namespace, app_options: dict, pipeline_options:
     app_options |= dict(api_key=args.api_key or os.environ.get("SRPO_API_KEY") or None, output_dir=args.output_dir,
                         public_url=args.public_url, max_queue=args.max_queue)  # fmt: skip
     return serve_replicas(
-        args.model, host=args.host, port=args.port, ray_address=args.ray_address, replicas=args.replicas,
-        max_replicas=args.max_replicas, use_gpu=resolve_device(args.device).type == "cuda",
+        model, host=args.host, port=args.port, ray_address=args.ray_address, replicas=args.replicas,
+        max_replicas=args.max_replicas, use_gpu=resolve_device(pipeline_options.get("device")).type == "cuda",
         pipeline_options=pipeline_options, app_options=app_options, default_acceleration=args.default_acceleration,
     )  # fmt: skip
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """``unknown option '--stpes': did you mean '--steps'?``, in the words the server and library use."""
+    from .request import unknown_names_message
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = [o for a in commands.choices[command]._actions for o in a.option_strings if o.startswith("--")]
+    flags = [u.split("=")[0] for u in unknown if u.startswith("-")]
+    if not flags:
+        return f"unexpected arguments: {' '.join(unknown)} (quote a prompt that has spaces)"
+    return unknown_names_message(flags, known, what="option")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     Errors the user can fix (bad arguments, bad checkpoints) print one line, not a traceback.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unknown_flags(parser, args.command, unknown))
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(message)s"
     )

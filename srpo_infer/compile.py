@@ -81,6 +81,22 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def guard_failures() -> dict[str, list[str]]:
+    """Why torch.compile recompiled so far, per compiled function: the guards that failed (a new shape
+    outside the compiled range, a new dtype…), in order. Copies, so a caller can diff two snapshots."""
+    from torch._dynamo.utils import guard_failures as failures
+
+    return {getattr(code, "co_name", str(code)): [str(r) for r in reasons] for code, reasons in failures.items()}
+
+
+def new_guard_failures(before: dict[str, list[str]]) -> list[str]:
+    """The recompile reasons since the ``before`` snapshot of :func:`guard_failures`, one line each."""
+    lines = []
+    for name, reasons in guard_failures().items():
+        lines += [f"{name}: {r.splitlines()[0][:200]}" for r in reasons[len(before.get(name, [])) :]]
+    return lines
+
+
 def cache_counters() -> dict[str, int]:
     """Compile-cache hits and misses so far in this process (Inductor FX graphs, AOTAutograd).
 

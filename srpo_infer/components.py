@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import is_repo_id, load_transformer
+from .checkpoint import cached_snapshot, is_repo_id, load_transformer
 from .config import FULL_RANDOM, TINY_RANDOM, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def _load_pretrained_base(base: str, dtype: torch.dtype) -> dict:
         absent = [s for s in BASE_SUBFOLDERS if not (Path(base) / s).is_dir()]
         if absent:
             raise ValueError(f"base folder {base!r} is not a FLUX.1 pipeline folder: it lacks the subfolders {absent}")
+    else:  # a repo id: not cached and no way to download is one line now, not ~20 s of retries
+        cached_snapshot(base, ["model_index.json", *(f"{s}/*" for s in BASE_SUBFOLDERS)], "base")
     loaders = {
         "vae": lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype),

@@ -78,6 +78,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
+def _option(default, help: str, choices: tuple | None = None, cli: bool = True, factory=None):
+    """A :class:`PipelineConfig` field with what a command line needs to offer it: the help text, the
+    allowed values (``True``/``False``/``None`` shown as on/off/none) and whether commands get a flag.
+    ``srpo_infer.cli`` builds every command's load options from these, so a new field appears on every
+    command at once."""
+    metadata = {"help": help, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class PipelineConfig:
     """What :func:`srpo_infer.load_pipeline` loads and how the pipeline runs.
@@ -90,26 +101,44 @@ class PipelineConfig:
     True
     """
 
-    model: str = DEFAULT_MODEL
-    base: str | None = None  # None: "tiny-random" for the tiny model, else DEFAULT_BASE
-    device: torch.device | str | None = None
-    dtype: torch.dtype | str | None = None
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH
-    attention: str = "auto"  # auto | sdpa | triton | triton-int8 | triton-int8-fp8
-    quantize: str | None = "auto"  # auto | fp8 | fp8-weight | None
-    quantize_skip: tuple[str, ...] = DEFAULT_QUANTIZE_SKIP
-    quantize_text_encoder: bool = False  # T5 in fp8-weight (~4.7 GB less memory), with or without quantize
-    compile: bool | str = "auto"  # auto: off until measured on a GPU (see resolve_compile)
-    compile_scope: str = "regional"  # regional: the repeated blocks only | full: whole transformer + VAE decoder
-    compile_mode: str = "default"  # default | max-autotune (GEMM + coordinate-descent tuning, CUDA graphs)
-    compile_backend: str = "inductor"
-    fuse_qkv: bool | str = "auto"  # auto: with compile; False keeps three projections even under compile
-    cache_dir: Path | None = field(default_factory=default_cache_dir)  # compiled artifacts; None: do not persist
-    memory: str = "auto"  # auto | gpu | offload-model | offload-group (srpo_infer.memory)
-    lora: str | None = None  # a LoRA file, folder or repo id applied on load (see srpo_infer.lora)
-    lora_scale: float = 1.0
-    lora_fuse: bool = True  # merge into the weights (fast); False keeps it separate, to rescale or swap
-    lora_max_rank: int | None = None  # with lora_fuse=False and compile: the largest rank a swap may bring
+    model: str = _option(
+        DEFAULT_MODEL,
+        "transformer: HF repo id, folder, .safetensors file, 'tiny-random' (no "
+        "download, CPU) or 'full-random' (FLUX.1-dev sizes, random weights, GPU)",
+    )
+    base: str | None = _option(None, "VAE/text encoders/scheduler: HF repo id or folder "
+                               "[default: FLUX.1-dev; the tiny ones for tiny-random]")  # fmt: skip
+    device: torch.device | str | None = _option(None, "cpu, cuda, cuda:1 … [default: cuda if available]")
+    dtype: torch.dtype | str | None = _option(None, "compute dtype [default: bfloat16 on CUDA, float32 on CPU]",
+                                              choices=("bfloat16", "float16", "float32"))  # fmt: skip
+    max_sequence_length: int = _option(MAX_SEQUENCE_LENGTH, "T5 tokens of the prompt (1–512)", cli=False)
+    attention: str = _option("auto", "attention backend (auto: sdpa until ours are measured faster on a GPU)",
+                             choices=("auto", *ATTENTION_BACKENDS))  # fmt: skip
+    quantize: str | None = _option("auto", "transformer linears: fp8 (torchao, CUDA sm >= 89), fp8-weight "
+                                   "(optimum-quanto, memory only), none (auto: none for now)",
+                                   choices=("auto", *QUANTIZE_MODES, None))  # fmt: skip
+    quantize_skip: tuple[str, ...] = _option(DEFAULT_QUANTIZE_SKIP, "module patterns kept in the compute dtype",
+                                             cli=False)  # fmt: skip
+    quantize_text_encoder: bool = _option(False, "store T5 in fp8-weight (~4.7 GB less memory; [fp8-weight] extra)")
+    compile: bool | str = _option("auto", "torch.compile the transformer (auto: off until measured on a GPU)",
+                                  choices=("auto", True, False))  # fmt: skip
+    compile_scope: str = _option("regional", "regional: the repeated blocks only; full: whole transformer + VAE "
+                                 "decoder", choices=COMPILE_SCOPES)  # fmt: skip
+    compile_mode: str = _option("default", "max-autotune adds GEMM/coordinate-descent tuning and CUDA graphs "
+                                "(slow first call)", choices=COMPILE_MODES)  # fmt: skip
+    compile_backend: str = _option("inductor", "torch.compile backend")
+    fuse_qkv: bool | str = _option("auto", "one QKV projection per attention (auto: with compile)",
+                                   choices=("auto", True, False))  # fmt: skip
+    cache_dir: Path | None = _option(None, "compiled artifacts [default: $SRPO_CACHE_DIR/compile, else "
+                                     "~/.cache/srpo_infer/compile]", factory=default_cache_dir)  # fmt: skip
+    memory: str = _option("auto", "where the weights live (offload modes fit smaller GPUs; auto: from free "
+                          "memory)", choices=MEMORY_MODES)  # fmt: skip
+    lora: str | None = _option(None, "a LoRA file, folder or repo id applied on load ([lora] extra)")
+    lora_scale: float = _option(1.0, "the LoRA's strength")
+    lora_fuse: bool = _option(True, "merge the LoRA into the weights (fast); off keeps it separate, to rescale "
+                              "or swap")  # fmt: skip
+    lora_max_rank: int | None = _option(None, "with --no-lora-fuse and compile: the largest rank a swap may bring",
+                                        cli=False)  # fmt: skip
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:

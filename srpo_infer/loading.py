@@ -11,7 +11,7 @@ import torch
 
 from .config import DEFAULT_MODEL, PipelineConfig
 from .pipeline import SRPOPipeline
-from .request import MAX_SEQUENCE_LENGTH
+from .request import MAX_SEQUENCE_LENGTH, check_keywords
 from .result import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ def load_pipeline(
     file (diffusers or BFL key names), or ``"tiny-random"`` (tiny random model built in code).
     ``base``: where VAE, text encoders, tokenizers and scheduler come from (default FLUX.1-dev, or the
     tiny ones for ``"tiny-random"``). ``device`` defaults to CUDA when available; ``dtype`` to bfloat16
-    on CUDA and float32 on CPU. ``attention``: ``sdpa``, ``triton`` or ``triton-fp8`` (our kernels);
-    ``auto`` is ``sdpa`` until our kernels are measured faster on the device. ``quantize``: ``fp8``
-    (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device, memory only) or ``None``;
+    on CUDA and float32 on CPU. ``attention``: ``sdpa``, ``triton``, ``triton-int8`` or
+    ``triton-int8-fp8`` (our kernels); ``auto`` is ``sdpa`` until they are measured faster on the
+    device. ``quantize``: ``fp8`` (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device,
+    memory only) or ``None``;
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
     the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
     (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``, ``compile_mode``, ``compile_backend``,
@@ -56,9 +57,7 @@ def load_pipeline(
         raise ValueError(f"max_sequence_length must be in [1, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length}")
     from dataclasses import fields
 
-    unknown = sorted(set(options) - {f.name for f in fields(PipelineConfig)})
-    if unknown:
-        raise ValueError(f"unknown load_pipeline options {unknown}; see PipelineConfig for the fields")
+    check_keywords(load_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
     config = PipelineConfig(
         model=os.fspath(model),
         base=base,
@@ -129,4 +128,5 @@ def generate(
     >>> generate("a cat", 512, 512, seed=3, num_inference_steps=1, progress=False).seed
     3
     """
+    check_keywords(SRPOPipeline.generate, kwargs)  # before the (long) first load, not after
     return default_pipeline().generate(prompt, width=width, height=height, seed=seed, **kwargs)

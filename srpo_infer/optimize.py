@@ -42,8 +42,18 @@ def check_available(config: PipelineConfig) -> None:
     cores, no GPU for the kernels, a package missing); ``load_pipeline`` calls it before any weight loads."""
     check_backend_available(config.attention, config.device)
     check_quantize_available(config.quantize, config.device)
+    may_offload = config.memory == "auto" and config.device.type == "cuda"  # auto offloads on a small GPU
+    if config.memory in ("offload-model", "offload-group") or may_offload:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError(f"memory={config.memory!r} offloads with diffusers' hooks, which need accelerate (a "
+                             "dependency of srpo-infer that is missing here): pip install accelerate")  # fmt: skip
     if config.quantize_text_encoder:
-        check_quantize_available("fp8-weight", config.device)
+        try:
+            check_quantize_available("fp8-weight", config.device)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("quantize='fp8-weight'", "quantize_text_encoder=True")) from None
 
 
 def optimize(components: dict, config: PipelineConfig) -> Optimized:

@@ -23,7 +23,7 @@ import torch
 from .attention import KERNEL_MODES
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
-from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, validate_request
+from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, suggest_keywords, validate_request
 from .result import GenerationResult
 from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 
@@ -187,6 +187,7 @@ class SRPOPipeline:
         """The compute dtype."""
         return self.config.dtype
 
+    @suggest_keywords
     def generate(
         self,
         prompt: str,

@@ -78,8 +78,13 @@ def check_quantize_available(mode: str | None, device: torch.device) -> None:
 def _require(module: str, extra: str) -> None:
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(f"quantize={extra!r} needs {module.split('.')[0]}: pip install 'srpo-infer[{extra}]'")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # find_spec("optimum.quanto") imports "optimum" first
+        found = False
+    if not found:
+        package = {"optimum.quanto": "optimum-quanto"}.get(module, module)
+        raise ValueError(f"quantize={extra!r} needs {package}: pip install 'srpo-infer[{extra}]'")
 
 
 def quantize_module(model: torch.nn.Module, mode: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> int:

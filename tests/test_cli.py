@@ -105,9 +105,74 @@ def test_help_shows_each_default_once(capsys):
         main(["generate", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: None)" not in text
-    assert "--steps STEPS denoising steps, 1–50 (default: 28)" in text
+    assert "(default:" not in text and "default: None" not in text  # one style: [default: …]
+    assert "--steps STEPS denoising steps, 1–50 [default: 28]" in text
     assert "[default: 1024]" in text and text.count("default: 1024") == 1
+    assert "or None" not in text
+
+
+@pytest.mark.parametrize("command", ["generate", "warmup", "serve"])
+def test_every_load_option_of_the_library_is_a_flag_on_every_loading_command(command, capsys):
+    """The flags come from PipelineConfig's own field definitions: a new field appears everywhere at once."""
+    from dataclasses import fields
+
+    from srpo_infer.config import PipelineConfig
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--compile", "--quantize", "--attention", "--memory", "--lora", "--lora-scale", "--dtype", "--device",
+                 "--compile-scope", "--quantize-text-encoder"):  # fmt: skip
+        assert f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text, flag
+    for f in fields(PipelineConfig):
+        if f.metadata.get("cli"):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_generate_flags_reach_load_pipeline(monkeypatch, tmp_path, capsys):
+    import srpo_infer.loading
+
+    seen = {}
+
+    def fake_load(**options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(srpo_infer.loading, "load_pipeline", fake_load)
+    code = main(["generate", "a cat", "--model", "tiny-random", "--compile", "on", "--quantize", "none",
+                 "--attention", "triton-int8", "--memory", "gpu", "--lora", "x.safetensors", "--lora-scale", "0.5",
+                 "--no-lora-fuse", "--dtype", "float32", "-o", str(tmp_path)])  # fmt: skip
+    assert code == 2 and "stop here" in capsys.readouterr().err
+    assert seen["compile"] is True and seen["quantize"] is None and seen["attention"] == "triton-int8"
+    assert seen["memory"] == "gpu" and seen["lora"] == "x.safetensors" and seen["lora_scale"] == 0.5
+    assert seen["lora_fuse"] is False and seen["dtype"] == "float32" and seen["model"] == "tiny-random"
+
+
+def test_version(capsys):
+    import srpo_infer
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"srpo-infer {srpo_infer.__version__}"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
+        (["--format", "gif"], "argument --format: invalid choice: 'gif'"),
+        (["--acceleration", "fast"], "argument --acceleration: invalid choice: 'fast'"),
+        (["--stpes", "3"], "unknown option '--stpes': did you mean '--steps'?"),
+        (["--compile", "yes"], "argument --compile: invalid choice: 'yes'"),
+    ],
+)
+def test_argparse_mistakes_are_one_line_too(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a cat", "--model", "tiny-random", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("srpo-infer: error: ") and words in err, err
+    assert err.count("\n") == 1 and "usage:" not in err, err
 
 
 def test_installed_console_script(tmp_path):

@@ -189,8 +189,20 @@ WRONG_TYPES = [("seed", True), ("seed", "7"), ("num_inference_steps", "2"), ("nu
 def test_types_are_strict_and_the_same_in_server_and_library(live, field, value):
     r = post(live.url, {"prompt": "a cat", **FAST, field: value})
     assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as refused:
         validate_request("a cat", **{"width": 512, "height": 512, field: value})
+    assert r.json()["error"]["message"] == str(refused.value)  # one voice: the same words, from the same code
+
+
+@pytest.mark.parametrize("change", [{"num_inference_steps": 0}, {"guidance_scale": 25.0}, {"num_images": 9},
+                                    {"image_size": {"width": 500, "height": 512}}, {"image_size": "huge"},
+                                    {"seed": -1}, {"acceleration": "fast"}, {"output_format": "gif"}])  # fmt: skip
+def test_range_errors_are_the_librarys_words(live, change):
+    r = post(live.url, {"prompt": "a cat", **FAST, **change})
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert "Input should" not in message and "must" in message, message
+    assert r.json()["error"]["field"].endswith(message.split()[0])
 
 
 @pytest.mark.parametrize("field", ["sync_mode", "enable_safety_checker"])

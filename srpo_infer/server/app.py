@@ -12,7 +12,6 @@ out-of-memory. A client that hangs up has its job dropped (queued) or stopped at
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
 import logging
 import math
@@ -44,6 +43,9 @@ from ..request import (
     MIN_STEPS,
     OUTPUT_FORMATS,
     SIDE_MULTIPLE,
+    check_output_format,
+    unknown_names_message,
+    validate_request,
 )
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
 from .guard import Guard
@@ -215,7 +217,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError):
-        return _validation_error(exc.errors())
+        return _validation_error(exc.errors(), exc.body)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException):
@@ -296,13 +298,21 @@ async def _health(state: ServerState, store: ImageStore) -> JSONResponse:
     return JSONResponse({"status": status, **body}, status_code=200 if status == "ok" else 503)
 
 
-def _validation_error(errors: list[dict]) -> JSONResponse:
-    """pydantic's errors → our JSON error (the first one that explains the input)."""
+def _validation_error(errors: list[dict], body: object = None) -> JSONResponse:
+    """pydantic's errors → our JSON error. A field the library's rules also refuse gets the library's
+    message (the CLI and ``generate()`` say the same for the same mistake); pydantic's wording is the
+    fallback for what only the schema knows (the first error that explains the input)."""
     errors = errors or [{}]
     if errors[0].get("type") == "json_invalid":
         return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', 'cannot parse')}")
     if tuple(errors[0].get("loc", ())) == ("body",):
         return _error(400, "the body must be a JSON object with at least a prompt")
+    message = _library_message(body)
+    if message is not None:
+        field = _field_of(message)
+        if field in ("width", "height") and isinstance(body.get("image_size"), dict):
+            field = f"image_size.{field}"  # where it is in the JSON body
+        return _error(422, message, field)
     # A union (image_size: object | preset) reports one error per branch; the branch that matches
     # the input's kind is the one that explains it.
     chosen = next((e for e in errors if e.get("type") not in ("model_attributes_type", "dict_type")), errors[0])
@@ -314,6 +324,24 @@ def _validation_error(errors: list[dict]) -> JSONResponse:
     value = chosen.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return _error(422, f"{field}: {message} (got {shown[:100]})", field)
+
+
+def _library_message(body: object) -> str | None:
+    """What :func:`~srpo_infer.request.validate_request` says of this body, if it refuses it."""
+    if not isinstance(body, dict):
+        return None
+    size = body.get("image_size", "landscape_4_3")
+    try:
+        validate_request(
+            body.get("prompt"), image_size=size, seed=body.get("seed"),
+            num_inference_steps=body.get("num_inference_steps", DEFAULT_STEPS),
+            guidance_scale=body.get("guidance_scale", DEFAULT_GUIDANCE), num_images=body.get("num_images", 1),
+            acceleration=body.get("acceleration") or "none",
+        )  # fmt: skip
+        check_output_format(body.get("output_format", "jpeg"))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, max_cost: float | None) -> None:
@@ -330,11 +358,7 @@ def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, ma
     json.loads(raw, object_pairs_hook=refuse_duplicates)
     unknown = sorted(body.model_extra or {})
     if unknown and not allow_unknown_fields:
-        known = list(GenerationBody.model_fields)
-        name = unknown[0]
-        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"did you mean {near[0]!r}?" if near else f"known fields: {', '.join(known)}"
-        raise ApiError(422, f"unknown field {name!r}: {hint}", name)
+        raise ApiError(422, unknown_names_message(unknown, GenerationBody.model_fields), unknown[0])
     if not body.prompt.strip():
         raise ApiError(422, "prompt: must not be blank", "prompt")
     if max_cost is not None and body.cost() > max_cost:
