@@ -66,13 +66,14 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
 
     monkeypatch.setattr(bench, "_ours_run", stuck)
     monkeypatch.setattr(bench._Baseline, "run", canned)
+    monkeypatch.setattr(bench, "_count_flops", lambda *_: 1)
     seen = []
     args = bench.BenchArgs(model="tiny-random", device="cpu", settings=[bench.Setting(512, 512, 1)], repeats=1,
-                           configs=["ours-eager", "diffusers"], config_timeout=15)  # fmt: skip
+                           configs=["ours-eager", "diffusers"], config_timeout=3)  # fmt: skip
     result = bench.run_benchmark(args, on_row=lambda row, record: seen.append(len(record["rows"])))
     assert interrupted == [True]  # the hour-long call was cut by the box, not waited for
     stuck_row, baseline_row = result["rows"]
-    assert stuck_row == {"config": "ours-eager", "setting": "512x512@1", "error": "timed out after 15 s"}
+    assert stuck_row == {"config": "ours-eager", "setting": "512x512@1", "error": "timed out after 3 s"}
     assert baseline_row["config"] == "diffusers" and baseline_row["seconds_per_image"] == 0.5
     assert seen == [1, 2]  # each row reported as it landed
 

@@ -45,7 +45,8 @@ def test_load_pipeline_names_the_nearest_option():
 def test_a_missing_extra_is_named_before_any_weight_loads(monkeypatch, blocked, options, words):
     from srpo_infer import components
 
-    monkeypatch.setitem(sys.modules, blocked, None)  # import blocked → ModuleNotFoundError, as when not installed
+    for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")] + [blocked]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (earlier tests may have imported it)
     monkeypatch.setattr(components, "load_components", lambda *_: pytest.fail("weights loaded before the check"))
     with pytest.raises(ValueError) as refused:
         srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, **options)
