@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import secrets
 import threading
@@ -190,7 +191,7 @@ class SRPOPipeline:
     @suggest_keywords
     def generate(
         self,
-        prompt: str,
+        prompt: str | GenerationRequest,
         width: int | str | None = None,
         height: int | None = None,
         seed: int | None = None,
@@ -206,7 +207,9 @@ class SRPOPipeline:
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
 
-        Arguments follow the ``flux/srpo`` API (see :func:`srpo_infer.request.validate_request`);
+        ``prompt`` may instead be a whole :class:`~srpo_infer.request.GenerationRequest` (what the server
+        and the CLI build), with no other request arguments. Arguments follow the ``flux/srpo`` API (see
+        :func:`srpo_infer.request.validate_request`);
         ``image_size`` takes a preset name or ``{"width", "height"}`` instead of the two sides. Image
         ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in the result.
         ``acceleration``: ``none`` (exact), ``regular`` or ``high`` first-block caching (see
@@ -219,9 +222,16 @@ class SRPOPipeline:
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
         ((1440, 512), 490733907)
         """
-        req = validate_request(
-            prompt, width, height, seed, num_inference_steps, guidance_scale, num_images, acceleration, image_size
-        )
+        if isinstance(prompt, GenerationRequest):
+            given = (width, height, seed, num_inference_steps, guidance_scale, num_images, acceleration, image_size)
+            if given != (None, None, None, 28, 4.5, 1, "none", None):
+                raise ValueError("pass either a GenerationRequest or the request's fields, not both")
+            req = validate_request(**dataclasses.asdict(prompt))  # built directly, it skipped the checks
+        else:
+            req = validate_request(
+                prompt, width=width, height=height, seed=seed, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, num_images=num_images, acceleration=acceleration, image_size=image_size,
+            )  # fmt: skip
         if req.seed is None:
             req = GenerationRequest(**{**req.__dict__, "seed": secrets.randbelow(2**32)})
         threshold = cache_threshold_for(req.acceleration, cache_threshold)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -91,18 +93,24 @@ def resolve_image_size(
         if width is not None or height is not None:
             raise ValueError("give either image_size or width/height, not both")
         if isinstance(image_size, str):
+            sides = re.fullmatch(r"(\d+)x(\d+)", image_size)
+            if sides:  # OpenAI's "1024x768"
+                return _check_side("width", int(sides[1])), _check_side("height", int(sides[2]))
+            if image_size == "auto":  # OpenAI's "the default size"
+                return DEFAULT_WIDTH, DEFAULT_HEIGHT
             if image_size not in IMAGE_SIZE_PRESETS:
                 raise ValueError(
-                    f"image_size must be one of {sorted(IMAGE_SIZE_PRESETS)} or an object with width and "
-                    f"height, got {image_size!r}"
+                    f"image_size must be one of {sorted(IMAGE_SIZE_PRESETS)}, 'WIDTHxHEIGHT' (such as 1024x768), "
+                    f"'auto' or an object with width and height, got {image_size!r}"
                 )
             return IMAGE_SIZE_PRESETS[image_size]
         if isinstance(image_size, dict):
             unknown = set(image_size) - {"width", "height"}
             if unknown:
                 raise ValueError(f"image_size has unknown fields {sorted(unknown)}; allowed: width, height")
-            width = image_size.get("width", DEFAULT_WIDTH)
-            height = image_size.get("height", DEFAULT_HEIGHT)
+            if set(image_size) != {"width", "height"}:  # half a size is a mistake, not a request for a default
+                raise ValueError(f"image_size needs both width and height, got {image_size!r}")
+            width, height = image_size["width"], image_size["height"]
         else:
             raise ValueError(f"image_size must be a preset name or an object, got {image_size!r}")
     # A preset name is accepted in the width slot too, so `generate(p, width="square_hd")` works.
@@ -146,7 +154,10 @@ def validate_request(
     steps = _check_int("num_inference_steps", num_inference_steps, MIN_STEPS, MAX_STEPS)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
         raise ValueError(f"guidance_scale must be a number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale!r}")
-    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:  # also rejects NaN
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], "
+                         f"got {guidance_scale}")  # fmt: skip
+    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:
         raise ValueError(f"guidance_scale must be in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale}")
     n = _check_int("num_images", num_images, MIN_IMAGES, MAX_IMAGES)
     if acceleration not in ACCELERATIONS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts
     ``timings`` holds seconds only; ``transformer_evaluations`` is ours (the hosted API has no such field).
     """
     return {
+        "created": int(time.time()),  # OpenAI's images API: Unix seconds
         "images": images,
         "timings": dict(result.timings),
         "seed": result.seed,

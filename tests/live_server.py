@@ -8,13 +8,17 @@ import time
 
 
 class LiveServer:
-    def __init__(self, app):
+    """``LiveServer(app)``, or ``LiveServer(make_app=lambda url: create_app(..., public_url=url))`` for an
+    app that must know its own address (absolute image URLs)."""
+
+    def __init__(self, app=None, make_app=None):
         import uvicorn
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        app = app if make_app is None else make_app(self.url)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -27,7 +27,7 @@ FAST = {"num_inference_steps": 2, "image_size": "square"}
 def server(tiny_pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     (out.parent / "secret.txt").write_text("do not serve me")
-    with LiveServer(create_app(tiny_pipe, output_dir=out, max_queue=32)) as live:
+    with LiveServer(make_app=lambda url: create_app(tiny_pipe, output_dir=out, max_queue=32, public_url=url)) as live:
         live.out = out
         yield live
 
@@ -49,8 +49,8 @@ def test_seed_example_body(server):
     assert isinstance(data["timings"]["inference"], float) and isinstance(data["seed"], int)
     assert data["has_nsfw_concepts"] == [None]  # no checker configured: null, never false
     assert isinstance(data["meta"]["usage"]["tokens_used"], int)
-    assert image["url"].startswith("/files/")  # relative: never built from the client's Host header
-    fetched = httpx.get(server.url + image["url"])
+    assert image["url"].startswith(f"{server.url}/files/")  # absolute, from the server's own address
+    fetched = httpx.get(image["url"])
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(fetched.content)).size == (1440, 512)
 
@@ -63,6 +63,10 @@ def test_the_seed_docs_python_example_runs_unchanged_but_for_the_url(server, cap
     exec(compile(code, "seed_example.py", "exec"), {"__name__": "__main__"})
     data = json.loads(capsys.readouterr().out)
     assert data["images"][0]["width"] == 1440 and data["images"][0]["height"] == 512
+    import requests  # what the example's user does next: download the image they were given
+
+    fetched = requests.get(data["images"][0]["url"], timeout=30)
+    assert fetched.status_code == 200 and Image.open(io.BytesIO(fetched.content)).size == (1440, 512)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +326,83 @@ def test_serve_command_end_to_end(tmp_path):
         body = {"prompt": "a cat", **FAST}
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 401
         r = httpx.post(f"{url}/v1/images/generations", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
-        assert r.status_code == 200 and httpx.get(url + r.json()["images"][0]["url"]).status_code == 200
+        image_url = r.json()["images"][0]["url"]
+        assert r.status_code == 200 and image_url.startswith(url + "/files/")  # absolute: the listen address
+        assert httpx.get(image_url).status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- OpenAI's images API
+
+
+def test_the_openai_sdk_gets_images(server):
+    """OpenAI's own Python SDK pointed at the server: b64_json and url responses, and a bad size."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    steps = {"num_inference_steps": 2}  # flux/srpo's own fields ride along as extra_body
+    r = client.images.generate(model="flux/srpo", prompt="a lighthouse", size="1024x768", n=2,
+                               response_format="b64_json", extra_body=steps)  # fmt: skip
+    assert isinstance(r.created, int) and r.created > 0 and len(r.data) == 2
+    for item in r.data:
+        assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (1024, 768)
+        assert item.url is None
+    r = client.images.generate(model="flux/srpo", prompt="a lighthouse", size="1024x768", response_format="url",
+                               extra_body=steps)  # fmt: skip
+    assert r.data[0].url.startswith(f"{server.url}/files/")
+    assert Image.open(io.BytesIO(httpx.get(r.data[0].url).content)).size == (1024, 768)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.images.generate(model="flux/srpo", prompt="x", size="1000x768", extra_body=steps)
+    assert "width must be an integer in [512, 1536] and a multiple of 32, got 1000" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"n": 2, "num_images": 3}, "n (2) and num_images (3) disagree"),
+        ({"size": "512x512", "image_size": "square_hd"}, "size (512x512) and image_size (1024x1024) disagree"),
+        ({"quality": "hd"}, "quality is an OpenAI image-API option flux/srpo has no equivalent for"),
+        ({"style": "vivid"}, "describe the style in the prompt"),
+        ({"image_size": {"width": 512}}, "image_size needs both width and height"),
+        ({"n": 9}, "n must be in [1, 4], got 9"),
+        ({"size": "huge"}, "size"),
+    ],
+)
+def test_openai_fields_and_their_flux_twins(server, change, words):
+    r = post(server, {"prompt": "a cat", "num_inference_steps": 2, **change})
+    assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+
+
+def test_openai_defaults_and_agreeing_twins_are_accepted(server):
+    body = {"prompt": "a cat", "num_inference_steps": 2, "size": "512x512", "image_size": "square", "n": 1,
+            "num_images": 1, "quality": "auto", "user": "someone", "response_format": "url"}  # fmt: skip
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    assert (r.json()["images"][0]["width"], r.json()["images"][0]["height"]) == (512, 512)
+    assert isinstance(r.json()["created"], int)
+
+
+def test_every_unknown_field_is_named_at_once(server):
+    r = post(server, {"prompt": "a cat", "num_inferance_steps": 2, "sead": 3, **FAST})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422, r.text
+    assert "'num_inferance_steps' (did you mean 'num_inference_steps'?)" in message
+    assert "'sead' (did you mean 'seed'?)" in message
+
+
+def test_nan_and_infinity_are_not_numbers_here(server):
+    for raw in ("NaN", "Infinity"):
+        r = httpx.post(f"{server.url}/v1/images/generations", timeout=60, headers={"content-type": "application/json"},
+                       content=f'{{"prompt": "a cat", "guidance_scale": {raw}}}')  # fmt: skip
+        assert r.status_code == 422 and "must be a finite number" in r.json()["error"]["message"], r.text
+
+
+def test_metrics_time_generations_and_count_refusals(tiny_pipe, tmp_path):
+    with LiveServer(create_app(tiny_pipe, output_dir=tmp_path)) as live:
+        assert post(live, {"prompt": "a cat", **FAST}).status_code == 200
+        for _ in range(3):
+            assert post(live, {"prompt": "a cat", "num_inference_steps": 0}).status_code == 422
+        text = httpx.get(f"{live.url}/metrics").text
+    assert "srpo_generation_seconds_count 1\n" in text  # the generation, not the refusals
+    assert 'srpo_responses_total{code="422"} 3' in text and 'srpo_responses_total{code="200"} 1' in text

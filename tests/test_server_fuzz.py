@@ -7,6 +7,8 @@ minutes each on a CPU. The real model is behind every other HTTP test (tests/tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from live_server import LiveServer
 from PIL import Image
@@ -23,16 +25,15 @@ from srpo_infer.server import create_app  # noqa: E402
 class EchoPipeline:
     """Validates like SRPOPipeline.generate and answers with black images of the asked size."""
 
-    def generate(self, prompt, width=None, height=None, seed=None, num_inference_steps=28, guidance_scale=4.5,
-                 num_images=1, *, acceleration="none", image_size=None, progress=None, should_stop=None):  # fmt: skip
-        req = validate_request(prompt, width, height, seed, num_inference_steps, guidance_scale, num_images,
-                               acceleration, image_size)  # fmt: skip
+    def generate(self, request, *, progress=None, should_stop=None):
+        req = validate_request(**dataclasses.asdict(request))  # the server hands over one typed request
         seed = 0 if req.seed is None else req.seed
         return GenerationResult(
             images=[Image.new("RGB", (req.width, req.height)) for _ in range(req.num_images)], seed=seed,
             prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, timings={"inference": 0.0}, seeds=[seed + i for i in range(num_images)],
-            has_nsfw_concepts=[None] * req.num_images, tokens_used=req.image_tokens,
+            guidance_scale=req.guidance_scale, timings={"inference": 0.0},
+            seeds=[seed + i for i in range(req.num_images)], has_nsfw_concepts=[None] * req.num_images,
+            tokens_used=req.image_tokens,
         )  # fmt: skip
 
 

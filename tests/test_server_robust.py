@@ -3,6 +3,7 @@ abandoned jobs, the cost cap, storage that expires and fails loudly, no Host-hea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,12 +22,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from srpo_infer.pipeline import GenerationCancelled
-from srpo_infer.request import validate_request
+from srpo_infer.request import GenerationRequest, validate_request
 from srpo_infer.result import GenerationResult
 from srpo_infer.server import create_app
 from srpo_infer.server.storage import ImageStore
 
 FAST = {"num_inference_steps": 2, "image_size": "square"}
+SQUARE = {"image_size": "square"}
 
 
 def post(url: str, body, timeout: float = 120, **kw) -> httpx.Response:
@@ -43,10 +45,9 @@ class SlowPipeline:
         self.stopped: list[str] = []
         self.finished: list[str] = []
 
-    def generate(self, prompt, width=None, height=None, seed=None, num_inference_steps=28, guidance_scale=4.5,
-                 num_images=1, *, acceleration="none", image_size=None, progress=None, should_stop=None):  # fmt: skip
-        req = validate_request(prompt, width, height, seed, num_inference_steps, guidance_scale, num_images,
-                               acceleration, image_size)  # fmt: skip
+    def generate(self, request, *, progress=None, should_stop=None):
+        req = validate_request(**dataclasses.asdict(request))  # the server hands over one typed request
+        prompt = req.prompt
         self.started.append(prompt)
         for _ in range(req.num_inference_steps):
             if should_stop is not None and should_stop():
@@ -247,6 +248,32 @@ def test_a_client_that_hangs_up_has_its_jobs_cancelled(tmp_path):
         assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # the worker serves on
 
 
+def test_hung_up_queued_clients_free_their_queue_slots_at_once(tmp_path, caplog):
+    """With --max-queue 3, three queued clients that hang up must not make the next request a 429."""
+    import gc
+    import logging
+
+    caplog.set_level(logging.INFO, logger="srpo_infer")
+    pipe = SlowPipeline(step_s=0.05)
+    app = create_app(pipe, output_dir=tmp_path, max_queue=3)
+    with LiveServer(app) as server, ThreadPoolExecutor(5) as pool:
+        running = pool.submit(post, server.url, {"prompt": "running", "num_inference_steps": 50, **SQUARE})
+        _wait(lambda: app.state.worker.busy)
+        hung_up = [pool.submit(post, server.url, {"prompt": f"gone {i}", **FAST}, timeout=0.5) for i in range(3)]
+        for client in hung_up:
+            with pytest.raises(httpx.TimeoutException):
+                client.result()
+        _wait(lambda: app.state.worker.depth == 0)  # withdrawn while the first job still runs
+        assert app.state.worker.busy
+        assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # accepted, not 429
+        assert running.result().status_code == 200
+        assert httpx.get(f"{server.url}/health").json()["queue_depth"] == 0
+    gc.collect()  # an unread future's exception is logged when it is collected
+    assert pipe.started == ["running", "next"]
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+    assert sum("client hung up" in r.getMessage() for r in caplog.records) == 3  # one line per hang-up
+
+
 def test_a_mounted_app_still_requires_its_api_key(tmp_path):
     from fastapi import FastAPI
 
@@ -287,17 +314,59 @@ def test_an_unwritable_output_folder_shows_in_health_and_answers_503(tmp_path):
 
 
 def test_stored_images_expire_by_age_and_by_total_size(tmp_path):
-    store = ImageStore(tmp_path, max_age=3600, max_bytes=3000, sweep_every=1e9)
+    store = ImageStore(tmp_path, max_age=3600, max_bytes=3000, sweep_every=None)
     names = [store.save(bytes(1000), "png") for _ in range(5)]
     (tmp_path / "notes.txt").write_text("not ours: never deleted")
+    # The size cap holds at write time: the 4th and 5th writes each removed the oldest image.
+    assert [store.read(n) is not None for n in names] == [False, False, True, True, True]
     now = time.time()
-    for i, name in enumerate(names):  # names[0] is two hours old, the others 50, 40, 30, 20 minutes
-        age = 7200 if i == 0 else 3600 - 600 * i
+    for i, name in enumerate(names[2:]):  # 2 hours, 50 and 40 minutes old
+        age = (7200, 3000, 2400)[i]
         os.utime(tmp_path / name, (now - age, now - age))
-    assert store.sweep(now) == 2  # names[0] by age, then names[1] (oldest) to get back under 3000 bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[2:], "notes.txt"])
-    assert store.read(names[1]) is None and store.read(names[2]) == bytes(1000)
+    assert store.sweep(now) == 1  # names[2] by age
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".srpo")) == sorted(
+        [*names[3:], "notes.txt"]
+    )
+    assert store.read(names[2]) is None and store.read(names[3]) == bytes(1000)
     assert store.read("../notes.txt") is None and store.read("notes.txt") is None  # only names it writes
+
+
+def test_the_store_serves_and_deletes_only_regular_files_it_wrote(tmp_path):
+    """A symlink, a directory, a symlink loop and a foreign file, each at a name the store would write."""
+    out = tmp_path / "out"
+    store = ImageStore(out, max_age=60, max_bytes=None, sweep_every=None)
+    mine = store.save(b"\xff\xd8 mine", "jpeg")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    link, folder, loop, foreign = (f"{c * 32}.jpeg" for c in "abcd")
+    (out / link).symlink_to(secret)
+    (out / f"{link}.srpo").write_text("")  # even marked as ours, a link is never followed
+    (out / folder).mkdir()
+    (out / f"{folder}.srpo").write_text("")
+    (out / loop).symlink_to(out / loop)
+    (out / f"{loop}.srpo").write_text("")
+    (out / foreign).write_bytes(b"someone else's")  # no marker: not ours
+    for name in (link, folder, loop, foreign):
+        assert store.read(name) is None, name
+    with LiveServer(create_app(SlowPipeline(0.0), output_dir=out)) as server:
+        for name in (link, folder, loop, foreign):
+            assert httpx.get(f"{server.url}/files/{name}").status_code == 404, name
+        assert httpx.get(f"{server.url}/files/{mine}").content == b"\xff\xd8 mine"
+    store.clock = lambda: time.time() + 3600  # an hour later: everything is past its 60 s
+    assert store.read(mine) is None  # refused at once, before any sweep
+    assert store.sweep() == 1  # only its own image; the bad entries are skipped, not fatal
+    assert (out / foreign).read_bytes() == b"someone else's" and secret.read_text() == "root:x:0:0"
+    assert os.path.islink(out / link) and (out / folder).is_dir()
+
+
+def test_an_idle_server_stops_serving_an_expired_image(tmp_path):
+    """No write needed: an image past its retention is refused on read, and the timer's sweep removes it."""
+    app = create_app(SlowPipeline(0.0), output_dir=tmp_path, retention_seconds=60)
+    with LiveServer(app) as server:
+        url = post(server.url, {"prompt": "a cat", **FAST}).json()["images"][0]["url"]
+        assert httpx.get(server.url + url).status_code == 200
+        app.state.store.clock = lambda: time.time() + 61
+        assert httpx.get(server.url + url).status_code == 404
 
 
 def test_retention_limits_are_checked():
@@ -312,14 +381,14 @@ def test_retry_after_follows_the_queued_work():
     gate = threading.Event()
 
     class Blocked:
-        def generate(self, **_kw):
+        def generate(self, *_args, **_kw):
             gate.wait(30)
 
     worker.pipeline = Blocked()
     worker.seconds_per_cost = 2.0
-    worker.submit(cost=job_cost(1024, 1024, 28))
+    worker.submit(GenerationRequest("x"), cost=job_cost(1024, 1024, 28))
     _wait(lambda: worker.busy)
-    worker.submit(cost=job_cost(512, 512, 4, 2))
+    worker.submit(GenerationRequest("y"), cost=job_cost(512, 512, 4, 2))
     assert worker.expected_wait() == pytest.approx(2.0 * (29.360128 + 2.097152))
     gate.set()
     assert worker.stop(5) == 0
@@ -341,11 +410,12 @@ def test_an_fsspec_output_store_serves_and_expires_images():
         assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     fs = fsspec.filesystem("memory")
     assert fs.cat_file("/srpo-test/images/" + url.rsplit("/", 1)[1])[:2] == b"\xff\xd8"
-    store = ImageStore("memory://srpo-sweep", max_age=None, max_bytes=2500, sweep_every=1e9)
+    store = ImageStore("memory://srpo-sweep", max_age=None, max_bytes=2500, sweep_every=None)
     names = [store.save(bytes(1000), "png") for _ in range(4)]
     fs.pipe_file("/srpo-sweep/notes.txt", b"not ours")
-    assert store.sweep() == 2  # 4000 bytes -> 2000: the oldest two go
-    assert sum(store.read(n) is not None for n in names) == 2
+    fs.pipe_file(f"/srpo-sweep/{'e' * 32}.png", b"not ours either")  # a matching name without our marker
+    assert sum(store.read(n) is not None for n in names) == 2  # the cap held at each write: 2000 bytes
+    assert store.sweep() == 0 and fs.cat_file(f"/srpo-sweep/{'e' * 32}.png") == b"not ours either"
     assert fs.cat_file("/srpo-sweep/notes.txt") == b"not ours"
 
 
@@ -355,14 +425,14 @@ class _NeverFinishing:
     def __init__(self):
         from srpo_infer.server.worker import Job
 
-        self.job = Job({})
+        self.job = Job(GenerationRequest("a cat"))
         self.submitted = threading.Event()
         self.pipeline, self.depth, self.busy = self, 0, False
 
     def expected_wait(self) -> float:
         return 0.0
 
-    def submit(self, cost: float = 0.0, **kwargs):
+    def submit(self, request, cost: float = 0.0):
         self.submitted.set()
         return self.job
 

@@ -12,6 +12,7 @@ out-of-memory. A client that hangs up has its job dropped (queued) or stopped at
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -43,7 +44,9 @@ from ..request import (
     MIN_STEPS,
     OUTPUT_FORMATS,
     SIDE_MULTIPLE,
+    GenerationRequest,
     check_output_format,
+    resolve_image_size,
     unknown_names_message,
     validate_request,
 )
@@ -68,15 +71,29 @@ Preset = Literal[tuple(IMAGE_SIZE_PRESETS)]  # type: ignore[valid-type]
 
 class ImageSize(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    width: Side = 1024
-    height: Side = 768
+    width: Side  # both required: half a size is a mistake, not a request for the default
+    height: Side
+
+
+# OpenAI image-API fields with no flux/srpo meaning. Their default value is accepted (an SDK may send
+# it) and does nothing; any other value is refused with what to do instead.
+OPENAI_ONLY = {
+    "quality": ("auto", "use num_inference_steps for more or less detail"),
+    "background": ("auto", "flux/srpo images are opaque"),
+    "moderation": ("auto", "use enable_safety_checker"),
+    "style": (None, "describe the style in the prompt"),
+    "output_compression": (None, "output_format jpeg is written at quality 95"),
+}
 
 
 class GenerationBody(BaseModel):
-    """The request body of the hosted ``flux/srpo`` API.
+    """The request body: the hosted ``flux/srpo`` API, and OpenAI's images API on the same path
+    (``n``, ``size``, ``response_format``, ``user``), so OpenAI's SDKs and the tools built on them work.
 
     Unknown fields are kept aside (``model_extra``) so the app can name them, with the nearest known
-    field, in its 422; ``allow_unknown_fields=True`` ignores them instead.
+    field, in its 422; ``allow_unknown_fields=True`` ignores them instead. :meth:`to_request` turns a
+    body into the library's :class:`~srpo_infer.request.GenerationRequest`, the one typed request a
+    job carries to the pipeline.
     """
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
@@ -92,18 +109,42 @@ class GenerationBody(BaseModel):
     enable_safety_checker: Annotated[bool, Strict()] = True
     output_format: Literal[OUTPUT_FORMATS] = "jpeg"  # type: ignore[valid-type]
     acceleration: Literal[ACCELERATIONS] | None = None  # type: ignore[valid-type]  # None: the server's default
+    # OpenAI's names: n = num_images, size "WxH" or "auto" = image_size; b64_json returns the bytes inline.
+    n: Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES)] | None = None
+    size: Annotated[str, Strict(), Field(pattern=r"^(auto|\d+x\d+)$")] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    user: Annotated[str, Strict()] | None = None  # accepted for OpenAI clients; not stored
+    quality: Annotated[str, Strict()] | None = None
+    background: Annotated[str, Strict()] | None = None
+    moderation: Annotated[str, Strict()] | None = None
+    style: Annotated[str, Strict()] | None = None
+    output_compression: Annotated[int, Strict()] | None = None
 
-    def size(self) -> dict[str, Any]:
-        """``generate`` keyword arguments for the image size."""
-        if isinstance(self.image_size, str):
-            return {"image_size": self.image_size}
-        return {"width": self.image_size.width, "height": self.image_size.height}
+    def to_request(self, default_acceleration: str = "none") -> GenerationRequest:
+        """The validated library request (the library's rules and messages), OpenAI twins resolved."""
+        for name, (accepted, instead) in OPENAI_ONLY.items():
+            value = getattr(self, name)
+            if value is not None and value != accepted:
+                also = f" (only {accepted!r} is accepted)" if accepted else ""
+                raise ApiError(422, f"{name} is an OpenAI image-API option flux/srpo has no equivalent for{also}: "
+                               f"{instead}", name)  # fmt: skip
+        given = self.model_fields_set
+        if "n" in given and "num_images" in given and self.n != self.num_images:
+            raise ApiError(422, f"n ({self.n}) and num_images ({self.num_images}) disagree: send one of them", "n")
+        size = resolve_image_size(self.size) if self.size is not None else None
+        own = resolve_image_size(self._image_size())
+        if size is not None and "image_size" in given and size != own:
+            raise ApiError(422, f"size ({self.size}) and image_size ({own[0]}x{own[1]}) disagree: send one of them",
+                           "size")  # fmt: skip
+        width, height = size or own
+        return validate_request(
+            self.prompt, width=width, height=height, seed=self.seed, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, num_images=self.n if self.n is not None else self.num_images,
+            acceleration=self.acceleration or default_acceleration,
+        )  # fmt: skip
 
-    def cost(self) -> float:
-        """Megapixel-steps (see :func:`job_cost`)."""
-        w, h = IMAGE_SIZE_PRESETS[self.image_size] if isinstance(self.image_size, str) else (
-            self.image_size.width, self.image_size.height)  # fmt: skip
-        return job_cost(w, h, self.num_inference_steps, self.num_images)
+    def _image_size(self) -> str | dict:
+        return self.image_size if isinstance(self.image_size, str) else self.image_size.model_dump()
 
 
 class ApiError(Exception):
@@ -232,14 +273,10 @@ def create_app(
         """Generate images: the hosted ``flux/srpo`` request and response."""
         if body.model not in MODEL_NAMES:
             raise ApiError(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
-        _check_body(await request.body(), body, allow_unknown_fields, max_cost)
+        req = _check_body(await request.body(), body, allow_unknown_fields, max_cost, default_acceleration)
         state.check_can_serve()
         try:
-            job = worker.submit(
-                cost=body.cost(), prompt=body.prompt, **body.size(), seed=body.seed,
-                num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                num_images=body.num_images, acceleration=body.acceleration or default_acceleration, progress=False,
-            )  # fmt: skip
+            job = worker.submit(req, cost=job_cost(req.width, req.height, req.num_inference_steps, req.num_images))
         except QueueFull:
             wait = max(1, math.ceil(worker.expected_wait()))
             raise ApiError(429, f"the queue is full (about {wait} s of work ahead); retry later",
@@ -330,22 +367,28 @@ def _library_message(body: object) -> str | None:
     """What :func:`~srpo_infer.request.validate_request` says of this body, if it refuses it."""
     if not isinstance(body, dict):
         return None
-    size = body.get("image_size", "landscape_4_3")
+    size = body.get("size") or body.get("image_size", "landscape_4_3")
     try:
         validate_request(
             body.get("prompt"), image_size=size, seed=body.get("seed"),
             num_inference_steps=body.get("num_inference_steps", DEFAULT_STEPS),
-            guidance_scale=body.get("guidance_scale", DEFAULT_GUIDANCE), num_images=body.get("num_images", 1),
-            acceleration=body.get("acceleration") or "none",
+            guidance_scale=body.get("guidance_scale", DEFAULT_GUIDANCE),
+            num_images=body.get("n", body.get("num_images", 1)), acceleration=body.get("acceleration") or "none",
         )  # fmt: skip
         check_output_format(body.get("output_format", "jpeg"))
     except ValueError as exc:
-        return str(exc)
+        message = str(exc)
+        if "n" in body and message.startswith("num_images "):  # the name the client sent
+            message = "n" + message[len("num_images") :]
+        return message
     return None
 
 
-def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, max_cost: float | None) -> None:
-    """What the schema cannot say: duplicate keys, unknown fields, a blank prompt, the cost cap."""
+def _check_body(
+    raw: bytes, body: GenerationBody, allow_unknown_fields: bool, max_cost: float | None, default_acceleration: str
+) -> GenerationRequest:
+    """What the schema cannot say (duplicate keys, unknown fields, a blank prompt, OpenAI twins that
+    disagree, the cost cap); returns the validated request."""
 
     def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
         seen = set()
@@ -359,19 +402,28 @@ def _check_body(raw: bytes, body: GenerationBody, allow_unknown_fields: bool, ma
     unknown = sorted(body.model_extra or {})
     if unknown and not allow_unknown_fields:
         raise ApiError(422, unknown_names_message(unknown, GenerationBody.model_fields), unknown[0])
-    if not body.prompt.strip():
-        raise ApiError(422, "prompt: must not be blank", "prompt")
-    if max_cost is not None and body.cost() > max_cost:
-        raise ApiError(422, f"this request costs {body.cost():.1f} megapixel-steps (width × height × steps × "
+    try:
+        req = body.to_request(default_acceleration)
+    except ValueError as exc:  # the library's rules, in its words
+        raise ApiError(422, str(exc), _field_of(str(exc))) from None
+    cost = job_cost(req.width, req.height, req.num_inference_steps, req.num_images)
+    if max_cost is not None and cost > max_cost:
+        raise ApiError(422, f"this request costs {cost:.1f} megapixel-steps (width × height × steps × "
                        f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
                        "smaller images", "num_inference_steps")  # fmt: skip
+    return req
 
 
 async def _image_entries(images: list, body: GenerationBody, store: ImageStore, base_url: str) -> list[dict]:
-    """Encode each image; return data URIs (``sync_mode``) or store it and link ``base_url/files/NAME``."""
+    """Encode each image; return it inline (OpenAI's ``b64_json``), as a data URI (``sync_mode``) or
+    stored and linked as ``base_url/files/NAME``."""
     entries = []
     for image in images:
         data = await asyncio.to_thread(encode_image, image, body.output_format)
+        if body.response_format == "b64_json":
+            entries.append({"b64_json": base64.b64encode(data).decode("ascii"), "width": image.width,
+                            "height": image.height, "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
+            continue
         if body.sync_mode:
             url = data_uri(data, body.output_format)
         else:
@@ -397,11 +449,11 @@ async def _wait_for(job, request: Request, state: ServerState):
             if done:
                 break
             if await request.is_disconnected():
-                job.cancel()
+                _abandon(job, future)
                 log.info("client hung up; its job was cancelled")
                 raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled")
     except asyncio.CancelledError:  # servers that cancel the handler on a hang-up (Ray Serve's proxy)
-        job.cancel()
+        _abandon(job, future)
         log.info("request cancelled by the server; its job was cancelled")
         raise
     try:
@@ -421,6 +473,13 @@ async def _wait_for(job, request: Request, state: ServerState):
             raise ApiError(503, "the GPU ran out of memory on this request; try fewer or smaller images",
                            headers={"Retry-After": "5"}) from None  # fmt: skip
         raise
+
+
+def _abandon(job, future: asyncio.Future) -> None:
+    """Cancel a job nobody waits for any more. A running job still ends (cancelled, or with an error)
+    later; its outcome is read here so asyncio never logs "exception was never retrieved"."""
+    job.cancel()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _field_of(message: str) -> str | None:

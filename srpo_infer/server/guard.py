@@ -46,7 +46,8 @@ class Guard:
         try:
             await self._guarded(scope, receive, counted_send, path)
         finally:
-            self.metrics.observe(status[0], time.perf_counter() - t0, path == GENERATIONS_PATH)
+            # The latency histogram is of generations; refusals (401/413/422/429/503…) only count by status.
+            self.metrics.observe(status[0], time.perf_counter() - t0, path == GENERATIONS_PATH and status[0] == 200)
 
     async def _guarded(self, scope, receive, send, path: str):
         headers = Headers(scope=scope)

@@ -22,7 +22,7 @@ class Metrics:
         self.latency_count = 0
 
     def observe(self, status: int, seconds: float, generation: bool) -> None:
-        """Count one response; generation requests also go into the latency histogram."""
+        """Count one response by status; answered generations also go into the latency histogram."""
         with self._lock:
             self.responses[status] += 1
             if generation:
@@ -42,12 +42,12 @@ class Metrics:
                 "# HELP srpo_images_served_total Images returned to clients.",
                 "# TYPE srpo_images_served_total counter",
                 f"srpo_images_served_total {self.images_served}",
-                "# HELP srpo_responses_total HTTP responses by status code.",
+                "# HELP srpo_responses_total HTTP responses by status code (refusals: 4xx, 503).",
                 "# TYPE srpo_responses_total counter",
             ]
             lines += [f'srpo_responses_total{{code="{code}"}} {n}' for code, n in sorted(self.responses.items())]
             lines += [
-                "# HELP srpo_generation_seconds Latency of POST /v1/images/generations.",
+                "# HELP srpo_generation_seconds Latency of answered generations (200s of POST /v1/images/generations).",
                 "# TYPE srpo_generation_seconds histogram",
             ]
             pairs = zip(BUCKETS, self.bucket_counts, strict=True)

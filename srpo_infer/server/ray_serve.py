@@ -63,7 +63,7 @@ class SRPOModel:
         self.pipe.warmup(warmup_sizes, accelerations=accelerations)
         log.info("replica %s ready", self.replica)
 
-    async def generate(self, kwargs: dict):
+    async def generate(self, request):
         """Generate in a worker thread. When the ingress cancels the request (its client hung up, or it
         drains), Ray Serve cancels this coroutine; the stop event then ends the generation at its next
         step instead of letting it run to the end on a replica others are waiting for."""
@@ -75,7 +75,7 @@ class SRPOModel:
 
         def work():
             try:
-                return self.pipe.generate(**kwargs, should_stop=stop.is_set)
+                return self.pipe.generate(request, progress=False, should_stop=stop.is_set)
             except GenerationCancelled:
                 self.cancelled += 1
                 raise
@@ -139,10 +139,10 @@ class RayBackend:
         with self._lock:
             return sum(j.cost for j in self._jobs) * self.seconds_per_cost
 
-    def submit(self, cost: float = 0.0, **kwargs) -> Job:
+    def submit(self, request, cost: float = 0.0) -> Job:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
-        job = Job({k: v for k, v in kwargs.items() if k != "progress"}, cost)
+        job = Job(request, cost)
         with self._lock:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull
@@ -157,7 +157,7 @@ class RayBackend:
             if not job.future.set_running_or_notify_cancel():
                 return
             for attempt in range(RETRIES_ON_REPLICA_DEATH + 1):
-                response = self.handle.generate.remote(job.kwargs)
+                response = self.handle.generate.remote(job.request)
                 try:
                     job.future.set_result(self._wait(response, job))
                     return

@@ -48,6 +48,7 @@ def serve(
     from .safety import SafetyChecker
 
     api_key = api_key or os.environ.get("SRPO_API_KEY") or None
+    public_url = public_url or default_public_url(host, port)
     # The checker is small (CLIP-L vision); it runs where the model runs.
     checker = (
         SafetyChecker.load(safety_checker, resolve_device(pipeline_options.get("device"))) if safety_checker else None
@@ -93,3 +94,22 @@ def serve(
         log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
     server.run()
     return server.exit_code
+
+
+def default_public_url(host: str, port: int) -> str:
+    """The base of image links when ``--public-url`` is not given: the address the server listens on.
+
+    Bound to every interface (``0.0.0.0``, ``::``), that address reaches nobody, so the machine's fully
+    qualified host name stands in: right on a LAN or a cluster with DNS; behind a proxy or a CDN, pass
+    ``--public-url``. Never built from a request's ``Host`` header, which a client controls.
+
+    >>> default_public_url("127.0.0.1", 8000)
+    'http://127.0.0.1:8000'
+    >>> default_public_url("::1", 8000)
+    'http://[::1]:8000'
+    """
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
