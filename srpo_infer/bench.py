@@ -83,7 +83,7 @@ CPU_EXTRA = (BenchConfig("+compile-full", compile=True, compile_scope="full"),) 
 @dataclass(frozen=True)
 class Defaults:
     """What ``srpo-infer bench`` runs when not told: the real settings on a GPU; on a CPU a set that
-    shows every mechanism and finishes in a few minutes (measured: see ``CPU_DEFAULTS_SECONDS``)."""
+    shows every mechanism and finishes in about a minute (measured: ``CPU_DEFAULTS_SECONDS``)."""
 
     sizes: tuple[str, ...]
     steps: int
@@ -93,7 +93,7 @@ class Defaults:
 
 GPU_DEFAULTS = Defaults(("1024x768", "1440x512", "1024x1024"), 28, True, 3)
 CPU_DEFAULTS = Defaults(("512x512", "768x512"), 4, False, 2)
-CPU_DEFAULTS_SECONDS = 150  # tiny-random, idle 2-core machine, 2026-11-29 (README: the bench)
+CPU_DEFAULTS_SECONDS = 52  # `srpo-infer bench --model tiny-random`, idle 2-core machine, 2026-11-29
 
 
 def select_configs(names: list[str] | None, device: torch.device) -> list[BenchConfig]:

@@ -13,18 +13,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .request import ACCELERATIONS, DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE_PRESETS
+from .request import ACCELERATIONS, IMAGE_SIZE_PRESETS
 
-# Library field names → the flags a CLI user typed, so errors name what the user can change.
-FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images": "--num-images",
-         "width": "--width", "height": "--height", "seed": "--seed", "acceleration": "--acceleration",
-         "image_size": "--image-size", "prompt": "the prompt"}  # fmt: skip
+
+def _request_flags() -> list:
+    """The fields of :class:`GenerationRequest` that are ``generate`` flags (their flag, help, argparse options)."""
+    from dataclasses import fields
+
+    from .request import GenerationRequest
+
+    return [f for f in fields(GenerationRequest) if f.metadata["flag"]]
 
 
 def _as_flags(message: str) -> str:
-    """``num_inference_steps must be in [1, 50], got 0`` → ``--steps must be in [1, 50], got 0``."""
+    """``num_inference_steps must be in [1, 50], got 0`` → ``--steps must be in [1, 50], got 0``: errors
+    name what the user typed."""
+    flags = {f.name: f.metadata["flag"] for f in _request_flags()} | {"image_size": "--image-size",
+                                                                      "prompt": "the prompt"}  # fmt: skip
     field, _, rest = message.partition(" ")
-    return f"{FLAGS[field]} {rest}" if field in FLAGS else message
+    return f"{flags[field]} {rest}" if field in flags else message
 
 
 class _Help(argparse.HelpFormatter):
@@ -125,20 +132,13 @@ def _add_generate(sub) -> None:
         formatter_class=_Help,
     )
     g.add_argument("prompt", help="what to draw (1 to 4000 characters)")
-    g.add_argument("--width", type=int, default=None, help="512–1536, multiple of 32 [default: 1024]")
-    g.add_argument("--height", type=int, default=None, help="512–1536, multiple of 32 [default: 768]")
     g.add_argument("--image-size", choices=sorted(IMAGE_SIZE_PRESETS), help="a preset instead of --width/--height")
-    g.add_argument("--seed", type=int, default=None,
-                   help="noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]")  # fmt: skip
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps, 1–50")
-    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale, 1–20")
-    g.add_argument("--num-images", type=int, default=1, help="1–4; image i uses seed + i")
-    g.add_argument(
-        "--acceleration",
-        default="none",
-        choices=list(ACCELERATIONS),
-        help="first-block step caching: none is exact; regular/high skip work on steps that change little",
-    )
+    for f in _request_flags():  # from GenerationRequest: the one definition of the request's fields
+        options = dict(f.metadata["cli"])
+        default = options.pop("flag_default", f.default)
+        if "choices" not in options:  # --steps STEPS, not --steps NUM_INFERENCE_STEPS
+            options["metavar"] = f.metadata["flag"].lstrip("-").upper().replace("-", "_")
+        g.add_argument(f.metadata["flag"], dest=f.name, default=default, help=f.metadata["help"], **options)
     g.add_argument(
         "--output",
         "-o",
@@ -166,8 +166,7 @@ def _add_bench(sub) -> None:
         description="Runs stock diffusers FluxPipeline (baseline) and our pipeline with each optimization "
         "added one at a time, on the same weights, prompt and seed, in one process. On a GPU: the whole "
         "table at the real settings. On a CPU: " + ", ".join(c.name for c in CPU_SMOKE) + f" on the tiny "
-        f"model at {' '.join(cpu.sizes)}, {cpu.steps} steps (about {CPU_DEFAULTS_SECONDS // 60 + 1} minutes on "
-        "2 cores).",
+        f"model at {' '.join(cpu.sizes)}, {cpu.steps} steps ({CPU_DEFAULTS_SECONDS} s on an idle 2-core machine).",
         formatter_class=_Help,
     )
     b.add_argument("--model", default=None,
@@ -274,18 +273,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .loading import load_pipeline
 
     # Check the request before the (possibly long) model load, so a typo fails in a second.
-    from .request import resolve_image_size, validate_request
+    from .request import validate_request
 
     if args.image_size and (args.width is not None or args.height is not None):
         raise ValueError("give either --image-size or --width/--height, not both")
     try:
-        if args.image_size:
-            width, height = resolve_image_size(args.image_size)
-        else:
-            width, height = resolve_image_size(width=args.width, height=args.height)
-        validate_request(
-            args.prompt, width, height, args.seed, args.steps, args.guidance, args.num_images, args.acceleration
-        )
+        request = {f.name: getattr(args, f.name) for f in _request_flags()}
+        req = validate_request(args.prompt, image_size=args.image_size, **request)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
     output = Path(args.output)
@@ -293,16 +287,7 @@ def _generate(args: argparse.Namespace) -> int:
     if fmt is None:
         fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(output.suffix.lower(), "jpeg")
     pipe = load_pipeline(**_load_options(args), progress=not args.quiet)
-    result = pipe.generate(
-        args.prompt,
-        width=width,
-        height=height,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images=args.num_images,
-        acceleration=args.acceleration,
-    )
+    result = pipe.generate(req)
     result.save(output, fmt)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     return 0

@@ -119,14 +119,13 @@ def default_pipeline() -> SRPOPipeline:
         return _default[model]
 
 
-def generate(
-    prompt: str, width: int | str = 1024, height: int = 768, seed: int | None = None, **kwargs
-) -> GenerationResult:
-    """Generate with the default pipeline, loading it on first use.
+def generate(prompt: str, **kwargs) -> GenerationResult:
+    """Generate with the default pipeline, loading it on first use; the keywords of
+    :meth:`SRPOPipeline.generate`.
 
     >>> import os; os.environ["SRPO_MODEL"] = "tiny-random"
-    >>> generate("a cat", 512, 512, seed=3, num_inference_steps=1, progress=False).seed
+    >>> generate("a cat", width=512, height=512, seed=3, num_inference_steps=1, progress=False).seed
     3
     """
     check_keywords(SRPOPipeline.generate, kwargs)  # before the (long) first load, not after
-    return default_pipeline().generate(prompt, width=width, height=height, seed=seed, **kwargs)
+    return default_pipeline().generate(prompt, **kwargs)

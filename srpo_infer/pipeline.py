@@ -24,7 +24,7 @@ import torch
 from .attention import KERNEL_MODES
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
-from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, suggest_keywords, validate_request
+from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
 from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 
@@ -188,31 +188,26 @@ class SRPOPipeline:
         """The compute dtype."""
         return self.config.dtype
 
-    @suggest_keywords
+    @takes_request_fields
     def generate(
         self,
         prompt: str | GenerationRequest,
-        width: int | str | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 4.5,
-        num_images: int = 1,
         *,
-        acceleration: str = "none",
         image_size: str | dict | None = None,
         progress: bool | None = None,
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        **request,
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
 
-        ``prompt`` may instead be a whole :class:`~srpo_infer.request.GenerationRequest` (what the server
-        and the CLI build), with no other request arguments. Arguments follow the ``flux/srpo`` API (see
-        :func:`srpo_infer.request.validate_request`);
-        ``image_size`` takes a preset name or ``{"width", "height"}`` instead of the two sides. Image
-        ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in the result.
-        ``acceleration``: ``none`` (exact), ``regular`` or ``high`` first-block caching (see
+        The request's keywords are the fields of :class:`~srpo_infer.request.GenerationRequest`
+        (``width``, ``height``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``num_images``,
+        ``acceleration``; the ``flux/srpo`` rules, see :func:`srpo_infer.request.validate_request`), or
+        ``prompt`` may be a whole ``GenerationRequest`` (what the server and the CLI build).
+        ``image_size`` takes a preset name, ``"WIDTHxHEIGHT"`` or ``{"width", "height"}`` instead of
+        the two sides. Image ``i`` uses seed ``seed + i``; ``seed=None`` draws a random one, reported in
+        the result. ``acceleration``: ``none`` (exact), ``regular`` or ``high`` first-block caching (see
         :mod:`srpo_infer.step_cache`); ``cache_threshold`` sets the cache's threshold directly (research).
         ``result.transformer_evaluations`` counts the full transformer evaluations. ``should_stop`` is
         asked before every denoising step; when it returns true, :class:`GenerationCancelled` is raised
@@ -223,15 +218,11 @@ class SRPOPipeline:
         ((1440, 512), 490733907)
         """
         if isinstance(prompt, GenerationRequest):
-            given = (width, height, seed, num_inference_steps, guidance_scale, num_images, acceleration, image_size)
-            if given != (None, None, None, 28, 4.5, 1, "none", None):
+            if request or image_size is not None:
                 raise ValueError("pass either a GenerationRequest or the request's fields, not both")
             req = validate_request(**dataclasses.asdict(prompt))  # built directly, it skipped the checks
         else:
-            req = validate_request(
-                prompt, width=width, height=height, seed=seed, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, num_images=num_images, acceleration=acceleration, image_size=image_size,
-            )  # fmt: skip
+            req = validate_request(prompt, image_size=image_size, **request)
         if req.seed is None:
             req = GenerationRequest(**{**req.__dict__, "seed": secrets.randbelow(2**32)})
         threshold = cache_threshold_for(req.acceleration, cache_threshold)

@@ -12,7 +12,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 
 # Presets of the hosted API (width, height).
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -36,34 +36,11 @@ ACCELERATIONS = ("none", "regular", "high")  # step caching levels, see srpo_inf
 OUTPUT_FORMATS = ("jpeg", "png")
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One validated generation request.
-
-    Build it with :func:`validate_request`, which checks every field; constructing it directly skips
-    the checks.
-    """
-
-    prompt: str
-    width: int = DEFAULT_WIDTH
-    height: int = DEFAULT_HEIGHT
-    seed: int | None = None
-    num_inference_steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
-    num_images: int = DEFAULT_IMAGES
-    acceleration: str = "none"
-
-    @property
-    def image_tokens(self) -> int:
-        """Number of packed latent tokens the transformer sees for one image (16×16 pixels each)."""
-        return (self.width // 16) * (self.height // 16)
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(field: str, value: object, lo: int, hi: int) -> int:
+def _check_int(field: str, lo: int, hi: int, value: object) -> int:
     if not _is_int(value):
         raise ValueError(f"{field} must be an integer in [{lo}, {hi}], got {value!r}")
     if not lo <= value <= hi:
@@ -121,18 +98,89 @@ def resolve_image_size(
     return _check_side("width", width), _check_side("height", height)
 
 
-def validate_request(
-    prompt: object,
-    width: object = None,
-    height: object = None,
-    seed: object = None,
-    num_inference_steps: object = DEFAULT_STEPS,
-    guidance_scale: object = DEFAULT_GUIDANCE,
-    num_images: object = DEFAULT_IMAGES,
-    acceleration: object = "none",
-    image_size: str | dict | None = None,
-) -> GenerationRequest:
+def _check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string of 1 to {MAX_PROMPT_CHARS} characters, got {prompt!r}")
+    if not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {prompt!r}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} characters")
+    return prompt
+
+
+def _check_seed(seed: object) -> int | None:
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1] or None, got {seed!r}")
+    return seed
+
+
+def _check_guidance(value: object) -> float:
+    lo, hi = MIN_GUIDANCE, MAX_GUIDANCE
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"guidance_scale must be a number in [{lo}, {hi}], got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"guidance_scale must be a finite number in [{lo}, {hi}], got {value}")
+    if not lo <= value <= hi:
+        raise ValueError(f"guidance_scale must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _check_acceleration(value: object) -> str:
+    if value not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {list(ACCELERATIONS)}, got {value!r}")
+    return value
+
+
+def _field(default=MISSING, rule: Callable | None = None, flag: str | None = None, help: str = "", **cli):
+    """A request field: its default, the rule that checks it (``None``: checked with another field),
+    the command-line flag that sets it (``None``: not a flag), that flag's help and its argparse options
+    (``cli``; ``flag_default`` is the flag's own default when it differs from the field's)."""
+    return field(default=default, metadata={"rule": rule, "flag": flag, "help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated generation request: the one definition of the request's fields, their defaults,
+    their rules and their command-line flags. The CLI's flags, :func:`validate_request` and the
+    keywords of :meth:`SRPOPipeline.generate <srpo_infer.SRPOPipeline.generate>` are built from it; the
+    HTTP body (``srpo_infer.server.app.GenerationBody``) is the only other listing, for the API's shape.
+
+    Build it with :func:`validate_request`, which checks every field; constructing it directly skips
+    the checks.
+    """
+
+    prompt: str = _field(rule=_check_prompt, help="what to draw (1 to 4000 characters)")
+    width: int = _field(DEFAULT_WIDTH, flag="--width", help="512–1536, multiple of 32 [default: 1024]", type=int,
+                        flag_default=None)  # fmt: skip
+    height: int = _field(DEFAULT_HEIGHT, flag="--height", help="512–1536, multiple of 32 [default: 768]", type=int,
+                         flag_default=None)  # fmt: skip
+    seed: int | None = _field(None, _check_seed, "--seed", "noise seed, 0 to 2**63-1 [default: a random one, "
+                              "printed in the JSON]", type=int)  # fmt: skip
+    num_inference_steps: int = _field(DEFAULT_STEPS, functools.partial(_check_int, "num_inference_steps", MIN_STEPS,
+                                      MAX_STEPS), "--steps", "denoising steps, 1–50", type=int)  # fmt: skip
+    guidance_scale: float = _field(DEFAULT_GUIDANCE, _check_guidance, "--guidance", "guidance scale, 1–20",
+                                   type=float)  # fmt: skip
+    num_images: int = _field(DEFAULT_IMAGES, functools.partial(_check_int, "num_images", MIN_IMAGES, MAX_IMAGES),
+                             "--num-images", "1–4; image i uses seed + i", type=int)  # fmt: skip
+    acceleration: str = _field("none", _check_acceleration, "--acceleration", "first-block step caching: none is "
+                               "exact; regular/high skip work on steps that change little",
+                               choices=list(ACCELERATIONS))  # fmt: skip
+
+    @property
+    def image_tokens(self) -> int:
+        """Number of packed latent tokens the transformer sees for one image (16×16 pixels each)."""
+        return (self.width // 16) * (self.height // 16)
+
+
+REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest))
+
+
+def validate_request(prompt: object, *, image_size: str | dict | None = None, **request) -> GenerationRequest:
     """Check every field of a request against the ``flux/srpo`` rules and return it validated.
+
+    Keywords: the fields of :class:`GenerationRequest` (``width``, ``height``, ``seed``,
+    ``num_inference_steps``, ``guidance_scale``, ``num_images``, ``acceleration``), or ``image_size``
+    (a preset name, ``"WIDTHxHEIGHT"``, ``"auto"`` or ``{"width", "height"}``) instead of the sides.
 
     >>> validate_request("a cat", width=1440, height=512, seed=7).image_tokens
     2880
@@ -141,37 +189,25 @@ def validate_request(
     ...
     ValueError: num_inference_steps must be in [1, 50], got 0
     """
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string of 1 to {MAX_PROMPT_CHARS} characters, got {prompt!r}")
-    if not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {prompt!r}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} characters")
-    w, h = resolve_image_size(image_size, width, height)
-    if seed is not None:
-        if not _is_int(seed) or not 0 <= seed < MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, 2**63 - 1] or None, got {seed!r}")
-    steps = _check_int("num_inference_steps", num_inference_steps, MIN_STEPS, MAX_STEPS)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale!r}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], "
-                         f"got {guidance_scale}")  # fmt: skip
-    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:
-        raise ValueError(f"guidance_scale must be in [{MIN_GUIDANCE}, {MAX_GUIDANCE}], got {guidance_scale}")
-    n = _check_int("num_images", num_images, MIN_IMAGES, MAX_IMAGES)
-    if acceleration not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {list(ACCELERATIONS)}, got {acceleration!r}")
-    return GenerationRequest(
-        prompt=prompt,
-        width=w,
-        height=h,
-        seed=seed,
-        num_inference_steps=steps,
-        guidance_scale=float(guidance_scale),
-        num_images=n,
-        acceleration=acceleration,
-    )
+    values = {"prompt": _check_prompt(prompt)}
+    values["width"], values["height"] = resolve_image_size(image_size, request.get("width"), request.get("height"))
+    for f in fields(GenerationRequest):
+        if f.name not in values:
+            values[f.name] = f.metadata["rule"](request.get(f.name, f.default))
+    return GenerationRequest(**values)
+
+
+def takes_request_fields(fn: Callable) -> Callable:
+    """Decorator for ``fn(self?, prompt, *, ..., **request)``: its signature shows the request's fields as
+    keywords (``help()``, IDEs), and a misspelled keyword is a ``TypeError`` naming the nearest one."""
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
+    sides = {"width": None, "height": None}  # None: from image_size, else the default size
+    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=sides.get(f.name, f.default),
+                               annotation=f.type) for f in fields(GenerationRequest) if f.name != "prompt"]  # fmt: skip
+    fn.__signature__ = signature.replace(parameters=[*own[:at], *added, *own[at:]])
+    return suggest_keywords(fn)
 
 
 def check_output_format(output_format: object) -> str:
@@ -226,3 +262,6 @@ def suggest_keywords(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+validate_request = takes_request_fields(validate_request)  # here: its decorator is defined above

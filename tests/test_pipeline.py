@@ -157,7 +157,7 @@ def test_invalid_request_raises_before_any_work(tiny_pipe):
 
 def test_module_level_generate_uses_srpo_model(monkeypatch):
     monkeypatch.setenv("SRPO_MODEL", "tiny-random")
-    r = srpo_infer.generate("a cat", 512, 512, seed=3, num_inference_steps=1, progress=False)
+    r = srpo_infer.generate("a cat", width=512, height=512, seed=3, num_inference_steps=1, progress=False)
     assert r.seed == 3 and r.images[0].size == (512, 512)
     assert srpo_infer.default_pipeline() is srpo_infer.default_pipeline()
 

@@ -43,6 +43,7 @@ from ..request import (
     MIN_SIDE,
     MIN_STEPS,
     OUTPUT_FORMATS,
+    REQUEST_FIELDS,
     SIDE_MULTIPLE,
     GenerationRequest,
     check_output_format,
@@ -136,12 +137,11 @@ class GenerationBody(BaseModel):
         if size is not None and "image_size" in given and size != own:
             raise ApiError(422, f"size ({self.size}) and image_size ({own[0]}x{own[1]}) disagree: send one of them",
                            "size")  # fmt: skip
-        width, height = size or own
-        return validate_request(
-            self.prompt, width=width, height=height, seed=self.seed, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, num_images=self.n if self.n is not None else self.num_images,
-            acceleration=self.acceleration or default_acceleration,
-        )  # fmt: skip
+        request = {name: getattr(self, name) for name in REQUEST_FIELDS if name in type(self).model_fields}
+        request["width"], request["height"] = size or own
+        request["num_images"] = self.n if self.n is not None else self.num_images
+        request["acceleration"] = self.acceleration or default_acceleration
+        return validate_request(**request)
 
     def _image_size(self) -> str | dict:
         return self.image_size if isinstance(self.image_size, str) else self.image_size.model_dump()
@@ -367,14 +367,12 @@ def _library_message(body: object) -> str | None:
     """What :func:`~srpo_infer.request.validate_request` says of this body, if it refuses it."""
     if not isinstance(body, dict):
         return None
-    size = body.get("size") or body.get("image_size", "landscape_4_3")
+    request = {name: body[name] for name in REQUEST_FIELDS if name in body and name in GenerationBody.model_fields}
+    request["prompt"] = body.get("prompt")
+    request["num_images"] = body.get("n", body.get("num_images", 1))
+    request["acceleration"] = body.get("acceleration") or "none"
     try:
-        validate_request(
-            body.get("prompt"), image_size=size, seed=body.get("seed"),
-            num_inference_steps=body.get("num_inference_steps", DEFAULT_STEPS),
-            guidance_scale=body.get("guidance_scale", DEFAULT_GUIDANCE),
-            num_images=body.get("n", body.get("num_images", 1)), acceleration=body.get("acceleration") or "none",
-        )  # fmt: skip
+        validate_request(**request, image_size=body.get("size") or body.get("image_size", "landscape_4_3"))
         check_output_format(body.get("output_format", "jpeg"))
     except ValueError as exc:
         message = str(exc)
