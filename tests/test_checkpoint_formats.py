@@ -44,7 +44,7 @@ def files(tmp_path_factory):
 
 def _outputs(path):
     pipe = srpo_infer.load_pipeline(str(path), base="tiny-random", device="cpu", progress=False)
-    image = pipe.generate(REQ.prompt, 512, 512, seed=REQ.seed, num_inference_steps=REQ.num_inference_steps).images[0]
+    image = pipe.generate(REQ).images[0]  # the request itself: one typed request end to end
     return pipe.generate_latents(REQ), image
 
 
