@@ -4,6 +4,7 @@ abandoned jobs, the cost cap, storage that expires and fails loudly, no Host-hea
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -233,19 +234,29 @@ def test_the_cost_cap_refuses_expensive_requests(tmp_path):
 def test_a_client_that_hangs_up_has_its_jobs_cancelled(tmp_path):
     pipe = SlowPipeline(step_s=0.05)
     app = create_app(pipe, output_dir=tmp_path)
-    with LiveServer(app) as server, ThreadPoolExecutor(2) as pool:
+    with LiveServer(app) as server:
         body = {"prompt": "running", "num_inference_steps": 50}  # 2.5 s of work
-        first = pool.submit(post, server.url, body, timeout=0.8)
+        first = _send_raw(server.port, body)
         _wait(lambda: app.state.worker.busy)
-        second = pool.submit(post, server.url, {**body, "prompt": "queued"}, timeout=0.5)
-        for hung_up in (first, second):
-            with pytest.raises(httpx.TimeoutException):
-                hung_up.result()
-        _wait(lambda: not app.state.worker.busy and app.state.worker.depth == 0, timeout=10)
+        second = _send_raw(server.port, {**body, "prompt": "queued"})
+        _wait(lambda: app.state.worker.depth == 1)
+        second.close()  # the queued client hangs up: its job leaves the queue
+        _wait(lambda: app.state.worker.depth == 0)
+        first.close()  # then the running one's: its job stops at the next step
+        _wait(lambda: not app.state.worker.busy)
         assert pipe.stopped == ["running"]  # stopped at a step, not run to the end
         assert pipe.started == ["running"]  # the queued job never ran
         time.sleep(0.3)
         assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # the worker serves on
+
+
+def _send_raw(port: int, body: dict) -> socket.socket:
+    """A POST sent on a socket the test closes when it wants the client to hang up."""
+    data = json.dumps(body).encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+    return conn
 
 
 def test_hung_up_queued_clients_free_their_queue_slots_at_once(tmp_path, caplog):
@@ -259,10 +270,11 @@ def test_hung_up_queued_clients_free_their_queue_slots_at_once(tmp_path, caplog)
     with LiveServer(app) as server, ThreadPoolExecutor(5) as pool:
         running = pool.submit(post, server.url, {"prompt": "running", "num_inference_steps": 50, **SQUARE})
         _wait(lambda: app.state.worker.busy)
-        hung_up = [pool.submit(post, server.url, {"prompt": f"gone {i}", **FAST}, timeout=0.5) for i in range(3)]
-        for client in hung_up:
-            with pytest.raises(httpx.TimeoutException):
-                client.result()
+        # Three clients queue a request each and hang up once all three are queued (events, not timeouts).
+        clients = [_send_raw(server.port, {"prompt": f"gone {i}", **FAST}) for i in range(3)]
+        _wait(lambda: app.state.worker.depth == 3)
+        for client in clients:
+            client.close()
         _wait(lambda: app.state.worker.depth == 0)  # withdrawn while the first job still runs
         assert app.state.worker.busy
         assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # accepted, not 429
