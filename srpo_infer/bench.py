@@ -93,7 +93,7 @@ class Defaults:
 
 GPU_DEFAULTS = Defaults(("1024x768", "1440x512", "1024x1024"), 28, True, 3)
 CPU_DEFAULTS = Defaults(("512x512", "768x512"), 4, False, 2)
-CPU_DEFAULTS_SECONDS = 52  # `srpo-infer bench --model tiny-random`, idle 2-core machine, 2026-11-29
+CPU_DEFAULTS_SECONDS = 59  # `srpo-infer bench --model tiny-random`, idle 2-core machine, empty compile cache
 
 
 def select_configs(names: list[str] | None, device: torch.device) -> list[BenchConfig]:
