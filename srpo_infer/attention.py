@@ -234,7 +234,7 @@ def check_backend_available(backend: str, device: torch.device) -> None:
                          "use attention='triton-int8'")  # fmt: skip
 
 
-MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor), tl.range(warp_specialize=)
+MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor) for the tma design
 
 
 def check_triton(version: str | None = None) -> None:
