@@ -472,3 +472,11 @@ def test_a_server_that_cancels_the_handler_on_hang_up_cancels_the_job(tmp_path):
 
     asyncio.run(scenario())
     assert backend.job.stop.is_set() and backend.job.future.cancelled()
+
+
+def test_the_size_cap_counts_what_a_restarted_store_already_holds(tmp_path):
+    first = ImageStore(tmp_path, max_age=None, max_bytes=3000, sweep_every=None)
+    old = [first.save(bytes(1000), "png") for _ in range(3)]
+    restarted = ImageStore(tmp_path, max_age=None, max_bytes=3000, sweep_every=None)
+    new = restarted.save(bytes(1000), "png")  # 4000 bytes: the oldest goes at this write, not a timer later
+    assert sum(restarted.read(n) is not None for n in [*old, new]) == 3 and restarted.read(new) is not None

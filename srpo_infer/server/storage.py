@@ -64,7 +64,7 @@ class ImageStore:
         self.max_age, self.max_bytes, self.sweep_every = max_age, max_bytes, sweep_every
         self.clock = time.time  # tests move it instead of waiting
         self._lock = threading.Lock()
-        self._bytes = 0  # stored bytes as of the last sweep, plus writes since
+        self._bytes: int | None = None  # stored bytes as of the last sweep, plus writes since (None: not yet listed)
         self._closed = threading.Event()
         if sweep_every is not None and (max_age is not None or max_bytes is not None):
             threading.Thread(target=self._sweep_periodically, name="srpo-store-sweep", daemon=True).start()
@@ -75,8 +75,12 @@ class ImageStore:
         name = f"{uuid.uuid4().hex}.{ext}"
         self.fs.pipe_file(f"{self.root}/{name}", data)
         self.fs.pipe_file(f"{self.root}/{name}{self.MARKER}", b"")
-        self._bytes += len(data)
-        if self.max_bytes is not None and self._bytes > self.max_bytes:
+        with self._lock:
+            known = self._bytes is not None
+            if known:
+                self._bytes += len(data)
+            over = self.max_bytes is not None and (not known or self._bytes > self.max_bytes)
+        if over:  # the first write after a start lists the store once: images it already held count too
             self.sweep()
         return name
 
