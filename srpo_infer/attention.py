@@ -157,8 +157,15 @@ class FluxAttentionProcessor:
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.backend = backend
+        # diffusers' enable_parallelism fills this on processors that have it; then this process holds a
+        # slice of the tokens and attention runs across processes (srpo_infer.context_parallel).
+        self._parallel_config = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+        key_padding=None,
+    ):  # fmt: skip
+        """``key_padding``: ``[S_local]``, true for the padding tokens context parallelism adds."""
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is None:
             raise ValueError("Flux attention needs image_rotary_emb (cos, sin)")
@@ -171,7 +178,10 @@ class FluxAttentionProcessor:
             attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
             attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
         )  # fmt: skip
-        out = attend(x, self.backend)
+        if self._parallel_config is not None:
+            out = _attend_sharded(x, self._parallel_config, key_padding)
+        else:
+            out = attend(x, self.backend)
         if eq is not None:
             txt_out, img_out = out.split_with_sizes([eq.shape[1], out.shape[1] - eq.shape[1]], dim=1)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
@@ -196,6 +206,15 @@ def attend(inputs: AttentionInputs, backend: str = "sdpa") -> torch.Tensor:
     import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
 
     return torch.ops.srpo.flux_attention(*inputs, mode=KERNEL_MODES[backend])
+
+
+def _attend_sharded(inputs: AttentionInputs, parallel_config, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """This process's tokens attending over every process's: the prologue here, the exchange and the
+    attention in :func:`srpo_infer.context_parallel.sharded_attention`."""
+    from .context_parallel import sharded_attention
+
+    q, k, v = (t.transpose(1, 2) for t in attention_prologue(inputs))
+    return sharded_attention(q, k, v, parallel_config, key_padding).flatten(2)
 
 
 def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):

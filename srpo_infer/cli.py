@@ -244,8 +244,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
     s.add_argument("--safety-checker", default=None,
                    help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
-    s.add_argument("--default-acceleration", default="regular", choices=list(ACCELERATIONS),
-                   help="acceleration for requests that do not say (the hosted API's default is regular)")  # fmt: skip
+    s.add_argument("--default-acceleration", default=None, choices=list(ACCELERATIONS),
+                   help="acceleration for requests that do not say [default: regular, the hosted API's; none with "
+                   "--context-parallel, which does not cache steps yet]")  # fmt: skip
     s.add_argument("--allow-unknown-fields", action="store_true",
                    help="ignore unknown request fields instead of answering 422 (for lenient clients)")  # fmt: skip
     s.add_argument("--max-cost", type=float, default=None,
@@ -286,11 +287,21 @@ def _generate(args: argparse.Namespace) -> int:
     fmt = args.output_format
     if fmt is None:
         fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(output.suffix.lower(), "jpeg")
-    pipe = load_pipeline(**_load_options(args), progress=not args.quiet)
+    options = _load_options(args)
+    leader = _rank() == 0  # with --context-parallel every rank generates; rank 0 alone writes and prints
+    pipe = load_pipeline(**options, progress=not args.quiet and leader)
     result = pipe.generate(req)
-    result.save(output, fmt)
-    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    if leader:
+        result.save(output, fmt)
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 when started alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def _sizes(texts: list[str], flag: str) -> list[tuple[int, int]]:
@@ -434,6 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    # After --context-parallel: PyTorch warns at exit about a process group that was never destroyed.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -141,6 +141,10 @@ class PipelineConfig:
                               "or swap")  # fmt: skip
     lora_max_rank: int | None = _option(None, "with --no-lora-fuse and compile: the largest rank a swap may bring",
                                         cli=False)  # fmt: skip
+    context_parallel: int = _option(1, "processes (one per GPU) that split each image's tokens: run under torchrun "
+                                    "--nproc-per-node N (diffusers' context parallelism)")  # fmt: skip
+    ring_degree: int | str = _option("auto", "with --context-parallel: processes in ring attention, the rest Ulysses "
+                                     "(auto: Ulysses as far as the heads divide)")  # fmt: skip
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
@@ -165,6 +169,9 @@ class PipelineConfig:
         if separate_lora and resolve_quantize(self.quantize) is not None:
             raise ValueError("a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
                              "use lora_fuse=True to merge it first")  # fmt: skip
+        context_parallel, ring_degree = resolve_context_parallel(self.context_parallel, self.ring_degree)
+        if context_parallel > 1:
+            _check_context_parallel(context_parallel, self.attention, memory, self.compile_scope if compile else None)
         return PipelineConfig(
             model=os.fspath(self.model),
             base=os.fspath(base),
@@ -187,6 +194,8 @@ class PipelineConfig:
             lora_scale=self.lora_scale,
             lora_fuse=bool(self.lora_fuse),
             lora_max_rank=self.lora_max_rank,
+            context_parallel=context_parallel,
+            ring_degree=ring_degree,
         )
 
     def describe(self) -> dict:
@@ -235,3 +244,33 @@ def resolve_compile(value: bool | str, device: torch.device) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
     return value
+
+
+def resolve_context_parallel(degree: int, ring_degree: int | str) -> tuple[int, int | str]:
+    """``context_parallel`` as a positive int and ``ring_degree`` as ``"auto"`` or a divisor of it (a
+    command line's ``"2"`` becomes 2)."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"context_parallel must be a whole number of processes >= 1, got {degree!r}")
+    if isinstance(ring_degree, str) and ring_degree.isdigit():
+        ring_degree = int(ring_degree)
+    if ring_degree == "auto":
+        return degree, ring_degree
+    if isinstance(ring_degree, bool) or not isinstance(ring_degree, int) or ring_degree < 1 or degree % ring_degree:
+        raise ValueError(f"ring_degree must be 'auto' or a divisor of context_parallel={degree}, got {ring_degree!r}")
+    return degree, ring_degree
+
+
+def _check_context_parallel(degree: int, attention: str, memory: str, compile_scope: str | None) -> None:
+    """The combinations context parallelism does not run with, each named with what to use instead."""
+    if attention not in ("auto", "sdpa"):
+        raise ValueError(
+            f"attention={attention!r} does not run with context_parallel={degree} yet: our kernels take the "
+            "projections and fuse RMSNorm + RoPE, while diffusers' Ulysses/ring exchange q/k/v after them; use "
+            "attention='sdpa' (each shard then runs flash/cuDNN through PyTorch)"
+        )
+    if memory in ("offload-model", "offload-group"):
+        raise ValueError(f"memory={memory!r} cannot split an image over processes (each process holds the whole "
+                         "transformer on its GPU): use memory='gpu' with context_parallel")  # fmt: skip
+    if compile_scope == "full":
+        raise ValueError("compile_scope='full' does not run with context_parallel (diffusers splits the inputs "
+                         "with hooks around the transformer): use compile_scope='regional'")  # fmt: skip

@@ -71,6 +71,10 @@ def load_pipeline(
         **options,
     ).resolved()
     check_available(config)  # before any weight loads: a missing GPU feature fails in a second
+    if config.context_parallel > 1:  # likewise a missing launcher; and each rank gets its own GPU
+        from .context_parallel import init_process_group
+
+        config = replace(config, device=init_process_group(config.context_parallel, config.device))
     lora_state = None
     if config.lora is not None:  # likewise a missing or unreadable LoRA
         from .lora import read_lora
@@ -96,6 +100,9 @@ def _choose_memory(config: PipelineConfig) -> PipelineConfig:
     if config.device.type != "cuda":
         return replace(config, memory="gpu")
     plan = plan_memory("auto", config.device, estimate_component_bytes(config))
+    if plan.mode != "gpu" and config.context_parallel > 1:
+        raise ValueError(f"the pipeline does not fit {config.device} ({plan.reason}) and context_parallel holds the "
+                         "whole transformer on every GPU: use GPUs with more memory, or quantize='fp8'")  # fmt: skip
     if plan.mode != "gpu" and (config.compile or config.quantize == "fp8"):
         raise ValueError(
             f"the pipeline does not fit {config.device} ({plan.reason}) and compile / quantize='fp8' need the "

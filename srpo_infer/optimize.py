@@ -1,5 +1,5 @@
 """The one ordered place where optimizations are applied: fuse QKV → quantize → attention backend →
-compile. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps`` so
+context parallelism → compile. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps`` so
 benchmarks can ablate them one at a time."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Optimized:
     steps: list[str] = field(default_factory=list)
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
     scope: str | None = None  # "regional" | "full" when compiled
+    context_parallel: Any = None  # a srpo_infer.context_parallel.ContextParallel when the image is split
 
     @property
     def marks_inputs(self) -> bool:
@@ -73,6 +74,14 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         steps.append("quantize:t5:fp8-weight")
     set_attention_backend(transformer, config.attention)
     steps.append(f"attention:{config.attention}")
+    context_parallel = None
+    if config.context_parallel > 1:
+        # After the processors exist (diffusers hands them its config) and before compile traces them.
+        from .context_parallel import ContextParallel, plan_degrees
+
+        degrees = plan_degrees(config.context_parallel, config.ring_degree, transformer.config.num_attention_heads)
+        context_parallel = ContextParallel(transformer, degrees, config.device)
+        steps.append(f"context_parallel:{degrees.describe()}")
     transformer_fn, decode_fn, cache_file = transformer, vae.decode, None
     split = FluxStages(transformer)
     stages = (split.front, split.rest, split.head)
@@ -81,7 +90,8 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
             key = cache_key(
                 dict(model=dict(transformer.config), dtype=str(config.dtype), device=str(config.device),
                      attention=config.attention, quantize=config.quantize, backend=config.compile_backend,
-                     scope=config.compile_scope, mode=config.compile_mode)
+                     scope=config.compile_scope, mode=config.compile_mode, context_parallel=config.context_parallel,
+                     ring_degree=str(config.ring_degree))
             )  # fmt: skip
             cache_file = config.cache_dir / f"{key}.bin"
             load_artifacts(cache_file)
@@ -98,4 +108,6 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         steps.append(f"compile:{config.compile_backend}:{config.compile_scope}:{config.compile_mode}")
     log.info("optimizations: %s", " → ".join(steps))
     scope = config.compile_scope if config.compile else None
-    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope)
+    return Optimized(
+        transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope, context_parallel
+    )

@@ -223,9 +223,16 @@ class SRPOPipeline:
             req = validate_request(**dataclasses.asdict(prompt))  # built directly, it skipped the checks
         else:
             req = validate_request(prompt, image_size=image_size, **request)
-        if req.seed is None:
-            req = GenerationRequest(**{**req.__dict__, "seed": secrets.randbelow(2**32)})
+        cp = self.optimized.context_parallel
+        if req.seed is None:  # with context parallelism rank 0 draws it for all: every rank needs the same noise
+            seed = secrets.randbelow(2**32)
+            req = GenerationRequest(**{**req.__dict__, "seed": seed if cp is None else cp.broadcast(seed)})
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
+        if cp is not None and threshold is not None:
+            raise ValueError(
+                f"acceleration {req.acceleration!r} (first-block caching) does not run with context_parallel="
+                f"{cp.degree} yet: each process would decide to skip on its own tokens; use acceleration 'none'"
+            )
         show = self.config.progress if progress is None else progress
         with self._lock, torch.inference_mode():
             run = self.run(req, show, threshold, should_stop)
@@ -440,8 +447,12 @@ class SRPOPipeline:
         run = self.optimized.transformer
         cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
         marks = self.optimized.marks_inputs
+        cp = self.optimized.context_parallel
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
+                stop = cp.agree_stop(stop)
+            if stop:
                 raise GenerationCancelled("generation cancelled before its next denoising step")
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             if marks:
@@ -450,7 +461,10 @@ class SRPOPipeline:
                 hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
             )  # fmt: skip
-            if cache is None:
+            if cp is not None:  # both streams padded to a multiple of the degree, the padding masked
+                padded, tokens = cp.pad(inputs)
+                noise_pred = cp.unpad(run(**padded, return_dict=False)[0], tokens)
+            elif cache is None:
                 noise_pred = run(**inputs, return_dict=False)[0]
             else:
                 noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if marks else None, **inputs)

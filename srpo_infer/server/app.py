@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..context_parallel import ContextParallelError
 from ..pipeline import GenerationCancelled
 from ..request import (
     ACCELERATIONS,
@@ -166,16 +167,22 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
 
 
 class ServerState:
-    """Where the app stands: loading → ready, or failed (with the reason); draining once stopping."""
+    """Where the app stands: loading → ready, or failed (the load failed, or a context-parallel peer
+    was lost: with the reason); draining once stopping."""
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.failure: str | None = None
+        self.failure: str | None = None  # why the model failed to load
+        self.broken: str | None = None  # why a loaded model can no longer generate
         self.draining = False
 
     @property
+    def reason(self) -> str | None:
+        return self.failure or self.broken
+
+    @property
     def status(self) -> str:
-        if self.failure is not None:
+        if self.reason is not None:
             return "failed"
         if self.draining:
             return "draining"
@@ -185,7 +192,7 @@ class ServerState:
         """Raise the 503 that explains why no generation can run now."""
         status = self.status
         if status == "failed":
-            raise ApiError(503, f"the model failed to load: {self.failure}")
+            raise ApiError(503, self.broken or f"the model failed to load: {self.failure}")
         if status == "draining":
             raise ApiError(503, "the server is shutting down; retry on another instance", headers={"Retry-After": "5"})
         if status == "loading":
@@ -328,7 +335,7 @@ def create_app(
 async def _health(state: ServerState, store: ImageStore) -> JSONResponse:
     status, body = state.status, {"queue_depth": state.worker.depth}
     if status == "failed":
-        return JSONResponse({"status": status, "reason": state.failure, **body}, status_code=500)
+        return JSONResponse({"status": status, "reason": state.reason, **body}, status_code=500)
     problem = await asyncio.to_thread(store.problem)
     if status == "ok" and problem:
         return JSONResponse({"status": "degraded", "problems": [problem], **body}, status_code=503)
@@ -465,6 +472,9 @@ async def _wait_for(job, request: Request, state: ServerState):
             raise ApiError(503, "the server shut down before this request finished; retry on another instance",
                            headers={"Retry-After": "5"}) from None  # fmt: skip
         raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled") from None
+    except ContextParallelError as exc:  # a peer process is gone: no generation can run again here
+        state.broken = str(exc)
+        raise ApiError(503, str(exc)) from None
     except Exception as exc:
         if _is_oom(exc):
             log.warning("out of GPU memory on one request: %s", exc)

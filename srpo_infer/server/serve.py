@@ -32,7 +32,7 @@ def serve(
     public_url: str | None = None,
     max_queue: int = 16,
     safety_checker: str | None = None,
-    default_acceleration: str = "regular",
+    default_acceleration: str | None = None,
     warmup_sizes: list[tuple[int, int]] | None = None,
     drain_timeout: float = 60.0,
     app_options: dict | None = None,
@@ -40,12 +40,29 @@ def serve(
 ) -> int:
     """Start the server; blocks until it stops and returns the process exit code (0 after a clean
     drain, 1 when the model failed to load). ``app_options`` go to :func:`create_app`,
-    ``pipeline_options`` to :func:`load_pipeline`."""
+    ``pipeline_options`` to :func:`load_pipeline`. ``default_acceleration``: ``regular`` (the hosted API's),
+    ``none`` with ``context_parallel`` (which does not cache steps yet).
+
+    With ``context_parallel=N`` every one of the N processes ``torchrun`` starts calls this: rank 0 serves
+    HTTP, the others load the same pipeline and run each request with it (:mod:`.parallel`)."""
     import uvicorn
 
     from ..config import resolve_device
     from ..loading import load_pipeline
+    from .parallel import Leader, follow
     from .safety import SafetyChecker
+
+    parallel = pipeline_options.get("context_parallel", 1) > 1
+    if default_acceleration is None:
+        default_acceleration = "none" if parallel else "regular"
+    elif parallel and default_acceleration != "none":
+        raise ValueError(f"default acceleration {default_acceleration!r} (first-block caching) does not run with "
+                         "context parallelism yet: use --default-acceleration none")  # fmt: skip
+    accelerations = tuple(dict.fromkeys(("none", default_acceleration)))
+    if parallel and int(os.environ.get("RANK", "0")) != 0:
+        pipe = load_pipeline(model, progress=False, **pipeline_options)
+        pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)  # in step with rank 0's
+        return follow(pipe)
 
     api_key = api_key or os.environ.get("SRPO_API_KEY") or None
     public_url = public_url or default_public_url(host, port)
@@ -78,7 +95,9 @@ def serve(
     def load() -> None:
         try:
             pipe = load_pipeline(model, progress=False, **pipeline_options)
-            pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=tuple({"none", default_acceleration}))
+            pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)
+            if pipe.optimized.context_parallel is not None:
+                pipe = Leader(pipe)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("loading the model %r failed: %s", model, reason)
@@ -93,6 +112,8 @@ def serve(
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
     server.run()
+    if isinstance(app.state.worker.pipeline, Leader):
+        app.state.worker.pipeline.close()
     return server.exit_code
 
 

@@ -1,0 +1,282 @@
+"""One image on several processes (one per GPU): diffusers' context parallelism, wired to our seam.
+
+Each process holds the whole transformer and a slice of the image's text and image tokens; attention
+exchanges them, either by re-sharding heads (Ulysses: two all-to-alls per attention, every process sees
+the whole sequence for ``heads / ulysses`` heads) or by passing K/V around a ring (each process sees its
+queries against every key shard, merged by log-sum-exp). diffusers does the splitting (hooks on the
+transformer's inputs and ``proj_out``) and the exchange; we add what it lacks:
+
+- **any image size**: diffusers splits each stream into equal parts, so both streams are padded to a
+  multiple of the degree and the padding is masked exactly (see :func:`pad_keys`);
+- **a CPU** (gloo), so all of this is tested without GPUs: an attention op that returns the log-sum-exp
+  on the CPU (ring needs it; diffusers' are CUDA/NPU-only), and ``enable_parallelism``'s device count;
+- **one request in step on every rank**: the seed, the stop decision and (for a server) the request
+  itself are broadcast from rank 0, so the ranks never diverge.
+
+Private diffusers APIs used (tested with diffusers 0.42; the dependency is pinned to ``>=0.42,<0.43``
+for them): ``diffusers.models.attention_dispatch._templated_context_parallel_attention`` (the Ulysses /
+ring / unified templates, called with our attention op), the ``_parallel_config`` attribute that
+``enable_parallelism`` fills on processors, and ``torch.accelerator.device_count()`` being read by
+``ModelMixin._resolve_parallel_config`` (0 on a CPU: a ZeroDivisionError there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Extra head channels that carry the padding mask (8: flash and cuDNN need head dims in multiples of 8).
+MASK_CHANNELS = 8
+# The padding keys' score before scaling: exp(-1e4 · D^-0.5) is exactly 0 in float32, and -1e4 is finite
+# in float16 too.
+MASKED_SCORE = -1.0e4
+
+
+class ContextParallelError(RuntimeError):
+    """A context-parallel peer failed (died, or a collective broke): this process cannot generate again."""
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """How ``degree`` processes split one image: ``ring`` × ``ulysses`` = ``degree``."""
+
+    ring: int
+    ulysses: int
+
+    @property
+    def degree(self) -> int:
+        return self.ring * self.ulysses
+
+    def describe(self) -> str:
+        parts = [f"ulysses {self.ulysses}" if self.ulysses > 1 else "", f"ring {self.ring}" if self.ring > 1 else ""]
+        return " × ".join(p for p in parts if p)
+
+
+def plan_degrees(degree: int, ring_degree: int | str, heads: int) -> Degrees:
+    """Split ``degree`` into ring × Ulysses. ``auto``: the largest Ulysses degree dividing both the degree
+    and the head count (Ulysses moves each tensor twice per attention; ring moves K/V ``degree - 1`` times
+    and merges partial softmaxes), the rest ring. Flux's 24 heads give pure Ulysses for 2, 3, 4, 6, 8, 12.
+
+    >>> plan_degrees(4, "auto", 24), plan_degrees(3, "auto", 2), plan_degrees(16, "auto", 24)
+    (Degrees(ring=1, ulysses=4), Degrees(ring=3, ulysses=1), Degrees(ring=2, ulysses=8))
+    """
+    if ring_degree == "auto":
+        ulysses = max(u for u in range(1, degree + 1) if degree % u == 0 and heads % u == 0)
+        return Degrees(degree // ulysses, ulysses)
+    ulysses = degree // ring_degree
+    if heads % ulysses:
+        raise ValueError(
+            f"ring_degree={ring_degree} leaves a Ulysses degree of {ulysses}, which does not divide the model's "
+            f"{heads} attention heads: use ring_degree='auto' or one that leaves a divisor of {heads}"
+        )
+    return Degrees(ring_degree, ulysses)
+
+
+def launched_world_size() -> int | None:
+    """The process count a launcher (``torchrun``) announced, or None when this process was started alone."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def init_process_group(degree: int, device: torch.device) -> torch.device:
+    """Join (or start) the process group of ``degree`` processes and return this rank's device.
+
+    One process per GPU, started by ``torchrun --nproc-per-node DEGREE``: NCCL on CUDA (rank *i* on GPU
+    ``LOCAL_RANK``), gloo on a CPU.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        world = launched_world_size()
+        if world is None:
+            raise ValueError(
+                f"context_parallel={degree} runs one process per GPU: launch it with torchrun --nproc-per-node "
+                f"{degree} (e.g. torchrun --nproc-per-node {degree} -m srpo_infer generate ... "
+                f"--context-parallel {degree})"
+            )
+        if world != degree:
+            raise ValueError(
+                f"context_parallel={degree} but torchrun started {world} processes: launch with "
+                f"--nproc-per-node {degree}, or pass --context-parallel {world}"
+            )
+    elif dist.get_world_size() != degree:
+        raise ValueError(
+            f"context_parallel={degree} but the process group has {dist.get_world_size()} processes: "
+            f"they must be equal (one image is split over every process)"
+        )
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; run at most that "
+                "many processes per node"
+            )
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device
+
+
+@contextlib.contextmanager
+def _counts_cpu_as_one_device(device: torch.device):
+    # ModelMixin._resolve_parallel_config places rank r on `rank % torch.accelerator.device_count()`,
+    # which is 0 on a machine without an accelerator; gloo needs no device, so one CPU stands in.
+    if device.type != "cpu" or torch.accelerator.device_count() > 0:
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
+class ContextParallel:
+    """Context parallelism applied to a transformer, and what the pipeline needs to keep ranks in step.
+
+    Built by :func:`srpo_infer.optimize.optimize` when ``context_parallel > 1``; the pipeline pads each
+    step's inputs with :meth:`pad`, strips the output with :meth:`unpad`, and agrees on the seed and the
+    stop decision through rank 0.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, degrees: Degrees, device: torch.device):
+        import torch.distributed as dist
+        from diffusers import ContextParallelConfig
+
+        self.degrees = degrees
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        # Objects (requests, seeds) travel over a gloo group: NCCL moves tensors on the GPU only.
+        self._objects = dist.new_group(backend="gloo") if device.type == "cuda" else None
+        config = ContextParallelConfig(ring_degree=degrees.ring, ulysses_degree=degrees.ulysses)
+        with _counts_cpu_as_one_device(device):
+            transformer.enable_parallelism(config=config)
+        log.info("context parallel: rank %d of %d, %s", self.rank, self.world, degrees.describe())
+
+    @property
+    def degree(self) -> int:
+        return self.degrees.degree
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that writes files, answers HTTP and decides for the others."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ inputs
+
+    def pad(self, inputs: dict) -> tuple[dict, int]:
+        """The transformer's inputs with both streams padded to a multiple of the degree, the padding
+        mask for this rank's tokens in ``joint_attention_kwargs``, and the real image token count."""
+        latents, prompt = inputs["hidden_states"], inputs["encoder_hidden_states"]
+        n_img, n_txt = latents.shape[1], prompt.shape[1]
+        pad_img, pad_txt = -n_img % self.degree, -n_txt % self.degree
+        out = dict(inputs)
+        if pad_img or pad_txt:
+            out["hidden_states"] = F.pad(latents, (0, 0, 0, pad_img))
+            out["img_ids"] = F.pad(inputs["img_ids"], (0, 0, 0, pad_img))
+            out["encoder_hidden_states"] = F.pad(prompt, (0, 0, 0, pad_txt))
+            out["txt_ids"] = F.pad(inputs["txt_ids"], (0, 0, 0, pad_txt))
+            flags = torch.cat([self._local_pad_flags(n_txt, pad_txt), self._local_pad_flags(n_img, pad_img)])
+            out["joint_attention_kwargs"] = {"key_padding": flags.to(latents.device)}
+        return out, n_img
+
+    def _local_pad_flags(self, real: int, pad: int) -> torch.Tensor:
+        # diffusers gives rank r the r-th of `degree` equal chunks (EquipartitionSharder).
+        flags = torch.arange(real + pad) >= real
+        return flags.chunk(self.degree)[self.rank]
+
+    @staticmethod
+    def unpad(output: torch.Tensor, image_tokens: int) -> torch.Tensor:
+        return output[:, :image_tokens]
+
+    # ------------------------------------------------------------------ agreement
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        import torch.distributed as dist
+
+        box = [value]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self._objects)
+        except Exception as exc:  # a peer is gone: gloo raises, and every later collective would too
+            raise ContextParallelError(f"a context-parallel peer of rank {self.rank} failed: {exc}") from exc
+        return box[0]
+
+    def agree_stop(self, stop: bool) -> bool:
+        """Rank 0's stop decision: a request is cancelled on every rank before the same step, or on none."""
+        return bool(self.broadcast(bool(stop)))
+
+
+def pad_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor):
+    """Append :data:`MASK_CHANNELS` head channels so padding tokens get exactly zero attention weight.
+
+    ``q``/``k``/``v``: ``[B, S, H, D]`` of this rank's tokens, ``key_padding``: ``[S]`` true for padding.
+    Queries get a 1 in the first extra channel, padding keys :data:`MASKED_SCORE` there (and zeros
+    elsewhere), every other key 0: a real key's score is unchanged bit for bit (it adds 1·0), a padding
+    key's is ``MASKED_SCORE``, whose exponent underflows to 0. The mask travels with the keys through the
+    Ulysses all-to-all and around the ring, so neither needs to know about it. Pass ``scale=D**-0.5``:
+    the wider head must not change the softmax scale.
+    """
+    pad = key_padding.view(1, -1, 1, 1)
+    extra = q.new_zeros(*q.shape[:-1], MASK_CHANNELS)
+    q = torch.cat([q, extra.index_fill(-1, torch.tensor([0], device=q.device), 1.0)], dim=-1)
+    k = torch.cat([k.masked_fill(pad, 0.0), extra.masked_fill(pad & _first_channel(k), MASKED_SCORE)], dim=-1)
+    v = torch.cat([v.masked_fill(pad, 0.0), extra], dim=-1)
+    return q, k, v
+
+
+def _first_channel(x: torch.Tensor) -> torch.Tensor:
+    first = torch.zeros(MASK_CHANNELS, dtype=torch.bool, device=x.device)
+    first[0] = True
+    return first
+
+
+def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the whole sequence from this rank's ``[B, S_local, H, D]`` q/k/v (after RMSNorm and
+    RoPE): diffusers' Ulysses / ring / unified template around :func:`_attention_op`. Returns
+    ``[B, S_local, H, D]``."""
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+    head_dim = q.shape[-1]
+    if key_padding is not None:
+        q, k, v = pad_keys(q, k, v, key_padding)
+    out = _templated_context_parallel_attention(
+        q, k, v, None, 0.0, False, 1.0 / math.sqrt(head_dim), False, False,
+        forward_op=_attention_op, backward_op=_no_backward, _parallel_config=parallel_config,
+    )  # fmt: skip
+    return out[..., :head_dim]
+
+
+def _attention_op(
+    ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    return_lse=False, _save_ctx=True, _parallel_config=None,
+):  # fmt: skip
+    """One shard's attention for diffusers' templates, ``[B, S, H, D]`` in and out; with ``return_lse``
+    also the log-sum-exp ``[B, S, H]`` (float32) that ring attention merges shards with."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:  # flash has no float32; the memory-efficient kernel does and returns the LSE too
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        lse = lse[..., : q.shape[2]]  # padded to a multiple of 32 queries
+    return out.transpose(1, 2), lse.transpose(1, 2).float()
+
+
+def _no_backward(*_args, **_kwargs):
+    raise NotImplementedError("srpo_infer's context-parallel attention is for inference; it has no backward")

@@ -1,0 +1,76 @@
+"""A server whose pipeline splits each image over several processes (``--context-parallel N`` under
+``torchrun``): rank 0 runs HTTP and the queue and hands each request to the other ranks, which run it
+in step with it.
+
+Every rank must run every request, step for step: a rank that stops (killed, out of memory) leaves the
+others waiting in a collective that can never complete, so after any failure mid-generation the group
+is broken for good. The leader then answers 503 and ``/health`` says ``failed`` with the reason, so a
+supervisor restarts the whole group.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..context_parallel import ContextParallelError
+from ..pipeline import GenerationCancelled
+
+log = logging.getLogger(__name__)
+
+
+class Leader:
+    """Rank 0's pipeline as the worker sees it: ``generate`` first sends the request to the followers."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.context_parallel = pipeline.optimized.context_parallel
+        self.broken: str | None = None
+
+    def generate(self, request, **options):
+        """Run ``request`` on every rank; raises :class:`ContextParallelError` once the group is broken."""
+        if self.broken is not None:
+            raise ContextParallelError(self.broken)
+        try:
+            self.context_parallel.broadcast(request)
+            return self.pipeline.generate(request, **options)
+        except (ValueError, GenerationCancelled):  # every rank refused or stopped at the same point
+            raise
+        except Exception as exc:
+            self.broken = (
+                f"the context-parallel group of {self.context_parallel.degree} processes broke during a "
+                f"generation ({type(exc).__name__}: {exc}); restart the server"
+            )
+            log.error("%s", self.broken)
+            raise ContextParallelError(self.broken) from exc
+
+    def close(self) -> None:
+        """Tell the followers to exit (they return 0)."""
+        if self.broken is None:
+            try:
+                self.context_parallel.broadcast(None)
+            except ContextParallelError as exc:
+                log.warning("could not tell the other ranks to stop: %s", exc)
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+
+def follow(pipeline) -> int:
+    """A non-zero rank's loop: run each request rank 0 sends until it sends ``None``; the exit code."""
+    cp = pipeline.optimized.context_parallel
+    log.info("rank %d follows rank 0's requests", cp.rank)
+    while True:
+        try:
+            request = cp.broadcast(None)
+        except ContextParallelError as exc:
+            log.error("%s", exc)
+            return 1
+        if request is None:
+            return 0
+        try:
+            pipeline.generate(request, progress=False)
+        except (ValueError, GenerationCancelled):
+            continue  # rank 0 refused or stopped it at the same point
+        except Exception:
+            log.exception("rank %d failed a generation; the group is broken", cp.rank)
+            return 1

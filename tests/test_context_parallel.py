@@ -1,0 +1,122 @@
+"""One image split over several processes (diffusers' context parallelism), on the CPU with gloo:
+the split run gives the latents of one process, for Ulysses, ring, and sizes the degree does not
+divide; the padding mask is exact; combinations that cannot run fail in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srpo_infer import load_pipeline
+from srpo_infer.config import PipelineConfig
+from srpo_infer.context_parallel import MASK_CHANNELS, _attention_op, pad_keys, plan_degrees
+
+WORKER = Path(__file__).parent / "context_parallel_worker.py"
+
+
+def torchrun(processes: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N ARGS``, as a user launches it (a free port each time)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def split_runs(tmp_path: Path, processes: int, *cases: str) -> dict:
+    out = tmp_path / "latents.pt"
+    torchrun(processes, str(WORKER), str(out), *cases)
+    return torch.load(out)
+
+
+def test_two_processes_give_one_process_latents_with_ulysses_and_ring(tmp_path):
+    results = split_runs(tmp_path, 2, "1440x512:1", "1440x512:2")
+    for case, how in (("1440x512:1", "context_parallel:ulysses 2"), ("1440x512:2", "context_parallel:ring 2")):
+        r = results[case]
+        assert r["how"] == how
+        assert r["split"].shape == r["whole"].shape == (1, 90 * 32, 16)
+        diff = (r["split"] - r["whole"]).abs().max().item()
+        assert diff <= 1e-5, (case, diff)  # float32 rounding: the keys are summed in another order
+        assert "acceleration 'regular' (first-block caching) does not run with context_parallel=2" in r["refusal"]
+
+
+@pytest.mark.slow
+def test_three_processes_pad_sizes_the_degree_does_not_divide(tmp_path):
+    # 544x544: 1156 image and 512 text tokens, neither divisible by 3; the tiny model's 2 heads make it ring.
+    r = split_runs(tmp_path, 3, "544x544:auto")["544x544:auto"]
+    assert r["how"] == "context_parallel:ring 3"
+    assert (r["split"] - r["whole"]).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the padding mask
+
+
+def _attention(q, k, v, scale):
+    return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padding_keys_get_exactly_zero_weight(dtype):
+    g = torch.Generator().manual_seed(3)
+    real, pad, heads, dim = 37, 3, 2, 16
+    q, k, v = (torch.randn(1, real + pad, heads, dim, generator=g, dtype=dtype) * 4 for _ in range(3))
+    flags = torch.arange(real + pad) >= real
+    scale = dim**-0.5
+    expected = _attention(q, k[:, :real], v[:, :real], scale)
+    qp, kp, vp = pad_keys(q, k, v, flags)
+    assert qp.shape[-1] == dim + MASK_CHANNELS
+    masked = _attention(qp, kp, vp, scale)[..., :dim]
+    torch.testing.assert_close(masked, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    unmasked = _attention(q, k, v, scale)  # what the padding does without the mask: the test can fail
+    assert (unmasked - expected).abs().max() > 1e-3
+
+
+def test_the_ring_attention_op_returns_the_log_sum_exp():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 3, 24, generator=g) for n in (11, 13, 13))
+    out, lse = _attention_op(None, q, k, v, scale=0.2, return_lse=True)
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * 0.2
+    torch.testing.assert_close(out, _attention(q, k, v, 0.2))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).transpose(1, 2))
+
+
+def test_degrees_follow_the_heads():
+    assert plan_degrees(2, "auto", 24).describe() == "ulysses 2"
+    assert plan_degrees(3, "auto", 2).describe() == "ring 3"
+    assert plan_degrees(4, 2, 24).describe() == "ulysses 2 × ring 2"
+    with pytest.raises(ValueError, match="Ulysses degree of 3, which does not divide the model's 2 attention heads"):
+        plan_degrees(3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(context_parallel=0), "context_parallel must be a whole number of processes >= 1, got 0"),
+        (dict(context_parallel=2, ring_degree=3), "ring_degree must be 'auto' or a divisor of context_parallel=2"),
+        (dict(context_parallel=2, attention="triton"), "attention='triton' does not run with context_parallel=2"),
+        (dict(context_parallel=2, memory="offload-group"), "memory='offload-group' cannot split an image"),
+        (dict(context_parallel=2, compile=True, compile_scope="full"), "compile_scope='full' does not run with"),
+    ],
+)
+def test_combinations_that_cannot_run_are_named(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PipelineConfig(model="tiny-random", device="cpu", **options).resolved()
+
+
+def test_a_degree_without_its_processes_is_one_line(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="launch it with torchrun --nproc-per-node 2"):
+        load_pipeline("tiny-random", device="cpu", context_parallel=2)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="context_parallel=2 but torchrun started 3 processes"):
+        load_pipeline("tiny-random", device="cpu", context_parallel=2)
