@@ -120,3 +120,111 @@ def test_a_degree_without_its_processes_is_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="context_parallel=2 but torchrun started 3 processes"):
         load_pipeline("tiny-random", device="cpu", context_parallel=2)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe):
+    import base64
+    import io
+    import signal
+    import time
+
+    import httpx
+    import numpy as np
+    from live_server import LiveServer
+    from PIL import Image
+
+    from srpo_infer.server import create_app
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "srpo_infer",
+           "serve", "--model", "tiny-random", "--device", "cpu", "--context-parallel", "2", "--port", str(port),
+           "--output-dir", str(tmp_path / "split")]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "a lighthouse", "image_size": {"width": 1440, "height": 512}, "seed": 9,
+            "num_inference_steps": 4, "response_format": "b64_json", "output_format": "png"}  # fmt: skip
+
+    def image(base: str) -> np.ndarray:
+        r = httpx.post(f"{base}/v1/images/generations", json=body, timeout=600)
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), dtype=int)
+
+    try:
+        while True:  # the ranks load and warm up; no clock: a failed start ends the process
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        split = image(url)
+        refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "acceleration": "high"}, timeout=60)
+        with LiveServer(create_app(tiny_pipe, output_dir=tmp_path / "whole")) as one:
+            whole = image(one.url)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on: rank 0 drains, then tells rank 1 to stop
+        out, _ = proc.communicate(timeout=300)
+    assert split.shape == whole.shape == (512, 1440, 3)
+    assert np.abs(split - whole).max() <= 1, "the split image differs by more than rounding"
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "acceleration"
+    assert "rank 1 follows rank 0's requests" in out and "draining" in out
+
+
+@pytest.mark.slow
+def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}  # fmt: skip
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "srpo_infer", "serve", "--model", "tiny-random", "--device", "cpu",
+           "--context-parallel", "2", "--port", str(port), "--output-dir", str(tmp_path)]  # fmt: skip
+
+    def rank(r: int) -> subprocess.Popen:
+        env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+        return subprocess.Popen(cmd, env=env_r, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ranks = [rank(0), rank(1)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            assert all(p.poll() is None for p in ranks), ranks[0].stdout.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        ranks[1].kill()
+        ranks[1].wait()
+        body = {"prompt": "a cat", "image_size": "square", "num_inference_steps": 2}
+        first = httpx.post(f"{url}/v1/images/generations", json=body, timeout=300)
+        health = httpx.get(f"{url}/health", timeout=30)
+        second = httpx.post(f"{url}/v1/images/generations", json=body, timeout=300)
+    finally:
+        ranks[0].send_signal(signal.SIGTERM)
+        out, _ = ranks[0].communicate(timeout=300)
+        ranks[1].kill()
+    assert first.status_code == 503 and "context-parallel group failed or is gone" in first.json()["error"]["message"]
+    assert health.status_code == 500 and health.json()["status"] == "failed"
+    assert "restart the server" in health.json()["reason"]
+    assert second.status_code == 503
+    assert ranks[0].returncode == 1, out[-2000:]  # it served 503s: a supervisor should restart the group

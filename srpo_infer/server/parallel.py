@@ -11,6 +11,8 @@ supervisor restarts the whole group.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 from ..context_parallel import ContextParallelError
 from ..pipeline import GenerationCancelled
@@ -36,9 +38,11 @@ class Leader:
         except (ValueError, GenerationCancelled):  # every rank refused or stopped at the same point
             raise
         except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, ContextParallelError) and exc.__cause__ else exc
+            detail = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause).__name__
             self.broken = (
-                f"the context-parallel group of {self.context_parallel.degree} processes broke during a "
-                f"generation ({type(exc).__name__}: {exc}); restart the server"
+                f"a process of this server's {self.context_parallel.degree}-process context-parallel group failed "
+                f"or is gone, so no image can be generated here any more; restart the server ({detail})"
             )
             log.error("%s", self.broken)
             raise ContextParallelError(self.broken) from exc
@@ -58,6 +62,11 @@ class Leader:
 def follow(pipeline) -> int:
     """A non-zero rank's loop: run each request rank 0 sends until it sends ``None``; the exit code."""
     cp = pipeline.optimized.context_parallel
+    if threading.current_thread() is threading.main_thread():
+        # torchrun (and a terminal's Ctrl-C) signal every rank; rank 0 drains the queue, these ranks must
+        # keep running its requests until it says stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     log.info("rank %d follows rank 0's requests", cp.rank)
     while True:
         try:

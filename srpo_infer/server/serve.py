@@ -112,8 +112,11 @@ def serve(
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
     server.run()
-    if isinstance(app.state.worker.pipeline, Leader):
-        app.state.worker.pipeline.close()
+    leader = app.state.worker.pipeline
+    if isinstance(leader, Leader):
+        leader.close()
+        if leader.broken is not None:  # served 503s since a peer was lost: a supervisor should restart the group
+            return 1
     return server.exit_code
 
 
