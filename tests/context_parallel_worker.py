@@ -2,7 +2,7 @@
 with ``context_parallel=WORLD_SIZE``, rank 0 also without it, and rank 0 saves both sets of latents.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 context_parallel_worker.py OUT \\
-        1440x512:1 1440x512:2
+        1440x512:1 1440x512:2 544x544:auto:compile
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ STEPS = 8
 def main(out: Path, cases: list[str]) -> None:
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
-    reference = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False) if rank == 0 else None
     results = {}
-    for case in cases:  # WIDTHxHEIGHT:RING_DEGREE
-        size, ring = case.split(":")
+    for case in cases:  # WIDTHxHEIGHT:RING_DEGREE[:compile]
+        size, ring, *how = case.split(":")
         width, height = (int(v) for v in size.split("x"))
-        pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, context_parallel=world,
+        options = dict(device="cpu", progress=False, compile="compile" in how)
+        reference = srpo_infer.load_pipeline("tiny-random", **options) if rank == 0 else None
+        pipe = srpo_infer.load_pipeline("tiny-random", **options, context_parallel=world,
                                         ring_degree=ring if ring == "auto" else int(ring))  # fmt: skip
         request = srpo_infer.validate_request("a T-Rex on a beach", width=width, height=height, seed=11,
                                               num_inference_steps=STEPS)  # fmt: skip

@@ -55,6 +55,13 @@ def test_three_processes_pad_sizes_the_degree_does_not_divide(tmp_path):
     assert (r["split"] - r["whole"]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
+def test_regional_compile_splits_and_pads_too(tmp_path):
+    r = split_runs(tmp_path, 2, "544x544:auto:compile")["544x544:auto:compile"]  # 1156 image tokens: padded
+    assert r["how"] == "compile:inductor:regional:default"
+    assert (r["split"] - r["whole"]).abs().max().item() <= 1e-5  # against one compiled process
+
+
 # ----------------------------------------------------------------------------- the padding mask
 
 
