@@ -128,6 +128,7 @@ class BenchArgs:
     repeats: int = 3
     compile_backend: str = "inductor"
     config_timeout: float | None = None  # seconds per configuration (all its settings); None: no limit
+    context_parallel: int = 1  # processes per image (under torchrun) for every configuration but the baseline
 
 
 # ----------------------------------------------------------------------------- FLOP counting
@@ -323,6 +324,10 @@ def run_benchmark(args: BenchArgs, on_row=None) -> dict:
     from .config import resolve_device
 
     device = resolve_device(args.device)
+    if args.context_parallel > 1:  # every rank runs every configuration in step; rank 0 reports
+        from .context_parallel import init_process_group
+
+        device = init_process_group(args.context_parallel, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = select_configs(args.configs, device)
     from .components import load_components
@@ -373,7 +378,7 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
         model=args.model, base=args.base, device=device, dtype=shared.dtype, attention=bench.attention,
         quantize=bench.quantize, compile=bench.compile, compile_scope=bench.compile_scope,
         compile_mode=bench.compile_mode, compile_backend=args.compile_backend, cache_dir=None, progress=False,
-        memory=bench.memory,
+        memory=bench.memory, context_parallel=1 if bench.baseline else args.context_parallel,
     ).resolved()  # fmt: skip
     pipe = SRPOPipeline(parts, config)
     runner = _Baseline(pipe) if bench.baseline else None
@@ -385,6 +390,8 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
             torch.cuda.reset_peak_memory_stats(device)
         row = dict(config=bench.name, setting=setting.label, width=setting.width, height=setting.height,
                    steps=setting.steps)  # fmt: skip
+        if pipe.optimized.context_parallel is not None:
+            row["context_parallel"] = pipe.optimized.context_parallel.degrees.describe()
         try:
             first, times, denoise = None, [], []
             for i in range(args.repeats + 1):  # call 0 is the warm-up (and the compile)
@@ -447,6 +454,7 @@ def _record(args: BenchArgs, device: torch.device, dtype: torch.dtype, load_s: f
         dtype=str(dtype).replace("torch.", ""),
         versions=_versions(),
         repeats=args.repeats,
+        context_parallel=args.context_parallel,  # processes per image (GPUs), the baseline excepted
         load_seconds=load_s,
         prompt=PROMPT,
         seed=SEED,
@@ -467,7 +475,12 @@ def _count_flops(pipe, setting: Setting) -> int:
     inputs = dict(hidden_states=noise, timestep=torch.full((1,), 0.5, device=pipe.device, dtype=pipe.dtype),
                   guidance=torch.full((1,), 4.5, device=pipe.device), pooled_projections=pooled,
                   encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)  # fmt: skip
-    return transformer_flops(pipe.transformer, inputs)["total"]  # the module itself, never the compiled fn
+    cp = pipe.optimized.context_parallel
+    if cp is None:
+        return transformer_flops(pipe.transformer, inputs)["total"]  # the module itself, never the compiled fn
+    # Split: this rank's share (its tokens' linears, its heads' or queries' attention) times the ranks.
+    padded, _ = cp.pad(inputs)
+    return transformer_flops(pipe.transformer, padded)["total"] * cp.degree
 
 
 def _versions() -> dict:
@@ -504,8 +517,9 @@ def markdown_row(r: dict) -> str:
 
     if "error" in r:
         return f"| {r.get('setting', '–')} | {r['config']} | error: {r['error'][:80]} |" + " |" * 9
+    config = f"{r['config']} ({r['context_parallel']})" if r.get("context_parallel") else r["config"]
     return (
-        f"| {r['setting']} | {r['config']} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
+        f"| {r['setting']} | {config} | {f(r['seconds_per_image'], '.3f')} | {f(r['ms_per_step'], '.1f')} | "
         f"{r['transformer_evaluations']}/{r['steps']} | "
         f"{f(r.get('speedup_vs_baseline'), '.2f')} | {f(r['transformer_tflops'], '.3g')} | "
         f"{f(r['peak_memory_gb'], '.1f')} | {f(r['first_call_seconds'], '.1f')} | "

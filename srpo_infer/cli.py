@@ -202,6 +202,9 @@ def _add_bench(sub) -> None:
                    help=f"timed runs per setting, after one warm-up [default: {gpu.repeats} on a GPU, "
                    f"{cpu.repeats} on a CPU]")  # fmt: skip
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
+    b.add_argument("--context-parallel", type=int, default=1,
+                   help="split each image over this many processes (GPUs) in every configuration but the "
+                   "diffusers baseline; run under torchrun --nproc-per-node N (rank 0 reports)")  # fmt: skip
     b.add_argument("--out", default=None,
                    help="folder for bench.json, bench.md, bench.png [default: a new folder in the system's temp "
                    "directory, printed at the end]")  # fmt: skip
@@ -352,18 +355,25 @@ def _bench(args: argparse.Namespace) -> int:
     if args.official if args.official is not None else defaults.official:
         settings.append(Setting(1024, 1024, 50))
     model = args.model or ("full-random" if on_gpu else "tiny-random")
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="srpo-bench-"))
+    leader = _rank() == 0  # with --context-parallel every rank benchmarks; rank 0 alone reports
+    out = Path(args.out) if args.out or not leader else Path(tempfile.mkdtemp(prefix="srpo-bench-"))
 
     def on_row(row: dict, partial: dict) -> None:  # print each row as it lands; keep the reports current
-        print(markdown_row(row), flush=True)
-        write_reports(partial, out)
+        if leader:
+            print(markdown_row(row), flush=True)
+            write_reports(partial, out)
 
-    print(markdown_header(), flush=True)
+    if args.context_parallel < 1:
+        raise ValueError(f"--context-parallel must be >= 1, got {args.context_parallel}")
+    if leader:
+        print(markdown_header(), flush=True)
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
         repeats=args.repeats or defaults.repeats, compile_backend=args.compile_backend,
-        config_timeout=args.config_timeout,
+        config_timeout=args.config_timeout, context_parallel=args.context_parallel,
     ), on_row=on_row)  # fmt: skip
+    if not leader:
+        return 0
     paths = write_reports(result, out)
     print()
     print(paths["md"].read_text())

@@ -228,11 +228,6 @@ class SRPOPipeline:
             seed = secrets.randbelow(2**32)
             req = GenerationRequest(**{**req.__dict__, "seed": seed if cp is None else cp.broadcast(seed)})
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
-        if cp is not None and threshold is not None:
-            raise ValueError(
-                f"acceleration {req.acceleration!r} (first-block caching) does not run with context_parallel="
-                f"{cp.degree} yet: each process would decide to skip on its own tokens; use acceleration 'none'"
-            )
         show = self.config.progress if progress is None else progress
         with self._lock, torch.inference_mode():
             run = self.run(req, show, threshold, should_stop)
@@ -336,6 +331,13 @@ class SRPOPipeline:
         """
         if req.seed is None or not 0 <= req.seed < MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {req.seed!r}")
+        cp = self.optimized.context_parallel
+        if cp is not None and cache_threshold is not None:
+            what = f"acceleration {req.acceleration!r}" if req.acceleration != "none" else "cache_threshold"
+            raise ValueError(
+                f"{what} (first-block caching) does not run with context_parallel={cp.degree} yet: each process "
+                "would decide to skip on its own tokens; use acceleration 'none'"
+            )
         with self._lock, torch.inference_mode():
             timings: dict[str, float] = {}
             t0 = time.perf_counter()

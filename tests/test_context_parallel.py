@@ -57,7 +57,7 @@ def test_three_processes_pad_sizes_the_degree_does_not_divide(tmp_path):
 
 @pytest.mark.slow
 def test_regional_compile_splits_and_pads_too(tmp_path):
-    r = split_runs(tmp_path, 2, "544x544:auto:compile")["544x544:auto:compile"]  # 1156 image tokens: padded
+    r = split_runs(tmp_path, 3, "544x544:auto:compile")["544x544:auto:compile"]  # 1156 + 512 tokens: padded
     assert r["how"] == "compile:inductor:regional:default"
     assert (r["split"] - r["whole"]).abs().max().item() <= 1e-5  # against one compiled process
 
@@ -235,3 +235,18 @@ def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
     assert "restart the server" in health.json()["reason"]
     assert second.status_code == 503
     assert ranks[0].returncode == 1, out[-2000:]  # it served 503s: a supervisor should restart the group
+
+
+@pytest.mark.slow
+def test_bench_splits_every_configuration_but_the_baseline(tmp_path):
+    import json
+
+    configs = ["--configs", "diffusers", "ours-eager", "+cache-high"]
+    torchrun(2, "-m", "srpo_infer", "bench", "--context-parallel", "2", "--sizes", "512x512", "--steps", "2",
+             "--repeats", "1", *configs, "--out", str(tmp_path))  # fmt: skip
+    rows = {r["config"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert "context_parallel" not in rows["diffusers"]
+    assert rows["ours-eager"]["context_parallel"] == "ulysses 2"
+    assert rows["ours-eager"]["latent_rel_err_vs_baseline"] < 1e-5
+    assert "does not run with context_parallel=2" in rows["+cache-high"]["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
