@@ -163,9 +163,11 @@ class FluxAttentionProcessor:
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-        key_padding=None,
+        token_counts=None, rope=None, key_padding=None,
     ):  # fmt: skip
-        """``key_padding``: ``[S_local]``, true for the padding tokens context parallelism adds."""
+        """Context parallelism passes ``token_counts`` (the image's real text and image tokens), ``rope``
+        (the whole sequence's rotary tables) and, when it padded the streams, ``key_padding``
+        (``[S_local]``, true for this rank's padding tokens); see :mod:`srpo_infer.context_parallel`."""
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is None:
             raise ValueError("Flux attention needs image_rotary_emb (cos, sin)")
@@ -179,7 +181,9 @@ class FluxAttentionProcessor:
             attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
         )  # fmt: skip
         if self._parallel_config is not None:
-            out = _attend_sharded(x, self._parallel_config, key_padding)
+            from .context_parallel import split_attention
+
+            out = split_attention(x, self._parallel_config, self.backend, token_counts, rope, key_padding)
         else:
             out = attend(x, self.backend)
         if eq is not None:
@@ -206,15 +210,6 @@ def attend(inputs: AttentionInputs, backend: str = "sdpa") -> torch.Tensor:
     import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
 
     return torch.ops.srpo.flux_attention(*inputs, mode=KERNEL_MODES[backend])
-
-
-def _attend_sharded(inputs: AttentionInputs, parallel_config, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """This process's tokens attending over every process's: the prologue here, the exchange and the
-    attention in :func:`srpo_infer.context_parallel.sharded_attention`."""
-    from .context_parallel import sharded_attention
-
-    q, k, v = (t.transpose(1, 2) for t in attention_prologue(inputs))
-    return sharded_attention(q, k, v, parallel_config, key_padding).flatten(2)
 
 
 def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):

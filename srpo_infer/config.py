@@ -171,7 +171,8 @@ class PipelineConfig:
                              "use lora_fuse=True to merge it first")  # fmt: skip
         context_parallel, ring_degree = resolve_context_parallel(self.context_parallel, self.ring_degree)
         if context_parallel > 1:
-            _check_context_parallel(context_parallel, self.attention, memory, self.compile_scope if compile else None)
+            scope = self.compile_scope if compile else None
+            _check_context_parallel(context_parallel, ring_degree, self.attention, memory, scope)
         return PipelineConfig(
             model=os.fspath(self.model),
             base=os.fspath(base),
@@ -260,13 +261,14 @@ def resolve_context_parallel(degree: int, ring_degree: int | str) -> tuple[int, 
     return degree, ring_degree
 
 
-def _check_context_parallel(degree: int, attention: str, memory: str, compile_scope: str | None) -> None:
+def _check_context_parallel(
+    degree: int, ring_degree: int | str, attention: str, memory: str, compile_scope: str | None
+) -> None:
     """The combinations context parallelism does not run with, each named with what to use instead."""
-    if attention not in ("auto", "sdpa"):
+    if attention not in ("auto", "sdpa") and ring_degree not in ("auto", 1):
         raise ValueError(
-            f"attention={attention!r} does not run with context_parallel={degree} yet: our kernels take the "
-            "projections and fuse RMSNorm + RoPE, while diffusers' Ulysses/ring exchange q/k/v after them; use "
-            "attention='sdpa' (each shard then runs flash/cuDNN through PyTorch)"
+            f"attention={attention!r} splits an image with Ulysses only (our kernels return no log-sum-exp for "
+            f"ring attention): use ring_degree=1 with it, or attention='sdpa' for ring_degree={ring_degree}"
         )
     if memory in ("offload-model", "offload-group"):
         raise ValueError(f"memory={memory!r} cannot split an image over processes (each process holds the whole "

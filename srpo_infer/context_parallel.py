@@ -150,12 +150,20 @@ class ContextParallel:
     stop decision through rank 0.
     """
 
-    def __init__(self, transformer: torch.nn.Module, degrees: Degrees, device: torch.device):
+    def __init__(self, transformer: torch.nn.Module, degrees: Degrees, device: torch.device, attention: str = "sdpa"):
         import torch.distributed as dist
         from diffusers import ContextParallelConfig
 
+        if attention != "sdpa" and degrees.ring > 1:
+            raise ValueError(
+                f"attention={attention!r} splits an image with Ulysses only (our kernels return no log-sum-exp for "
+                f"ring attention), and {degrees.describe()} needs ring: use a context_parallel degree that divides "
+                f"the model's {transformer.config.num_attention_heads} heads with ring_degree 1, or attention='sdpa'"
+            )
+
         self.degrees = degrees
         self.device = device
+        self._rope = transformer.pos_embed  # diffusers' FluxPosEmbed: ids → (cos, sin)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         # Objects (requests, seeds) travel over a gloo group: NCCL moves tensors on the GPU only.
@@ -182,14 +190,16 @@ class ContextParallel:
         latents, prompt = inputs["hidden_states"], inputs["encoder_hidden_states"]
         n_img, n_txt = latents.shape[1], prompt.shape[1]
         pad_img, pad_txt = -n_img % self.degree, -n_txt % self.degree
-        out = dict(inputs)
+        # Ulysses attends over the whole sequence: its rotary tables, once per call, not gathered per block.
+        rope = self._rope(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
+        out = dict(inputs, joint_attention_kwargs={"token_counts": (n_txt, n_img), "rope": rope})
         if pad_img or pad_txt:
             out["hidden_states"] = F.pad(latents, (0, 0, 0, pad_img))
             out["img_ids"] = F.pad(inputs["img_ids"], (0, 0, 0, pad_img))
             out["encoder_hidden_states"] = F.pad(prompt, (0, 0, 0, pad_txt))
             out["txt_ids"] = F.pad(inputs["txt_ids"], (0, 0, 0, pad_txt))
             flags = torch.cat([self._local_pad_flags(n_txt, pad_txt), self._local_pad_flags(n_img, pad_img)])
-            out["joint_attention_kwargs"] = {"key_padding": flags.to(latents.device)}
+            out["joint_attention_kwargs"]["key_padding"] = flags.to(latents.device)
         return out, n_img
 
     def _local_pad_flags(self, real: int, pad: int) -> torch.Tensor:
@@ -257,6 +267,77 @@ def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None
         forward_op=_attention_op, backward_op=_no_backward, _parallel_config=parallel_config,
     )  # fmt: skip
     return out[..., :head_dim]
+
+
+def split_attention(inputs, parallel_config, backend: str, token_counts, rope, key_padding) -> torch.Tensor:
+    """The attention of this rank's tokens (:class:`~srpo_infer.attention.AttentionInputs`, every head)
+    over the whole image's: Ulysses (:func:`ulysses_attention`) when the split is Ulysses only, else
+    diffusers' ring / ring × Ulysses around the prologue (:func:`sharded_attention`, sdpa only)."""
+    if parallel_config.context_parallel_config.ring_degree == 1:
+        return ulysses_attention(inputs, parallel_config, token_counts, rope, backend)
+    from .attention import attention_prologue
+
+    q, k, v = (t.transpose(1, 2) for t in attention_prologue(inputs))
+    return sharded_attention(q, k, v, parallel_config, key_padding).flatten(2)
+
+
+def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], rope, backend: str) -> torch.Tensor:
+    """Ulysses that moves the projections, before RMSNorm and RoPE: each rank then runs ``backend`` (our
+    fused kernels, or the reference math) over the whole sequence, in its own order and without the
+    padding, for ``heads / ulysses`` heads — exactly what one process computes for those heads (the
+    8-bit modes' mean key and V scales included), so the split image equals the whole one bit for bit.
+
+    ``inputs``: this rank's tokens, every head; ``token_counts``: the image's real text and image
+    tokens; ``rope``: the whole sequence's (cos, sin). Returns ``[B, S_local, H*D]``.
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    from .attention import attend
+
+    config = parallel_config.context_parallel_config
+    group, ways = config._ulysses_mesh.get_group(), config.ulysses_degree
+    n_txt, n_img = token_counts
+    txt_local = -(-n_txt // ways)  # each rank's share of the padded text (diffusers' equal chunks)
+    double = inputs.txt_q is not None
+
+    def exchange(x: torch.Tensor) -> torch.Tensor:
+        """``[ways, ...]`` chunk r to rank r, chunk r back from rank r."""
+        out = funcol.all_to_all_single(x.contiguous().flatten(), None, None, group)
+        return _waited(out).view(x.shape)
+
+    def whole(*local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's tokens × every head → every token × this rank's heads, as (text, image) streams
+        in their own order without the padding."""
+        parts = []
+        for t in local:
+            b, n, width = t.shape
+            parts.append(exchange(t.reshape(b, n, ways, width // ways).permute(2, 0, 1, 3)).transpose(0, 1))
+        if not double:  # one stream, each rank's slice being [its text, its image]
+            parts = [parts[0][:, :, :txt_local], parts[0][:, :, txt_local:]]
+        txt, img = (p.flatten(1, 2) for p in parts)
+        return txt[:, :n_txt], img[:, :n_img]
+
+    streams = {}
+    for name in ("q", "k", "v"):
+        if double:
+            txt, img = whole(getattr(inputs, f"txt_{name}"), getattr(inputs, f"img_{name}"))
+            streams[f"txt_{name}"], streams[f"img_{name}"] = txt, img
+        else:
+            streams[f"img_{name}"] = torch.cat(whole(getattr(inputs, f"img_{name}")), dim=1)
+    heads = inputs._replace(**streams, rope_cos=rope[0], rope_sin=rope[1], heads=inputs.heads // ways)
+    out = attend(heads, backend)  # [B, n_txt + n_img, H*D / ways]
+    b, width = out.shape[0], out.shape[-1]
+    img_local = inputs.img_q.shape[1] - (0 if double else txt_local)
+    txt_out = F.pad(out[:, :n_txt], (0, 0, 0, ways * txt_local - n_txt)).view(b, ways, txt_local, width)
+    img_out = F.pad(out[:, n_txt:], (0, 0, 0, ways * img_local - n_img)).view(b, ways, img_local, width)
+    back = exchange(torch.cat([txt_out, img_out], dim=2).transpose(0, 1))  # [ways: head groups, B, S_local, w]
+    return back.permute(1, 2, 0, 3).flatten(2)
+
+
+def _waited(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as funcol
+
+    return tensor.wait() if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
 
 
 def _attention_op(

@@ -80,7 +80,7 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         from .context_parallel import ContextParallel, plan_degrees
 
         degrees = plan_degrees(config.context_parallel, config.ring_degree, transformer.config.num_attention_heads)
-        context_parallel = ContextParallel(transformer, degrees, config.device)
+        context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
     transformer_fn, decode_fn, cache_file = transformer, vae.decode, None
     split = FluxStages(transformer)
