@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,18 @@ def init_process_group(degree: int, device: torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
 def _counts_cpu_as_one_device(device: torch.device):
     # ModelMixin._resolve_parallel_config places rank r on `rank % torch.accelerator.device_count()`,
     # which is 0 on a machine without an accelerator; gloo needs no device, so one CPU stands in.
@@ -169,8 +182,11 @@ class ContextParallel:
         # Objects (requests, seeds) travel over a gloo group: NCCL moves tensors on the GPU only.
         self._objects = dist.new_group(backend="gloo") if device.type == "cuda" else None
         config = ContextParallelConfig(ring_degree=degrees.ring, ulysses_degree=degrees.ulysses)
-        with _counts_cpu_as_one_device(device):
+        with _counts_cpu_as_one_device(device), _quiet_diffusers():  # its "experimental feature" notice
             transformer.enable_parallelism(config=config)
+        # diffusers 0.42's gather hook and ring template call a torch collective that torch 2.10+ marks
+        # deprecated, once per process and rank: noise for our users, for diffusers to change.
+        warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
         log.info("context parallel: rank %d of %d, %s", self.rank, self.world, degrees.describe())
 
     @property

@@ -41,10 +41,14 @@ def load_pipeline(
     device. ``quantize``: ``fp8`` (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device,
     memory only) or ``None``;
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
-    the transformer and VAE decoder (``auto``: off until measured on a GPU). Other :class:`PipelineConfig` fields
-    (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``, ``compile_mode``, ``compile_backend``,
-    ``fuse_qkv``, ``cache_dir``, ``memory``, ``lora``, ``lora_scale``, ``lora_fuse``, ``lora_max_rank``)
-    pass through ``options``.
+    the transformer and VAE decoder (``auto``: off until measured on a GPU). ``context_parallel=N`` splits
+    each image's tokens over N processes, one per GPU, started by ``torchrun --nproc-per-node N`` (every
+    rank calls this and ``generate`` alike; :attr:`SRPOPipeline.rank` 0 saves); ``ring_degree`` how many
+    of them pass keys around a ring (``auto``: Ulysses as far as the heads divide). Other
+    :class:`PipelineConfig` fields (``quantize_skip``, ``quantize_text_encoder``, ``compile_scope``,
+    ``compile_mode``, ``compile_backend``, ``fuse_qkv``, ``cache_dir``, ``memory``, ``lora``,
+    ``lora_scale``, ``lora_fuse``, ``lora_max_rank``, ``context_parallel``, ``ring_degree``) pass through
+    ``options``.
 
     >>> pipe = load_pipeline("tiny-random", progress=False)
     >>> pipe.generate("a cat", width=512, height=512, seed=1, num_inference_steps=1).images[0].size

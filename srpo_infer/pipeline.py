@@ -188,6 +188,13 @@ class SRPOPipeline:
         """The compute dtype."""
         return self.config.dtype
 
+    @property
+    def rank(self) -> int:
+        """This process's rank when the image is split over processes (``context_parallel``), else 0.
+        Every rank generates; rank 0 is the one that should save or answer."""
+        cp = self.optimized.context_parallel
+        return 0 if cp is None else cp.rank
+
     @takes_request_fields
     def generate(
         self,
