@@ -249,24 +249,20 @@ def pad_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: tor
     """Append :data:`MASK_CHANNELS` head channels so padding tokens get exactly zero attention weight.
 
     ``q``/``k``/``v``: ``[B, S, H, D]`` of this rank's tokens, ``key_padding``: ``[S]`` true for padding.
-    Queries get a 1 in the first extra channel, padding keys :data:`MASKED_SCORE` there (and zeros
-    elsewhere), every other key 0: a real key's score is unchanged bit for bit (it adds 1·0), a padding
-    key's is ``MASKED_SCORE``, whose exponent underflows to 0. The mask travels with the keys through the
-    Ulysses all-to-all and around the ring, so neither needs to know about it. Pass ``scale=D**-0.5``:
-    the wider head must not change the softmax scale.
+    Queries get a 1 in the first extra channel, padding keys :data:`MASKED_SCORE` there (and zeros in
+    their own channels), every other key 0: a real key's score is unchanged bit for bit (it adds 1·0), a
+    padding key's is ``MASKED_SCORE``, whose exponent underflows to 0. The mask travels with the keys
+    through diffusers' all-to-all and around the ring, so neither needs to know about it. Pass
+    ``scale=D**-0.5``: the wider head must not change the softmax scale.
     """
     pad = key_padding.view(1, -1, 1, 1)
-    extra = q.new_zeros(*q.shape[:-1], MASK_CHANNELS)
-    q = torch.cat([q, extra.index_fill(-1, torch.tensor([0], device=q.device), 1.0)], dim=-1)
-    k = torch.cat([k.masked_fill(pad, 0.0), extra.masked_fill(pad & _first_channel(k), MASKED_SCORE)], dim=-1)
-    v = torch.cat([v.masked_fill(pad, 0.0), extra], dim=-1)
+    first = torch.zeros(MASK_CHANNELS, dtype=q.dtype, device=q.device)
+    first[0] = 1.0
+    shape = (*q.shape[:-1], MASK_CHANNELS)
+    q = torch.cat([q, first.expand(shape)], dim=-1)
+    k = torch.cat([k.masked_fill(pad, 0.0), (pad * first * MASKED_SCORE).to(k.dtype).expand(shape)], dim=-1)
+    v = torch.cat([v.masked_fill(pad, 0.0), v.new_zeros(shape)], dim=-1)
     return q, k, v
-
-
-def _first_channel(x: torch.Tensor) -> torch.Tensor:
-    first = torch.zeros(MASK_CHANNELS, dtype=torch.bool, device=x.device)
-    first[0] = True
-    return first
 
 
 def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None = None) -> torch.Tensor:
