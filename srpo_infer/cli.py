@@ -326,6 +326,8 @@ def _warmup(args: argparse.Namespace) -> int:
     options = {**_load_options(args), "progress": False}
     report = warm_start_report(_sizes(args.sizes, "--sizes"), _sizes(args.check_sizes, "--check-sizes"),
                                tuple(args.acceleration), **options)  # fmt: skip
+    if _rank() != 0:  # with --context-parallel every rank warms up; rank 0 reports
+        return 0
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +403,9 @@ def _serve(args: argparse.Namespace) -> int:
     pipeline_options = _load_options(args)
     model = pipeline_options.pop("model")
     if args.replicas > 1 or args.ray_address or args.max_replicas:
+        if pipeline_options["context_parallel"] > 1:
+            raise ValueError("--context-parallel does not run on Ray Serve replicas yet (a replica would have to "
+                             "start its own processes): use it without --replicas, under torchrun")  # fmt: skip
         return _serve_on_ray(args, model, app_options, pipeline_options)
     return serve(
         model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,

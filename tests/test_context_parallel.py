@@ -269,3 +269,22 @@ def test_bench_splits_every_configuration_but_the_baseline(tmp_path):
     assert rows["ours-eager"]["latent_rel_err_vs_baseline"] < 1e-5
     assert "does not run with context_parallel=2" in rows["+cache-high"]["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a cat", "--model", "tiny-random", "--context-parallel", "2"], "launch it with torchrun"),
+        (["serve", "--model", "tiny-random", "--context-parallel", "2", "--replicas", "2"],
+         "--context-parallel does not run on Ray Serve replicas yet"),
+        (["serve", "--model", "tiny-random", "--context-parallel", "2", "--default-acceleration", "regular"],
+         "default acceleration 'regular' (first-block caching) does not run with context parallelism"),
+    ],
+)  # fmt: skip
+def test_the_command_line_says_what_cannot_run_in_one_line(monkeypatch, capsys, argv, message):
+    from srpo_infer.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
