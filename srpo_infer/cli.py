@@ -460,16 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        _leave_process_group()
+    finally:  # after --context-parallel: the group closes with the command, not in the interpreter's teardown
+        from .context_parallel import leave_process_group
 
-
-def _leave_process_group() -> None:
-    # After --context-parallel: PyTorch warns at exit about a process group that was never destroyed.
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """One image on several processes (one per GPU): diffusers' context parallelism, wired to our seam.
 
 Each process holds the whole transformer and a slice of the image's text and image tokens; attention
-exchanges them, either by re-sharding heads (Ulysses: two all-to-alls per attention, every process sees
-the whole sequence for ``heads / ulysses`` heads) or by passing K/V around a ring (each process sees its
-queries against every key shard, merged by log-sum-exp). diffusers does the splitting (hooks on the
-transformer's inputs and ``proj_out``) and the exchange; we add what it lacks:
+exchanges them, either by re-sharding heads (Ulysses: every process sees the whole sequence for
+``heads / ulysses`` heads) or by passing K/V around a ring (each process sees its queries against every
+key shard, merged by log-sum-exp). diffusers splits the inputs and gathers the output (hooks on the
+transformer and ``proj_out``) and runs ring attention; we add what it lacks:
 
+- **Ulysses for every backend**: our fused kernels take the projections (RMSNorm and RoPE are inside),
+  so :func:`ulysses_attention` exchanges the projections rather than q/k/v (two all-to-alls per
+  attention), and the split image equals one process's bit for bit;
 - **any image size**: diffusers splits each stream into equal parts, so both streams are padded to a
-  multiple of the degree and the padding is masked exactly (see :func:`pad_keys`);
+  multiple of the degree; Ulysses cuts the padding off, ring masks it exactly (:func:`pad_keys`);
 - **a CPU** (gloo), so all of this is tested without GPUs: an attention op that returns the log-sum-exp
   on the CPU (ring needs it; diffusers' are CUDA/NPU-only), and ``enable_parallelism``'s device count;
 - **one request in step on every rank**: the seed, the stop decision and (for a server) the request
@@ -16,12 +19,15 @@ transformer's inputs and ``proj_out``) and the exchange; we add what it lacks:
 Private diffusers APIs used (tested with diffusers 0.42; the dependency is pinned to ``>=0.42,<0.43``
 for them): ``diffusers.models.attention_dispatch._templated_context_parallel_attention`` (the Ulysses /
 ring / unified templates, called with our attention op), the ``_parallel_config`` attribute that
-``enable_parallelism`` fills on processors, and ``torch.accelerator.device_count()`` being read by
-``ModelMixin._resolve_parallel_config`` (0 on a CPU: a ZeroDivisionError there).
+``enable_parallelism`` fills on processors, the config's ``_ulysses_mesh``, and
+``torch.accelerator.device_count()`` being read by ``ModelMixin._resolve_parallel_config`` (0 on a CPU:
+a ZeroDivisionError there). Ulysses' all-to-all is torch's functional collective
+(``torch.distributed._functional_collectives``, which torch.compile traces), as in diffusers.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -125,7 +131,18 @@ def init_process_group(degree: int, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # A group left to the interpreter's teardown can abort the process ("terminate called without an
+        # active exception") after its work is done; whoever started it closes it.
+        atexit.register(leave_process_group)
     return device
+
+
+def leave_process_group() -> None:
+    """Close the process group, if one is open (at exit; the CLI calls it when a command ends)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -313,29 +330,25 @@ def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], ro
     double = inputs.txt_q is not None
 
     def exchange(x: torch.Tensor) -> torch.Tensor:
-        """``[ways, ...]`` chunk r to rank r, chunk r back from rank r."""
+        """``[ways, ...]``: chunk r to rank r, chunk r back from rank r."""
         out = funcol.all_to_all_single(x.contiguous().flatten(), None, None, group)
         return _waited(out).view(x.shape)
 
-    def whole(*local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's tokens × every head → every token × this rank's heads, as (text, image) streams
-        in their own order without the padding."""
-        parts = []
-        for t in local:
-            b, n, width = t.shape
-            parts.append(exchange(t.reshape(b, n, ways, width // ways).permute(2, 0, 1, 3)).transpose(0, 1))
-        if not double:  # one stream, each rank's slice being [its text, its image]
-            parts = [parts[0][:, :, :txt_local], parts[0][:, :, txt_local:]]
-        txt, img = (p.flatten(1, 2) for p in parts)
-        return txt[:, :n_txt], img[:, :n_img]
-
-    streams = {}
-    for name in ("q", "k", "v"):
-        if double:
-            txt, img = whole(getattr(inputs, f"txt_{name}"), getattr(inputs, f"img_{name}"))
-            streams[f"txt_{name}"], streams[f"img_{name}"] = txt, img
-        else:
-            streams[f"img_{name}"] = torch.cat(whole(getattr(inputs, f"img_{name}")), dim=1)
+    # One all-to-all for q, k and v of both streams: this rank's [text, image] tokens × every head →
+    # every token × this rank's heads; then each stream in its own order, without the padding.
+    if double:
+        local = [torch.cat([getattr(inputs, f"txt_{n}"), getattr(inputs, f"img_{n}")], dim=1) for n in "qkv"]
+    else:
+        local = [getattr(inputs, f"img_{n}") for n in "qkv"]
+    x = torch.stack(local)  # [3, B, S_local, H*D]
+    three, b, n, width = x.shape
+    x = exchange(x.view(three, b, n, ways, width // ways).permute(3, 0, 1, 2, 4)).permute(1, 2, 0, 3, 4)
+    txt = x[:, :, :, :txt_local].flatten(2, 3)[:, :, :n_txt]  # [3, B, n_txt, H*D / ways]
+    img = x[:, :, :, txt_local:].flatten(2, 3)[:, :, :n_img]
+    if double:
+        streams = {f"{s}_{n}": t[i] for s, t in (("txt", txt), ("img", img)) for i, n in enumerate("qkv")}
+    else:
+        streams = {f"img_{n}": torch.cat([txt[i], img[i]], dim=1) for i, n in enumerate("qkv")}
     heads = inputs._replace(**streams, rope_cos=rope[0], rope_sin=rope[1], heads=inputs.heads // ways)
     out = attend(heads, backend)  # [B, n_txt + n_img, H*D / ways]
     b, width = out.shape[0], out.shape[-1]
