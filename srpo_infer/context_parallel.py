@@ -132,17 +132,30 @@ def init_process_group(degree: int, device: torch.device) -> torch.device:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         # A group left to the interpreter's teardown can abort the process ("terminate called without an
-        # active exception") after its work is done; whoever started it closes it.
+        # active exception", pytorch/pytorch#190489) after its work is done; whoever started it closes it.
         atexit.register(leave_process_group)
     return device
 
 
 def leave_process_group() -> None:
-    """Close the process group, if one is open (at exit; the CLI calls it when a command ends)."""
+    """Close the process group, if one is open (at exit; the CLI calls it when a command ends).
+
+    With gloo the ranks first wait for each other (at most 30 s: a lost peer fails it at once): a rank
+    that tears its group down while a peer is still finishing can abort in gloo's threads
+    ("terminate called without an active exception"), after all its work is done.
+    """
+    import datetime
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        except Exception as exc:  # a peer is gone or stuck: close ours anyway
+            log.debug("leaving without the other ranks: %s", exc)
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager
