@@ -113,5 +113,3 @@ def attention(out: Path, backends: list[str]) -> None:
 
 if __name__ == "__main__":
     {"pipeline": pipeline, "attention": attention}[sys.argv[1]](Path(sys.argv[2]), sys.argv[3:])
-    if os.environ.get("CP_DEBUG"):
-        print("rank", os.environ["RANK"], "done", flush=True)
