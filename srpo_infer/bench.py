@@ -479,8 +479,7 @@ def _count_flops(pipe, setting: Setting) -> int:
     if cp is None:
         return transformer_flops(pipe.transformer, inputs)["total"]  # the module itself, never the compiled fn
     # Split: this rank's share (its tokens' linears, its heads' or queries' attention) times the ranks.
-    padded, _ = cp.pad(inputs)
-    return transformer_flops(pipe.transformer, padded)["total"] * cp.degree
+    return transformer_flops(pipe.transformer, cp.pad(inputs))["total"] * cp.degree
 
 
 def _versions() -> dict:

@@ -188,9 +188,9 @@ def _counts_cpu_as_one_device(device: torch.device):
 class ContextParallel:
     """Context parallelism applied to a transformer, and what the pipeline needs to keep ranks in step.
 
-    Built by :func:`srpo_infer.optimize.optimize` when ``context_parallel > 1``; the pipeline pads each
-    step's inputs with :meth:`pad`, strips the output with :meth:`unpad`, and agrees on the seed and the
-    stop decision through rank 0.
+    Built by :func:`srpo_infer.optimize.optimize` when ``context_parallel > 1``; the pipeline pads an
+    image's inputs once (:meth:`fixed_inputs`) and its latents each step (:meth:`pad_latents`), cuts the
+    padding off the output, and agrees on the seed and the stop decision through rank 0.
     """
 
     def __init__(self, transformer: torch.nn.Module, degrees: Degrees, device: torch.device, attention: str = "sdpa"):
@@ -205,10 +205,8 @@ class ContextParallel:
             )
 
         self.degrees = degrees
-        self.device = device
         self._rope = transformer.pos_embed  # diffusers' FluxPosEmbed: ids → (cos, sin)
         self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
         # Objects (requests, seeds) travel over a gloo group: NCCL moves tensors on the GPU only.
         self._objects = dist.new_group(backend="gloo") if device.type == "cuda" else None
         config = ContextParallelConfig(ring_degree=degrees.ring, ulysses_degree=degrees.ulysses)
@@ -217,45 +215,46 @@ class ContextParallel:
         # diffusers 0.42's gather hook and ring template call a torch collective that torch 2.10+ marks
         # deprecated, once per process and rank: noise for our users, for diffusers to change.
         warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
-        log.info("context parallel: rank %d of %d, %s", self.rank, self.world, degrees.describe())
+        log.info("context parallel: rank %d of %d, %s", self.rank, dist.get_world_size(), degrees.describe())
 
     @property
     def degree(self) -> int:
         return self.degrees.degree
 
-    @property
-    def leader(self) -> bool:
-        """Rank 0: the one that writes files, answers HTTP and decides for the others."""
-        return self.rank == 0
-
     # ------------------------------------------------------------------ inputs
 
-    def pad(self, inputs: dict) -> tuple[dict, int]:
-        """The transformer's inputs with both streams padded to a multiple of the degree, the padding
-        mask for this rank's tokens in ``joint_attention_kwargs``, and the real image token count."""
-        latents, prompt = inputs["hidden_states"], inputs["encoder_hidden_states"]
-        n_img, n_txt = latents.shape[1], prompt.shape[1]
-        pad_img, pad_txt = -n_img % self.degree, -n_txt % self.degree
-        # Ulysses attends over the whole sequence: its rotary tables, once per call, not gathered per block.
-        rope = self._rope(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
-        out = dict(inputs, joint_attention_kwargs={"token_counts": (n_txt, n_img), "rope": rope})
-        if pad_img or pad_txt:
-            out["hidden_states"] = F.pad(latents, (0, 0, 0, pad_img))
-            out["img_ids"] = F.pad(inputs["img_ids"], (0, 0, 0, pad_img))
-            out["encoder_hidden_states"] = F.pad(prompt, (0, 0, 0, pad_txt))
-            out["txt_ids"] = F.pad(inputs["txt_ids"], (0, 0, 0, pad_txt))
+    def fixed_inputs(self, encoder_hidden_states, txt_ids, img_ids) -> dict:
+        """The transformer inputs that stay the same through a denoising loop, padded to a multiple of the
+        degree, with what the attention processors need in ``joint_attention_kwargs``: the real token
+        counts, the whole sequence's rotary tables (for Ulysses, once per image rather than gathered per
+        block) and, when anything was padded, this rank's padding mask (for ring)."""
+        n_txt, n_img = encoder_hidden_states.shape[1], img_ids.shape[0]
+        pad_txt, pad_img = -n_txt % self.degree, -n_img % self.degree
+        rope = self._rope(torch.cat([txt_ids, img_ids]))
+        joint = {"token_counts": (n_txt, n_img), "rope": rope}
+        if pad_txt or pad_img:
             flags = torch.cat([self._local_pad_flags(n_txt, pad_txt), self._local_pad_flags(n_img, pad_img)])
-            out["joint_attention_kwargs"]["key_padding"] = flags.to(latents.device)
-        return out, n_img
+            joint["key_padding"] = flags.to(encoder_hidden_states.device)
+        return dict(
+            encoder_hidden_states=F.pad(encoder_hidden_states, (0, 0, 0, pad_txt)),
+            txt_ids=F.pad(txt_ids, (0, 0, 0, pad_txt)),
+            img_ids=F.pad(img_ids, (0, 0, 0, pad_img)),
+            joint_attention_kwargs=joint,
+        )
+
+    def pad_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The image stream padded to a multiple of the degree (what changes every step)."""
+        return F.pad(latents, (0, 0, 0, -latents.shape[1] % self.degree))
+
+    def pad(self, inputs: dict) -> dict:
+        """All of one transformer call's inputs padded (:meth:`fixed_inputs` + :meth:`pad_latents`)."""
+        fixed = self.fixed_inputs(inputs["encoder_hidden_states"], inputs["txt_ids"], inputs["img_ids"])
+        return {**inputs, **fixed, "hidden_states": self.pad_latents(inputs["hidden_states"])}
 
     def _local_pad_flags(self, real: int, pad: int) -> torch.Tensor:
         # diffusers gives rank r the r-th of `degree` equal chunks (EquipartitionSharder).
         flags = torch.arange(real + pad) >= real
         return flags.chunk(self.degree)[self.rank]
-
-    @staticmethod
-    def unpad(output: torch.Tensor, image_tokens: int) -> torch.Tensor:
-        return output[:, :image_tokens]
 
     # ------------------------------------------------------------------ agreement
 
@@ -297,8 +296,8 @@ def pad_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: tor
 
 def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over the whole sequence from this rank's ``[B, S_local, H, D]`` q/k/v (after RMSNorm and
-    RoPE): diffusers' Ulysses / ring / unified template around :func:`_attention_op`. Returns
-    ``[B, S_local, H, D]``."""
+    RoPE): diffusers' ring or ring × Ulysses template around :func:`_attention_op`, the padding masked
+    by :func:`pad_keys`. Returns ``[B, S_local, H, D]``."""
     from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
     head_dim = q.shape[-1]

@@ -457,6 +457,9 @@ class SRPOPipeline:
         cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
         marks = self.optimized.marks_inputs
         cp = self.optimized.context_parallel
+        # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
+        # what stays fixed through the loop, once.
+        fixed = cp.fixed_inputs(prompt_embeds, text_ids, img_ids) if cp is not None else None
         for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
             stop = should_stop is not None and should_stop()
             if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
@@ -470,9 +473,9 @@ class SRPOPipeline:
                 hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
             )  # fmt: skip
-            if cp is not None:  # both streams padded to a multiple of the degree, the padding masked
-                padded, tokens = cp.pad(inputs)
-                noise_pred = cp.unpad(run(**padded, return_dict=False)[0], tokens)
+            if cp is not None:
+                padded = {**inputs, **fixed, "hidden_states": cp.pad_latents(latents)}
+                noise_pred = run(**padded, return_dict=False)[0][:, : latents.shape[1]]
             elif cache is None:
                 noise_pred = run(**inputs, return_dict=False)[0]
             else:

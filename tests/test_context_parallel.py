@@ -159,12 +159,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_healthy(url: str, processes: list[subprocess.Popen]) -> None:
+    """Until ``/health`` says 200 while the ranks load and warm up; no clock: a failed start ends a process."""
+    import time
+
+    import httpx
+
+    while True:
+        for p in processes:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe):
     import base64
     import io
     import signal
-    import time
 
     import httpx
     import numpy as np
@@ -189,14 +205,7 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), dtype=int)
 
     try:
-        while True:  # the ranks load and warm up; no clock: a failed start ends the process
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        _wait_until_healthy(url, [proc])
         split = image(url)
         refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "acceleration": "high"}, timeout=60)
         with LiveServer(create_app(tiny_pipe, output_dir=tmp_path / "whole")) as one:
@@ -213,7 +222,6 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
 @pytest.mark.slow
 def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
     import signal
-    import time
 
     import httpx
 
@@ -231,14 +239,7 @@ def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
     ranks = [rank(0), rank(1)]
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            assert all(p.poll() is None for p in ranks), ranks[0].stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        _wait_until_healthy(url, ranks)
         ranks[1].kill()
         ranks[1].wait()
         body = {"prompt": "a cat", "image_size": "square", "num_inference_steps": 2}
