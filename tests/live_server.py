@@ -11,15 +11,19 @@ class LiveServer:
     """``LiveServer(app)``, or ``LiveServer(make_app=lambda url: create_app(..., public_url=url))`` for an
     app that must know its own address (absolute image URLs)."""
 
-    def __init__(self, app=None, make_app=None):
+    def __init__(self, app=None, make_app=None, limits=None, http: str = "auto"):
         import uvicorn
+
+        from srpo_infer.server.limits import ConnectionLimits, uvicorn_config
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         app = app if make_app is None else make_app(self.url)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        # The protocol `srpo-infer serve` runs: uvicorn's, with our connection limits.
+        config = uvicorn_config(app, host="127.0.0.1", port=self.port, limits=limits or ConnectionLimits(), http=http,
+                                log_level="warning", lifespan="off")  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

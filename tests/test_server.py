@@ -17,6 +17,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from srpo_infer.server import SafetyChecker, create_app
+from srpo_infer.server.worker import ServiceTimes, Worker
 
 SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_c8be228e0ff0d73b.txt"
 SEED_DOC_MISSING = "needs the hosted API's seed document (../shared/seed/), which only the project's checkouts have"
@@ -200,7 +201,11 @@ def test_auth(tiny_pipe, tmp_path):
 
 def test_queue_full_gets_429_with_retry_after(tiny_pipe, tmp_path):
     gate = threading.Event()
-    app = create_app(Wrapped(tiny_pipe, lambda: gate.wait(60)), output_dir=tmp_path, max_queue=1)
+    # A clock that stands still: the running job has used none of its time, whatever the machine's speed.
+    worker = Worker(max_queue=1, clock=lambda: 0.0)
+    worker.times = ServiceTimes(initial=10.0)  # as if measured: 10 s per megapixel-step
+    app = create_app(backend=worker, output_dir=tmp_path)
+    app.state.set_pipeline(Wrapped(tiny_pipe, lambda: gate.wait(60)))
     with LiveServer(app) as live, ThreadPoolExecutor(3) as pool:
         running = pool.submit(post, live, {"prompt": "first", **FAST})
         while not app.state.worker.busy:
@@ -208,7 +213,6 @@ def test_queue_full_gets_429_with_retry_after(tiny_pipe, tmp_path):
         queued = pool.submit(post, live, {"prompt": "second", **FAST})
         while app.state.worker.depth < 1:
             threading.Event().wait(0.01)
-        app.state.worker.seconds_per_cost = 10.0  # as if measured: 10 s per megapixel-step
         refused = post(live, {"prompt": "third", **FAST})
         # Two 512², 2-step jobs ahead (0.52 megapixel-steps each) at 10 s each: 11 s, rounded up.
         assert refused.status_code == 429 and refused.headers["retry-after"] == "11"

@@ -62,13 +62,26 @@ log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("flux/srpo",)
 MAX_BODY_BYTES = 64 * 1024  # a 4000-character prompt is at most 16 KB of UTF-8
+BROKEN_GROUP = "a process of this server's context-parallel group was lost; it cannot generate until restarted"
+MAX_UNKNOWN_NAMED = 10  # a 422 names at most this many unknown fields (nearest-name hints cost time each)
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted in /metrics, read by nobody
 DISCONNECT_POLL_S = 0.25
 
 # Strict types: the same as the library's (no bool as an integer, no numeric strings, no 2.0 steps).
-StrictInt = Annotated[int, Strict()]
 Side = Annotated[int, Strict(), Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 Preset = Literal[tuple(IMAGE_SIZE_PRESETS)]  # type: ignore[valid-type]
+
+
+_ERROR_SCHEMA = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "object"}}}}}
+_FILE_RESPONSES = {
+    200: {"description": "the stored image", "content": {"image/jpeg": {}, "image/png": {}}},
+    404: {"description": "no such image (never written here, or expired)", "content": _ERROR_SCHEMA},
+}
+_HEALTH_RESPONSES = {
+    200: {"description": "ok: generations can run"},
+    500: {"description": "failed: the model failed to load, or the server can no longer generate"},
+    503: {"description": "loading, draining, or degraded (cannot store images)"},
+}
 
 
 class ImageSize(BaseModel):
@@ -109,11 +122,11 @@ class GenerationBody(BaseModel):
     num_images: Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES)] = 1
     sync_mode: Annotated[bool, Strict()] = False
     enable_safety_checker: Annotated[bool, Strict()] = True
-    output_format: Literal[OUTPUT_FORMATS] = "jpeg"  # type: ignore[valid-type]
+    output_format: Literal[(*OUTPUT_FORMATS, "jpg")] = "jpeg"  # type: ignore[valid-type]  # jpg: as the library
     acceleration: Literal[ACCELERATIONS] | None = None  # type: ignore[valid-type]  # None: the server's default
     # OpenAI's names: n = num_images, size "WxH" or "auto" = image_size; b64_json returns the bytes inline.
     n: Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGES)] | None = None
-    size: Annotated[str, Strict(), Field(pattern=r"^(auto|\d+x\d+)$")] | None = None
+    size: Annotated[str, Strict(), Field(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] | None = None
     response_format: Literal["url", "b64_json"] | None = None
     user: Annotated[str, Strict()] | None = None  # accepted for OpenAI clients; not stored
     quality: Annotated[str, Strict()] | None = None
@@ -210,6 +223,7 @@ def create_app(
     safety_checker=None,
     default_acceleration: str = "regular",
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = 30.0,
     allow_unknown_fields: bool = False,
     max_cost: float | None = None,
     retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
@@ -246,6 +260,8 @@ def create_app(
     app = FastAPI(
         title="srpo_infer", version="1", description="The flux/srpo image generation API, served by srpo_infer."
     )
+    # Starlette's trailing-slash redirect builds its Location from the client's Host header: a 404 instead.
+    app.router.redirect_slashes = False
 
     def set_pipeline(p) -> None:
         worker.pipeline = p
@@ -261,7 +277,8 @@ def create_app(
     app.state.worker, app.state.metrics, app.state.store, app.state.server = worker, metrics, store, state
     if backend is None:
         set_pipeline(pipeline)
-    app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError):
@@ -269,7 +286,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})  # a 405 keeps its Allow header; GET routes answer HEAD too (Guard)
+        if "GET" in headers.get("Allow", "").split(", "):
+            headers["Allow"] += ", HEAD"
+        return _error(exc.status_code, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, exc: ApiError):
@@ -304,7 +324,7 @@ def create_app(
         metrics.images_served += len(entries)
         return api_response(result, entries, flags)
 
-    @app.get("/files/{name}", responses={404: {}})
+    @app.get("/files/{name}", response_class=Response, responses=_FILE_RESPONSES)
     async def files(name: str):
         """An image stored by an earlier request. Only names this server wrote resolve."""
         data = await asyncio.to_thread(store.read, name)
@@ -312,7 +332,7 @@ def create_app(
             return _error(404, "no such file")
         return Response(data, media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]])
 
-    @app.get("/health")
+    @app.get("/health", responses=_HEALTH_RESPONSES)
     async def health():
         """``ok`` (200) when generations can run; ``loading``, ``draining`` or ``degraded`` (503) when
         they cannot yet, or cannot store images; ``failed`` (500, with the reason) after a failed load."""
@@ -406,7 +426,9 @@ def _check_body(
     json.loads(raw, object_pairs_hook=refuse_duplicates)
     unknown = sorted(body.model_extra or {})
     if unknown and not allow_unknown_fields:
-        raise ApiError(422, unknown_names_message(unknown, GenerationBody.model_fields), unknown[0])
+        named = [name[:64] for name in unknown[:MAX_UNKNOWN_NAMED]]
+        more = f" (and {len(unknown) - len(named)} more)" if len(unknown) > len(named) else ""
+        raise ApiError(422, unknown_names_message(named, GenerationBody.model_fields) + more, named[0])
     try:
         req = body.to_request(default_acceleration)
     except ValueError as exc:  # the library's rules, in its words
@@ -473,8 +495,10 @@ async def _wait_for(job, request: Request, state: ServerState):
                            headers={"Retry-After": "5"}) from None  # fmt: skip
         raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled") from None
     except ContextParallelError as exc:  # a peer process is gone: no generation can run again here
-        state.broken = str(exc)
-        raise ApiError(503, str(exc)) from None
+        # The details (source paths, a peer's address) are for the operator's log, not for clients.
+        log.error("context parallelism broke; this server can no longer generate: %s", exc)
+        state.broken = BROKEN_GROUP
+        raise ApiError(503, BROKEN_GROUP) from None
     except Exception as exc:
         if _is_oom(exc):
             log.warning("out of GPU memory on one request: %s", exc)

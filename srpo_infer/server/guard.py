@@ -8,6 +8,7 @@ client that hung up to cancel its job.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,10 +24,15 @@ GENERATIONS_PATH = "/v1/images/generations"
 
 
 class Guard:
-    """Wraps the app: ``Guard(app, metrics=..., api_key=..., max_body_bytes=...)``."""
+    """Wraps the app: ``Guard(app, metrics=..., api_key=..., max_body_bytes=..., body_timeout=...)``.
 
-    def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_body_bytes: int):
+    Every request body is read here before the app sees it: at most ``max_body_bytes`` (a larger
+    declared length is refused before reading), within ``body_timeout`` seconds (408 otherwise), and
+    never when it carries both ``Content-Length`` and ``Transfer-Encoding`` (400)."""
+
+    def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_body_bytes: int, body_timeout: float = 30.0):
         self.app, self.metrics, self.api_key, self.max_body_bytes = app, metrics, api_key, max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,24 +57,30 @@ class Guard:
 
     async def _guarded(self, scope, receive, send, path: str):
         headers = Headers(scope=scope)
-        if scope["method"] == "POST":
-            size = headers.get("content-length")
-            too_big = f"request body over {self.max_body_bytes} bytes"
-            if size is not None and (not size.isdigit() or int(size) > self.max_body_bytes):
-                await _json_error(send, 413, too_big)
+        length, chunked = headers.get("content-length"), "transfer-encoding" in headers
+        if length is not None and chunked:
+            # A smuggling shape: h11 reads such a body as chunked, past the length it declares. Refused
+            # before a byte of it is read, whatever the HTTP parser underneath would have done.
+            await _json_error(send, 400, "send Content-Length or Transfer-Encoding, not both", close=True)
+            return
+        too_big = f"request body over {self.max_body_bytes} bytes"
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await _json_error(send, 413, too_big, close=True)
+            return
+        if chunked or (length is not None and int(length) > 0):
+            # Every body is read here, bounded in size and in time, and handed to the app afterwards.
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+            except TimeoutError:
+                await _json_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                  close=True)  # fmt: skip
                 return
-            if size is None:  # chunked: read it here, bounded, so a huge stream is refused too
-                body, more = b"", True
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > self.max_body_bytes:
-                        await _json_error(send, 413, too_big)
-                        return
-                receive = _replay(body, receive)
+            if body is None:  # the client hung up
+                return
+            if len(body) > self.max_body_bytes:
+                await _json_error(send, 413, too_big, close=True)
+                return
+            receive = _replay(body, receive)
         if self.api_key and path.startswith("/v1/"):
             sent = headers.get("authorization", "")
             token = sent[7:] if sent.lower().startswith("bearer ") else ""
@@ -77,9 +89,14 @@ class Guard:
                                   [(b"www-authenticate", b"Bearer")])  # fmt: skip
                 return
         started = [False]
+        head = scope["method"] == "HEAD"
+        if head:  # HEAD is GET without the body, on every GET route (monitors and link checkers use it)
+            scope = {**scope, "method": "GET"}
 
         async def tracked_send(message):
             started[0] = started[0] or message["type"] == "http.response.start"
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -88,6 +105,17 @@ class Guard:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started[0]:
                 await _json_error(send, 500, "internal server error")
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or the first bytes past the limit; None when the client hung up."""
+        body, more = b"", True
+        while more and len(body) <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        return body
 
 
 def _replay(body: bytes, receive):
@@ -101,8 +129,10 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _json_error(send, status: int, message: str, headers: list | None = None) -> None:
+async def _json_error(send, status: int, message: str, headers: list | None = None, close: bool = False) -> None:
+    """``close``: the connection ends after this answer (a body left unread cannot be skipped safely)."""
     body = json.dumps({"error": {"message": message, "status": status}}).encode()
+    headers = [*(headers or []), *([(b"connection", b"close")] if close else [])]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})  # fmt: skip

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 
-from .worker import Job, QueueFull, ShuttingDown
+from .worker import Job, QueueFull, ServiceTimes, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,18 @@ class RayBackend:
     """The worker interface of :func:`create_app` (``submit``, ``depth``, ``busy``, ``expected_wait``,
     ``stop``, ``pipeline``) over a Ray Serve deployment handle."""
 
-    def __init__(self, max_queue: int = 64, app_name: str = APP_NAME, seconds_per_cost: float = 0.15):
+    def __init__(self, max_queue: int = 64, app_name: str = APP_NAME):
         from ray import serve
 
         self.handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-        self.app_name, self.max_queue, self.seconds_per_cost = app_name, max_queue, seconds_per_cost
+        self.app_name, self.max_queue = app_name, max_queue
+        self.times = ServiceTimes()  # a request's whole time on a replica, for Retry-After
         self._jobs: set[Job] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._ready_at = 0.0
         self._ready = False
+        self._replicas = 0
 
     @property
     def pipeline(self):
@@ -121,7 +123,8 @@ class RayBackend:
 
                 app = serve.status().applications.get(self.app_name)
                 states = app.deployments[MODEL_DEPLOYMENT].replica_states if app else {}
-                self._ready = states.get("RUNNING", 0) > 0
+                self._replicas = states.get("RUNNING", 0)
+                self._ready = self._replicas > 0
             except Exception:  # the controller may be restarting: not ready until it answers
                 log.debug("serve.status failed", exc_info=True)
                 self._ready = False
@@ -136,8 +139,10 @@ class RayBackend:
         return bool(self._jobs)
 
     def expected_wait(self) -> float:
+        """The jobs in flight at the measured times, shared by the running replicas."""
         with self._lock:
-            return sum(j.cost for j in self._jobs) * self.seconds_per_cost
+            work = sum(self.times.estimate(j.cost) for j in self._jobs)
+        return work / max(1, self._replicas)
 
     def submit(self, request, cost: float = 0.0) -> Job:
         if self._closed:
@@ -158,8 +163,10 @@ class RayBackend:
                 return
             for attempt in range(RETRIES_ON_REPLICA_DEATH + 1):
                 response = self.handle.generate.remote(job.request)
+                t0 = time.monotonic()
                 try:
                     job.future.set_result(self._wait(response, job))
+                    self.times.record(job.cost, time.monotonic() - t0)
                     return
                 except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
                     log.warning("a model replica died during a request (attempt %d): %s", attempt + 1, exc)
@@ -215,10 +222,14 @@ def build_application(
     pipeline_options: dict | None = None,
     app_options: dict | None = None,
     warmup_sizes: list | None = None,
-    default_acceleration: str = "regular",
+    default_acceleration: str | None = None,
 ):
-    """The Ray Serve application: ``SRPOModel`` replicas behind the ``SRPOIngress`` FastAPI app."""
+    """The Ray Serve application: ``SRPOModel`` replicas behind the ``SRPOIngress`` FastAPI app.
+    ``default_acceleration`` None: the hosted API's (``regular``)."""
+    from .serve import resolve_default_acceleration
+
     serve = require_ray()
+    default_acceleration = resolve_default_acceleration(default_acceleration)
 
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         raise ValueError(f"--replicas must be >= 1 and --max-replicas >= --replicas, got {replicas}, {max_replicas}")
@@ -240,7 +251,7 @@ def build_application(
 
     ingress = serve.deployment(serve.ingress(build_ingress)(_Ingress), name="SRPOIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0})  # fmt: skip
-    accelerations = tuple(sorted({"none", default_acceleration}))
+    accelerations = tuple(dict.fromkeys(("none", default_acceleration)))
     model_app = model_deployment.bind(model, dict(pipeline_options or {}), warmup_sizes or [(1024, 768)], accelerations)
     return ingress.bind(model_app)
 

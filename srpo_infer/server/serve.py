@@ -10,12 +10,14 @@ background so ``/health`` can say "loading" (503) until it is warm.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
 
 from .app import create_app
+from .limits import ConnectionLimits, quiet_loop_errors, uvicorn_config
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,16 @@ def serve(
     default_acceleration: str | None = None,
     warmup_sizes: list[tuple[int, int]] | None = None,
     drain_timeout: float = 60.0,
+    limits: ConnectionLimits | None = None,
     app_options: dict | None = None,
     **pipeline_options,
 ) -> int:
     """Start the server; blocks until it stops and returns the process exit code (0 after a clean
     drain, 1 when the model failed to load). ``app_options`` go to :func:`create_app`,
     ``pipeline_options`` to :func:`load_pipeline`. ``default_acceleration``: ``regular`` (the hosted API's),
-    ``none`` with ``context_parallel`` (which does not cache steps yet).
+    ``none`` with ``context_parallel`` (which does not cache steps yet). ``limits``: the connection cap and
+    the header and body deadlines (:class:`~srpo_infer.server.limits.ConnectionLimits`; its defaults
+    when None).
 
     With ``context_parallel=N`` every one of the N processes ``torchrun`` starts calls this: rank 0 serves
     HTTP, the others load the same pipeline and run each request with it (:mod:`.parallel`)."""
@@ -53,12 +58,9 @@ def serve(
     from .safety import SafetyChecker
 
     parallel = pipeline_options.get("context_parallel", 1) > 1
-    if default_acceleration is None:
-        default_acceleration = "none" if parallel else "regular"
-    elif parallel and default_acceleration != "none":
-        raise ValueError(f"default acceleration {default_acceleration!r} (first-block caching) does not run with "
-                         "context parallelism yet: use --default-acceleration none")  # fmt: skip
+    default_acceleration = resolve_default_acceleration(default_acceleration, parallel)
     accelerations = tuple(dict.fromkeys(("none", default_acceleration)))
+    limits = limits or ConnectionLimits()
     if parallel and int(os.environ.get("RANK", "0")) != 0:
         pipe = load_pipeline(model, progress=False, **pipeline_options)
         pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)  # in step with rank 0's
@@ -72,11 +74,16 @@ def serve(
     )
     app = create_app(
         None, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
-        safety_checker=checker, default_acceleration=default_acceleration, **(app_options or {}),
+        safety_checker=checker, default_acceleration=default_acceleration, body_timeout=limits.body_timeout,
+        **(app_options or {}),
     )  # fmt: skip
 
     class Server(uvicorn.Server):
         exit_code = 0
+
+        async def startup(self, sockets=None) -> None:
+            quiet_loop_errors(asyncio.get_running_loop())  # a descriptor shortage logs once per interval
+            await super().startup(sockets)
 
         def handle_exit(self, sig, frame) -> None:
             # Not uvicorn's own: it re-raises the signal after shutting down, so a drained server would
@@ -89,7 +96,8 @@ def serve(
             threading.Thread(target=app.state.drain, args=(drain_timeout,), name="srpo-drain").start()
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout + 10)
+    config = uvicorn_config(app, host=host, port=port, limits=limits, log_level="info",
+                            timeout_graceful_shutdown=drain_timeout + 10)  # fmt: skip
     server = Server(config)
 
     def load() -> None:
@@ -118,6 +126,21 @@ def serve(
         if leader.broken is not None:  # served 503s since a peer was lost: a supervisor should restart the group
             return 1
     return server.exit_code
+
+
+def resolve_default_acceleration(chosen: str | None, context_parallel: bool = False) -> str:
+    """What requests that name no ``acceleration`` get: ``regular`` (the hosted API's default), ``none``
+    under context parallelism (which does not cache steps yet), or what the operator chose.
+
+    >>> resolve_default_acceleration(None), resolve_default_acceleration(None, context_parallel=True)
+    ('regular', 'none')
+    """
+    if chosen is None:
+        return "none" if context_parallel else "regular"
+    if context_parallel and chosen != "none":
+        raise ValueError(f"--default-acceleration {chosen} (first-block caching) does not run with context "
+                         "parallelism yet: use --default-acceleration none")  # fmt: skip
+    return chosen
 
 
 def default_public_url(host: str, port: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FILE_NAME = re.compile(r"^[0-9a-f]{32}\.(jpeg|png)$")
+FILE_NAME = re.compile(r"[0-9a-f]{32}\.(jpeg|png)")  # always fullmatch: "$" also matches before a final "\n"
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
 DEFAULT_RETENTION_BYTES = 2 * 2**30
 
@@ -86,7 +86,7 @@ class ImageStore:
 
     def read(self, name: str) -> bytes | None:
         """A stored image's bytes, or None: only regular files this store wrote, and not expired."""
-        if not FILE_NAME.match(name):
+        if not FILE_NAME.fullmatch(name):
             return None
         path = f"{self.root}/{name}"
         try:
@@ -102,9 +102,12 @@ class ImageStore:
         with self._lock:
             now = self.clock() if now is None else now
             files = []
-            for path in self.fs.ls(self.root, detail=False):  # names only: one bad entry cannot fail the list
+            paths = self.fs.ls(self.root, detail=False)  # names only: one bad entry cannot fail the list
+            bases = {path.rsplit("/", 1)[-1] for path in paths}
+            orphans = [p for p in paths if _is_orphan_marker(p.rsplit("/", 1)[-1], bases, self.MARKER)]
+            for path in paths:
                 base = path.rsplit("/", 1)[-1]
-                if not FILE_NAME.match(base):
+                if not FILE_NAME.fullmatch(base):
                     continue
                 try:
                     info = self._own_file(path)
@@ -127,6 +130,11 @@ class ImageStore:
                         self.fs.rm_file(victim)
                     except OSError as exc:  # gone already, or not ours to remove after all
                         log.debug("output store: could not remove %s: %s", victim, exc)
+            for path in orphans:  # a marker whose image is gone (removed by hand, or a crash mid-delete)
+                try:
+                    self.fs.rm_file(path)
+                except OSError as exc:
+                    log.debug("output store: could not remove %s: %s", path, exc)
             if doomed:
                 log.info("expired %d stored image(s) from %s", len(doomed), self.location)
             return len(doomed)
@@ -165,6 +173,13 @@ class ImageStore:
                 self.sweep()
             except Exception:  # a store that cannot be listed right now: try again next time
                 log.warning("output store sweep failed", exc_info=True)
+
+
+def _is_orphan_marker(base: str, bases: set[str], marker: str) -> bool:
+    """A marker of a name the store writes whose image is not in the listing. (``save`` writes the image
+    before its marker, so a marker never precedes its image.)"""
+    image = base[: -len(marker)]
+    return base.endswith(marker) and bool(FILE_NAME.fullmatch(image)) and image not in bases
 
 
 def _protocols(fs) -> tuple:

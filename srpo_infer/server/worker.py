@@ -4,6 +4,7 @@ cancel an abandoned job, estimate the wait, and drain on shutdown."""
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -38,6 +39,44 @@ def job_cost(width: int, height: int, num_inference_steps: int, num_images: int 
     return width * height * num_inference_steps * num_images / 1e6
 
 
+class ServiceTimes:
+    """Seconds a job takes, from the last ``window`` finished jobs: a fixed part (text encoding, decoding,
+    the per-step overhead a small image still pays) plus a part per megapixel-step, fitted by least
+    squares once the jobs seen differ in cost, else the measured seconds per megapixel-step. Before any
+    job has finished: ``initial`` seconds per megapixel-step.
+
+    >>> times = ServiceTimes()
+    >>> for cost in (1.0, 2.0, 4.0):
+    ...     times.record(cost, 3.0 + 0.5 * cost)
+    >>> round(times.estimate(8.0), 6)
+    7.0
+    """
+
+    def __init__(self, initial: float = INITIAL_SECONDS_PER_MEGAPIXEL_STEP, window: int = 16):
+        self.initial = initial
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def record(self, cost: float, seconds: float) -> None:
+        if cost > 0 and seconds >= 0:
+            self.recent.append((cost, seconds))
+
+    def estimate(self, cost: float) -> float:
+        """Expected seconds for a job of ``cost`` megapixel-steps."""
+        if not self.recent:
+            return cost * self.initial
+        costs, times = zip(*self.recent, strict=True)
+        mean_c, mean_t = sum(costs) / len(costs), sum(times) / len(times)
+        spread = sum((c - mean_c) ** 2 for c in costs)
+        if spread > 1e-9 * max(1.0, mean_c**2):
+            slope = sum((c - mean_c) * (t - mean_t) for c, t in zip(costs, times, strict=True)) / spread
+            if slope >= 0:
+                fixed = mean_t - slope * mean_c
+                if fixed >= 0:
+                    return fixed + slope * cost
+        # One cost seen (or a fit that makes no sense): seconds per megapixel-step, the median of the jobs.
+        return statistics.median(t / c for c, t in self.recent) * cost
+
+
 @dataclass(eq=False)  # identity: jobs go in sets
 class Job:
     """One validated request on its way to the pipeline, and how to cancel it."""
@@ -64,7 +103,7 @@ class Worker:
     the waiting jobs (the one running is not counted). A cancelled job leaves the queue at once.
     """
 
-    def __init__(self, max_queue: int = 16):
+    def __init__(self, max_queue: int = 16, clock: Callable[[], float] = time.monotonic):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.pipeline: Any = None
@@ -74,7 +113,9 @@ class Worker:
         self._running: Job | None = None
         self._closed = False
         self._finished = False
-        self.seconds_per_cost = INITIAL_SECONDS_PER_MEGAPIXEL_STEP  # updated from finished jobs
+        self.times = ServiceTimes()  # what finished jobs took, for Retry-After
+        self.clock = clock
+        self._started_at = 0.0
         self._thread = threading.Thread(target=self._loop, name="srpo-gpu-worker", daemon=True)
         self._thread.start()
 
@@ -109,11 +150,15 @@ class Worker:
                 self._changed.notify_all()
 
     def expected_wait(self) -> float:
-        """Seconds until a job submitted now would start: the queued and running work at the measured rate."""
+        """Seconds until a job submitted now would start: what the queued jobs and the rest of the running
+        one should take, from the measured times of recent jobs (:class:`ServiceTimes`)."""
         with self._changed:
-            waiting = sum(j.cost for j in self._waiting)
-        running = self._running.cost if self._running is not None else 0.0
-        return (waiting + running) * self.seconds_per_cost
+            waiting = sum(self.times.estimate(j.cost) for j in self._waiting)
+            running, started = self._running, self._started_at
+        left = 0.0
+        if running is not None:
+            left = max(0.0, self.times.estimate(running.cost) - (self.clock() - started))
+        return waiting + left
 
     def stop(self, drain_timeout: float = 60.0) -> int:
         """Stop taking jobs, let the queued and running ones finish for up to ``drain_timeout`` seconds,
@@ -144,13 +189,11 @@ class Worker:
                 job = self._waiting.popleft()
                 if not job.future.set_running_or_notify_cancel():
                     continue  # cancelled while it waited: its client is gone
-                self._running = job
-            t0 = time.perf_counter()
+                self._running, self._started_at = job, self.clock()
+            t0 = self._started_at
             try:
                 job.future.set_result(self.pipeline.generate(job.request, progress=False, should_stop=job.stop.is_set))
-                if job.cost > 0:  # an exponential average of the measured rate, for Retry-After
-                    rate = (time.perf_counter() - t0) / job.cost
-                    self.seconds_per_cost = 0.7 * self.seconds_per_cost + 0.3 * rate
+                self.times.record(job.cost, self.clock() - t0)
             except BaseException as exc:  # every failure goes back to its own request; the loop lives on
                 job.future.set_exception(exc)
             finally:
