@@ -98,6 +98,15 @@ _AMPERE = {
     "int8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),  # 128x32w4s3 spills on sm89; 64x128 needs 121 KiB
     "int8-fp8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 128, 4, 3)),
 }
+# Configurations dropped under one Triton (major.minor) and architecture, because that version's
+# compiler makes them spill: found by benchmarks/kernel_static.py, which compiles every version in its
+# matrix (results in benchmarks/results/static-2026-11-30).
+_DROPPED: dict[tuple[str, str, str], tuple[KernelConfig, ...]] = {
+    # triton 3.7 (what the CUDA build of torch 2.13 pins): the pointer build needs 255 registers and spills
+    # 8 bytes per thread (3.6: 255, 3.9: 254, neither spills; the tma build: 254). Lists are per mode, so
+    # both designs lose it.
+    ("3.7", "sm90", "bf16"): (C(128, 64, 4, 3),),
+}
 # Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
 INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 # The pre-pass and the stats pass: rows per program and warps. Memory-bound, but a [rows, 128] fp32
@@ -123,10 +132,22 @@ def candidates(mode: str, capability: tuple[int, int] | None = None) -> tuple[Ke
     return gpu_candidates(mode, capability or device_capability())
 
 
-def gpu_candidates(mode: str, capability: tuple[int, int]) -> tuple[KernelConfig, ...]:
-    """The configurations a GPU of this compute capability autotunes over (what the static check compiles)."""
+def all_gpu_candidates(mode: str, capability: tuple[int, int]) -> tuple[KernelConfig, ...]:
+    """Every configuration written for this mode and compute capability, under any Triton."""
     _check_mode(mode)
     return (_HOPPER if capability >= (9, 0) else _AMPERE)[mode]
+
+
+def gpu_candidates(
+    mode: str, capability: tuple[int, int], triton_version: str | None = None
+) -> tuple[KernelConfig, ...]:
+    """The configurations a GPU of this compute capability autotunes over under this Triton (default: the
+    one imported): :func:`all_gpu_candidates` less those :data:`_DROPPED` for its version. What the static
+    check compiles and requires to be free of spills."""
+    version = ".".join((triton_version or triton.__version__).split(".")[:2])
+    arch = "sm90" if capability >= (9, 0) else f"sm{capability[0]}{capability[1]}"
+    dropped = _DROPPED.get((version, arch, mode), ())
+    return tuple(c for c in all_gpu_candidates(mode, capability) if c not in dropped)
 
 
 def padding(configs: Sequence[KernelConfig]) -> int:
