@@ -6,7 +6,9 @@
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
 #
 # The GPU machines have torch + triton + transformers but no diffusers/torchao/optimum-quanto: carry
-# them as wheels in .whl/ (README, "Measuring on a GPU"). Results: at most 8 files under $OUT
+# them as wheels in .whl/ (README, "Measuring on a GPU"): diffusers==0.42.1 torchao==0.17.0
+# optimum-quanto==0.2.7 importlib-metadata==8.7.0 sageattention==1.0.6 (the attention bench's 8-bit
+# rival; its rows say "skipped" when the wheel is missing). Results: at most 8 files under $OUT
 #   log.txt                    versions, GPU, every step's output, the GPU tests
 #   attention.json/.md         benchmarks/bench_attention.py --sweep: SDPA rivals, our kernels, every config
 #   bench.json/.md/.png        srpo-infer bench: +compile vs +compile+triton(-int8-fp8), diffusers, ... (1024², 1440×512)
@@ -60,7 +62,7 @@ cd "$WORK" || exit 1
 import json, torch
 v = {"torch": torch.__version__, "cuda": torch.version.cuda,
      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-for m in ("triton", "diffusers", "transformers", "torchao", "optimum.quanto", "srpo_infer"):
+for m in ("triton", "diffusers", "transformers", "torchao", "optimum.quanto", "sageattention", "srpo_infer"):
     try:
         mod = __import__(m, fromlist=["__version__"])
         v[m] = getattr(mod, "__version__", "?") + ("" if m != "srpo_infer" else f" at {mod.__file__}")
