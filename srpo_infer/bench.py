@@ -14,6 +14,7 @@ import datetime
 import gc
 import json
 import logging
+import math
 import platform
 import signal
 import statistics
@@ -97,14 +98,41 @@ CPU_DEFAULTS_SECONDS = 59  # `srpo-infer bench --model tiny-random`, idle 2-core
 
 
 def select_configs(names: list[str] | None, device: torch.device) -> list[BenchConfig]:
-    """The configurations to run, in the order given (default: the device's whole table)."""
+    """The configurations to run, in the order given (default: those of the device's whole table that
+    can run here: see :func:`cannot_run`)."""
     if names is None:
-        return list(ABLATION if device.type == "cuda" else CPU_SMOKE)
+        return [c for c in (ABLATION if device.type == "cuda" else CPU_SMOKE) if cannot_run(c, device) is None]
     known = {c.name: c for c in (*CPU_SMOKE, *CPU_EXTRA, *ABLATION)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"--configs: unknown configuration(s) {unknown}; known: {list(known)}")
     return [known[n] for n in dict.fromkeys(names)]
+
+
+def cannot_run(bench: BenchConfig, device: torch.device) -> str | None:
+    """Why ``bench`` cannot run on this machine (a package or a GPU feature missing), else None."""
+    from .config import PipelineConfig
+
+    if bench.baseline:
+        return None
+    try:
+        from .optimize import check_available
+
+        plain = PipelineConfig(model="tiny-random", device=str(device), attention=bench.attention,
+                               quantize=bench.quantize, memory=bench.memory, compile=False).resolved()  # fmt: skip
+        check_available(plain)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def skipped_configs(names: list[str] | None, device: torch.device) -> dict[str, str]:
+    """The default table's configurations left out because they cannot run here, with the reason (named
+    configurations are never left out: they become error rows that say why)."""
+    if names is not None:
+        return {}
+    table = ABLATION if device.type == "cuda" else CPU_SMOKE
+    return {c.name: why for c in table if (why := cannot_run(c, device)) is not None}
 
 
 @dataclass
@@ -462,6 +490,7 @@ def _record(args: BenchArgs, device: torch.device, dtype: torch.dtype, load_s: f
         "not representative of SRPO (a trained model's residuals evolve differently)"
         if args.model in ("tiny-random", "full-random")
         else "",
+        skipped=skipped_configs(args.configs, device),
         rows=rows,
     )
 
@@ -531,21 +560,28 @@ def markdown_table(result: dict) -> str:
     """The rows as a Markdown table."""
     head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
             f"median of {result['repeats']}")  # fmt: skip
-    lines = [head, "", markdown_header(), *(markdown_row(r) for r in result["rows"])]
-    lines += ["", RECOMPILES_EXPLAINED]
-    for r in result["rows"]:
-        for reason in r.get("recompile_reasons", []):
-            lines.append(f"- {r['config']} at {r['setting']}: {reason}")
+    lines = [head, "", markdown_header(), *(markdown_row(r) for r in result["rows"]), "", *markdown_notes(result)]
+    return "\n".join(lines)
+
+
+def markdown_notes(result: dict) -> list[str]:
+    """What follows the table: what recompiles means, each recompile's reason (when there are any),
+    the configurations skipped and the note on random weights."""
+    reasons = [f"- {r['config']} at {r['setting']}: {reason}"
+               for r in result["rows"] for reason in r.get("recompile_reasons", [])]  # fmt: skip
+    lines = [RECOMPILES_EXPLAINED + (" Each recompile's reason (the guard that failed):" if reasons else ""), *reasons]
+    if result.get("skipped"):
+        lines += ["", "Skipped (cannot run here): " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
-    return "\n".join(lines)
+    return lines
 
 
 RECOMPILES_EXPLAINED = (
     "recompiles: graphs torch.compile built at this setting after the configuration's first setting. The "
     "bench calls no warmup() (it times the first call instead), so a whole-model compile may build its VAE "
     "decoder's large-size graph here: convolution guards split the decoder into a small and a large graph, "
-    "which warmup() builds ahead of any request. Each recompile's reason (the guard that failed) is listed:"
+    "which warmup() builds ahead of any request."
 )
 
 
@@ -582,7 +618,9 @@ def write_reports(result: dict, out_dir: Path) -> dict[str, Path]:
     """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # Strict JSON (no bare Infinity or NaN, which JSON.parse refuses): an infinite PSNR (identical
+    # images) and any other non-finite number become null.
+    paths["json"].write_text(json.dumps(_finite(result), indent=2, default=str, allow_nan=False) + "\n")
     paths["md"].write_text(markdown_table(result) + "\n")
     try:
         chart(result, paths["png"])
@@ -595,3 +633,14 @@ def write_reports(result: dict, out_dir: Path) -> dict[str, Path]:
 
 
 _said = {"no matplotlib": False}
+
+
+def _finite(value):
+    """``value`` with every non-finite float replaced by None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -63,6 +63,29 @@ def is_repo_id(name: str) -> bool:
     )
 
 
+RANDOM_MODELS = ("tiny-random", "full-random")  # built in code (srpo_infer.tiny, srpo_infer.full_random)
+
+
+def check_model_name(model: str, what: str = "model") -> None:
+    """Refuse at once (before any heavy import or download) a ``model`` that is none of: a random
+    model's name, an existing file or folder, a Hugging Face repo id; a near miss names the intended one.
+
+    >>> check_model_name("tiny-randon")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    srpo_infer.checkpoint.CheckpointError: model 'tiny-randon' does not exist (...): did you mean 'tiny-random'?
+    """
+    if model in RANDOM_MODELS or is_repo_id(model) or Path(model).expanduser().exists():
+        return
+    import difflib
+
+    near = difflib.get_close_matches(model, RANDOM_MODELS, n=1, cutoff=0.75)
+    hint = (
+        f"did you mean {near[0]!r}?" if near else f"give an existing path, owner/name or one of {list(RANDOM_MODELS)}"
+    )
+    raise CheckpointError(f"{what} {model!r} does not exist (not a file or folder, nor a Hugging Face repo id): {hint}")
+
+
 def find_checkpoint_files(model: str, *, download: Callable[[str], str] | None = None) -> list[Path]:
     """The ``.safetensors`` file(s), or the ``.gguf`` file, holding the transformer named by ``model``.
 
@@ -75,8 +98,7 @@ def find_checkpoint_files(model: str, *, download: Callable[[str], str] | None =
     if path.is_file():
         return [path]
     if not path.exists():
-        if not is_repo_id(model):
-            raise CheckpointError(f"model file or folder {model!r} does not exist (and is not a Hugging Face repo id)")
+        check_model_name(model)
         path = Path((download or _snapshot_download)(model))
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.gguf"))

@@ -9,11 +9,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 from .request import ACCELERATIONS, IMAGE_SIZE_PRESETS
+from .server.limits import ConnectionLimits, default_max_connections
 
 
 def _request_flags() -> list:
@@ -59,6 +61,12 @@ class _Parser(argparse.ArgumentParser):
     as ours, without the usage block."""
 
     def error(self, message: str):
+        retired = re.match(r"argument --attention: invalid choice: '([^']*)'", message)
+        if retired:  # a backend we retired: name its replacement, as the library does
+            from .config import RETIRED_BACKENDS
+
+            if retired[1] in RETIRED_BACKENDS:
+                message = f"--attention {retired[1]} was replaced by {RETIRED_BACKENDS[retired[1]]}"
         self.exit(2, f"srpo-infer: error: {message}\n")
 
 
@@ -68,7 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="srpo-infer",
         description="Fast inference for Tencent's SRPO text-to-image model (FLUX.1-dev fine-tune).",
-        epilog="Try it without a GPU or a download:\n  srpo-infer generate 'a cat' --model tiny-random",
+        epilog="Try it without a GPU or a download (seconds on a CPU):\n"
+        "  srpo-infer generate 'a cat' --model tiny-random --image-size square --steps 4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"srpo-infer {__version__}")
@@ -116,10 +125,16 @@ def _load_options(args: argparse.Namespace) -> dict:
     for f in _load_fields():
         value = getattr(args, f.name)
         if f.metadata["choices"] is not None and value is not None:
-            value = {_shown(c): c for c in f.metadata["choices"]}[value]
+            value = {_shown(c): c for c in f.metadata["choices"]}.get(value, value)  # serve's auto-serve stays
         options[f.name] = value
     if options.get("cache_dir") is None:
         del options["cache_dir"]  # the config's own default ($SRPO_CACHE_DIR/compile)
+    from .checkpoint import check_model_name
+
+    # Before the heavy imports and any download: a typo or a missing path is one line in a second or two.
+    check_model_name(options["model"], "--model")
+    if options.get("base") is not None:
+        check_model_name(options["base"], "--base")
     return options
 
 
@@ -242,8 +257,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
     s.add_argument("--output-dir", default="outputs", help="where generated images are stored and served from")
     s.add_argument("--public-url", default=None,
-                   help="base URL for image links, e.g. https://cdn.example.com/srpo [default: relative /files/… "
-                   "links; never built from the client's Host header]")  # fmt: skip
+                   help="base URL for image links, e.g. https://cdn.example.com/srpo [default: the address serve "
+                   "listens on, http://HOST:PORT (the machine's name when HOST is 0.0.0.0); never built from the "
+                   "client's Host header]")  # fmt: skip
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
     s.add_argument("--safety-checker", default=None,
                    help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
@@ -270,7 +286,27 @@ def _add_serve(sub) -> None:
     s.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
                    "the rest 503")  # fmt: skip
+    limits = s.add_argument_group("connection limits (for the internet, put a reverse proxy in front too: README)")
+    limits.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at once; at the cap the oldest connection still sending headers is "
+                        "closed, else the new one gets a 503 [default: half the file-descriptor limit, at most "
+                        f"1024: {default_max_connections()} here]")  # fmt: skip
+    limits.add_argument("--header-timeout", type=float, default=ConnectionLimits.header_timeout,
+                        help="seconds a connection has to send a request's headers before it is closed")  # fmt: skip
+    limits.add_argument("--body-timeout", type=float, default=ConnectionLimits.body_timeout,
+                        help="seconds a request has to send its whole body (at most 64 KB) before a 408")  # fmt: skip
     _add_load_options(s)
+    # The server warms up before it takes requests anyway, so on a GPU it compiles by default (regional:
+    # 3 small graphs, every size); load_pipeline's own default stays off. --compile off / --no-compile.
+    s.set_defaults(compile="auto-serve")
+    compile_flag = next(a for a in s._actions if a.dest == "compile")
+    compile_flag.choices = ["auto-serve", *compile_flag.choices]
+    compile_flag.help = (
+        "torch.compile the transformer (auto-serve: on with a CUDA GPU, where serve warms up "
+        "before taking requests anyway; off on a CPU. load_pipeline's own default stays off)"
+    )
+    s.add_argument("--no-compile", dest="compile", action="store_const", const="off", default=argparse.SUPPRESS,
+                   help="same as --compile off")  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -278,6 +314,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     # Check the request before the (possibly long) model load, so a typo fails in a second.
     from .request import validate_request
+    from .result import IMAGE_SUFFIXES, check_image_file_name
 
     if args.image_size and (args.width is not None or args.height is not None):
         raise ValueError("give either --image-size or --width/--height, not both")
@@ -289,7 +326,11 @@ def _generate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fmt = args.output_format
     if fmt is None:
-        fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(output.suffix.lower(), "jpeg")
+        fmt = IMAGE_SUFFIXES.get(output.suffix.lower(), "jpeg")
+    try:
+        check_image_file_name(output, fmt)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("output file", "-o").replace("output format", "--format")) from None
     options = _load_options(args)
     leader = _rank() == 0  # with --context-parallel every rank generates; rank 0 alone writes and prints
     pipe = load_pipeline(**options, progress=not args.quiet and leader)
@@ -344,6 +385,7 @@ def _bench(args: argparse.Namespace) -> int:
         BenchArgs,
         Setting,
         markdown_header,
+        markdown_notes,
         markdown_row,
         run_benchmark,
         write_reports,
@@ -368,6 +410,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.context_parallel < 1:
         raise ValueError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if leader:
+        from .bench import skipped_configs
+
+        for name, why in skipped_configs(args.configs, resolve_device(args.device)).items():
+            print(f"skipping {name}: {why}", file=sys.stderr)
         print(markdown_header(), flush=True)
     result = run_benchmark(BenchArgs(
         model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
@@ -377,8 +423,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not leader:
         return 0
     paths = write_reports(result, out)
-    print()
-    print(paths["md"].read_text())
+    print()  # the rows were printed as they landed: the notes below them, then where the reports are
+    print("\n".join(markdown_notes(result)))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
@@ -396,12 +442,17 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {value}")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
     app_options = dict(
         allow_unknown_fields=args.allow_unknown_fields, max_cost=args.max_cost,
         retention_seconds=args.retention_hours * 3600 or None, retention_bytes=int(args.retention_gb * 2**30) or None,
     )  # fmt: skip
     pipeline_options = _load_options(args)
     model = pipeline_options.pop("model")
+    if pipeline_options["compile"] == "auto-serve":
+        from .config import resolve_device
+
+        pipeline_options["compile"] = resolve_device(pipeline_options.get("device")).type == "cuda"
     if args.replicas > 1 or args.ray_address or args.max_replicas:
         if pipeline_options["context_parallel"] > 1:
             raise ValueError("--context-parallel does not run on Ray Serve replicas yet (a replica would have to "
@@ -410,8 +461,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(
         model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
         public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
-        default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, app_options=app_options,
-        **pipeline_options,
+        default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, limits=limits,
+        app_options=app_options, **pipeline_options,
     )  # fmt: skip
 
 
@@ -429,6 +480,25 @@ def _serve_on_ray(args: argparse.Namespace, model: str, app_options: dict, pipel
         max_replicas=args.max_replicas, use_gpu=resolve_device(pipeline_options.get("device")).type == "cuda",
         pipeline_options=pipeline_options, app_options=app_options, default_acceleration=args.default_acceleration,
     )  # fmt: skip
+
+
+def _in_flags(message: str) -> str:
+    """The library's ``quantize='fp8-weight'`` / ``compile=False`` as the flags a command-line user types
+    (``--quantize fp8-weight`` / ``--compile off``).
+
+    >>> _in_flags("use compile=False and quantize='fp8-weight', or memory='gpu'")
+    'use --compile off and --quantize fp8-weight, or --memory gpu'
+    """
+    names = {f.name for f in _load_fields()}
+
+    def flag(match: re.Match) -> str:
+        name, value = match[1], match[2]
+        if name not in names:
+            return match[0]
+        value = {"True": "on", "False": "off", "None": "none"}.get(value, value.strip("'\""))
+        return f"{_flag(name)} {value}"
+
+    return re.sub(r"\b([a-z_]+)=('[^']*'|\"[^\"]*\"|[\w.-]+)", flag, message)
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
@@ -458,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": _generate, "bench": _bench, "warmup": _warmup, "serve": _serve}[args.command](args)
     except ValueError as exc:  # CheckpointError is a ValueError too
-        print(f"srpo-infer: error: {exc}", file=sys.stderr)
+        print(f"srpo-infer: error: {_in_flags(str(exc))}", file=sys.stderr)
         return 2
     finally:  # after --context-parallel: the group closes with the command, not in the interpreter's teardown
         from .context_parallel import leave_process_group

@@ -31,6 +31,21 @@ from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _quiet_truncation_logs():
+    """transformers and diffusers each log a long prompt's dropped text (twice, in full)."""
+    names = ("transformers.tokenization_utils_base", "diffusers.pipelines.flux.pipeline_flux")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 class PromptTruncatedWarning(UserWarning):
     """The prompt is longer than the T5 encoder's token limit; the tail is ignored."""
 
@@ -204,6 +219,7 @@ class SRPOPipeline:
         progress: bool | None = None,
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
         **request,
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
@@ -218,7 +234,9 @@ class SRPOPipeline:
         :mod:`srpo_infer.step_cache`); ``cache_threshold`` sets the cache's threshold directly (research).
         ``result.transformer_evaluations`` counts the full transformer evaluations. ``should_stop`` is
         asked before every denoising step; when it returns true, :class:`GenerationCancelled` is raised
-        (a server stops the job of a client that hung up this way).
+        (a server stops the job of a client that hung up this way). ``on_step(step, latents)`` is called
+        after each denoising step (0-based) with the packed latents ``(num_images, image_tokens,
+        in_channels)`` (see :meth:`generate_latents`); keep a ``.clone()``, the loop reuses them.
 
         >>> r = pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=490733907)  # doctest: +SKIP
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
@@ -237,7 +255,7 @@ class SRPOPipeline:
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
         show = self.config.progress if progress is None else progress
         with self._lock, torch.inference_mode():
-            run = self.run(req, show, threshold, should_stop)
+            run = self.run(req, show, threshold, should_stop, on_step)
             t0 = time.perf_counter()
             images = self.decode(run.latents, req.width, req.height)
             timings = {**run.timings, "decode": self._elapsed(t0)}
@@ -302,7 +320,9 @@ class SRPOPipeline:
     def generate_latents(
         self, req: GenerationRequest, progress: bool = False, cache_threshold: float | None = None
     ) -> torch.Tensor:
-        """The final packed latents ``(num_images, tokens, 64)`` of a validated request, no decoding.
+        """The final packed latents of a validated request, no decoding: ``(num_images, image_tokens,
+        in_channels)``, with ``image_tokens = (height // 16) * (width // 16)`` and ``in_channels`` the
+        transformer's (64 for FLUX.1: 16 latent channels × 2×2 patches; 16 for ``tiny-random``).
 
         Benchmarks and numerical checks compare these; ``req.seed`` must be set.
         """
@@ -330,6 +350,7 @@ class SRPOPipeline:
         progress: bool = False,
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> DenoiseResult:
         """Encode the prompt and denoise: a validated request (seed set) → :class:`DenoiseResult`.
 
@@ -356,7 +377,7 @@ class SRPOPipeline:
             with self._stage("transformer"):
                 latents, evaluations = self.denoise(
                     noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
-                    req.guidance_scale, progress, cache_threshold, should_stop,
+                    req.guidance_scale, progress, cache_threshold, should_stop, on_step,
                 )  # fmt: skip
             timings["denoise"] = self._elapsed(t0)
         return DenoiseResult(latents, timings, text_tokens, evaluations)
@@ -367,20 +388,21 @@ class SRPOPipeline:
         Warns with :class:`PromptTruncatedWarning` when T5 drops tokens past ``max_sequence_length``.
         """
         max_len = self.config.max_sequence_length
-        n_tokens = len(self.flux.tokenizer_2(prompt, truncation=False).input_ids)
-        if n_tokens > max_len:
-            warnings.warn(
-                f"prompt is {n_tokens} T5 tokens; only the first {max_len} are used",
-                PromptTruncatedWarning,
-                stacklevel=4,
+        with _quiet_truncation_logs():  # our one warning below says it; theirs print the dropped text
+            n_tokens = len(self.flux.tokenizer_2(prompt, truncation=False).input_ids)
+            if n_tokens > max_len:
+                warnings.warn(
+                    f"prompt is {n_tokens} T5 tokens; only the first {max_len} are used (and CLIP's first 77)",
+                    PromptTruncatedWarning,
+                    stacklevel=4,
+                )
+            prompt_embeds, pooled, text_ids = self.flux.encode_prompt(
+                prompt=prompt,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=num_images,
+                max_sequence_length=max_len,
             )
-        prompt_embeds, pooled, text_ids = self.flux.encode_prompt(
-            prompt=prompt,
-            prompt_2=None,
-            device=self.device,
-            num_images_per_prompt=num_images,
-            max_sequence_length=max_len,
-        )
         return prompt_embeds, pooled, text_ids, min(n_tokens, max_len)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
@@ -427,6 +449,7 @@ class SRPOPipeline:
         progress: bool = False,
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run the flow-matching Euler loop from packed noise to packed latents.
 
@@ -460,7 +483,7 @@ class SRPOPipeline:
         # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
         # what stays fixed through the loop, once.
         fixed = cp.fixed_inputs(prompt_embeds, text_ids, img_ids) if cp is not None else None
-        for t in tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False):
+        for step, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
             stop = should_stop is not None and should_stop()
             if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
                 stop = cp.agree_stop(stop)
@@ -481,6 +504,8 @@ class SRPOPipeline:
             else:
                 noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if marks else None, **inputs)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(step, latents)
         return latents, cache.full_evaluations if cache is not None else len(timesteps)
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -70,7 +71,7 @@ def resolve_image_size(
         if width is not None or height is not None:
             raise ValueError("give either image_size or width/height, not both")
         if isinstance(image_size, str):
-            sides = re.fullmatch(r"(\d+)x(\d+)", image_size)
+            sides = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", image_size)  # ASCII digits: no "５１２", no 5000 digits
             if sides:  # OpenAI's "1024x768"
                 return _check_side("width", int(sides[1])), _check_side("height", int(sides[2]))
             if image_size == "auto":  # OpenAI's "the default size"
@@ -78,7 +79,7 @@ def resolve_image_size(
             if image_size not in IMAGE_SIZE_PRESETS:
                 raise ValueError(
                     f"image_size must be one of {sorted(IMAGE_SIZE_PRESETS)}, 'WIDTHxHEIGHT' (such as 1024x768), "
-                    f"'auto' or an object with width and height, got {image_size!r}"
+                    f"'auto' or an object with width and height, got {_short(image_size)}"
                 )
             return IMAGE_SIZE_PRESETS[image_size]
         if isinstance(image_size, dict):
@@ -98,10 +99,26 @@ def resolve_image_size(
     return _check_side("width", width), _check_side("height", height)
 
 
+def _short(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: an error never echoes a huge input back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows: not whitespace, not a format character (U+FEFF,
+    zero-width spaces and joiners) and not a control character.
+
+    >>> _visible("\ufeff \u200b"), _visible("a cat")
+    (False, True)
+    """
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc") for ch in text)
+
+
 def _check_prompt(prompt: object) -> str:
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string of 1 to {MAX_PROMPT_CHARS} characters, got {prompt!r}")
-    if not prompt.strip():
+    if not _visible(prompt):  # spaces, a byte-order mark, zero-width or control characters only
         raise ValueError(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got {prompt!r}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)} characters")

@@ -69,6 +69,7 @@ class GenerationResult:
         fmt = check_output_format(output_format or self.output_format)
         ext = "jpg" if fmt == "jpeg" else "png"
         target = Path(target)
+        check_image_file_name(target, fmt)
         if target.suffix and len(self.images) == 1:
             paths = [target]
         elif target.suffix:
@@ -116,3 +117,25 @@ def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts
         | ({"replica": result.replica} if result.replica is not None else {}),
         "transformer_evaluations": result.transformer_evaluations,
     }
+
+
+IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
+
+
+def check_image_file_name(target: str | Path, output_format: str) -> None:
+    """A file name's extension must say the format written into it (a folder, with no extension, is fine).
+
+    >>> check_image_file_name("out.gif", "jpeg")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: output file 'out.gif' must end in .jpg, .jpeg or .png (or name a folder): ...
+    """
+    suffix = Path(target).suffix.lower()
+    if not suffix:
+        return
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"output file {str(target)!r} must end in .jpg, .jpeg or .png (or name a folder): images "
+                         "are written as jpeg or png")  # fmt: skip
+    if IMAGE_SUFFIXES[suffix] != check_output_format(output_format):
+        raise ValueError(f"output file {str(target)!r} and output format {output_format!r} disagree: name a "
+                         f"{'.png' if output_format == 'png' else '.jpg'} file or drop the format")  # fmt: skip

@@ -21,11 +21,17 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
                  "--no-official", "--repeats", "2", "--compile-backend", "eager", "--out", str(out),
                  "--configs", *ORDER])  # fmt: skip
     assert code == 0
-    result = json.loads((out / "bench.json").read_text())
+
+    def strict(constant):  # what JSON.parse and other strict parsers refuse
+        raise ValueError(f"bench.json holds {constant}, which is not JSON")
+
+    result = json.loads((out / "bench.json").read_text(), parse_constant=strict)
     assert result["versions"]["torch"] == torch.__version__ and result["note"]
     assert list(dict.fromkeys(r["config"] for r in result["rows"])) == ORDER
     printed = capsys.readouterr().out
     assert printed.index("| 512x512@2 | +compile |") < printed.index("| 512x512@2 | ours-eager |")
+    assert printed.count("| 512x512@2 | +compile |") == 1  # each row once, as it lands
+    assert "is listed:" not in printed and "reason (the guard that failed):" not in printed  # no recompiles here
     rows = {(r["config"], r["setting"]): r for r in result["rows"]}
     assert set(rows) == {(c, s) for c in ORDER for s in ("512x512@2", "640x512@2")}
     for (config, _), r in rows.items():
@@ -109,3 +115,27 @@ def test_full_random_needs_cuda():
 
     with pytest.raises(ValueError, match="needs CUDA"):
         srpo_infer.load_pipeline("full-random", device="cpu")
+
+
+def test_the_default_table_leaves_out_what_cannot_run_here_and_says_why(monkeypatch, capsys, tmp_path):
+    """The quick-start install has no optimum-quanto: the default CPU table then runs without +fp8-weight
+    and says so in one line, instead of error rows."""
+    import srpo_infer.bench as bench
+    from srpo_infer.quantize import _require
+
+    def missing(module, extra):
+        if module == "optimum.quanto":
+            raise ValueError("quantize='fp8-weight' needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'")
+        return _require(module, extra)
+
+    monkeypatch.setattr("srpo_infer.quantize._require", missing)
+    cpu = torch.device("cpu")
+    assert "+fp8-weight" not in [c.name for c in bench.select_configs(None, cpu)]
+    assert bench.skipped_configs(None, cpu) == {"+fp8-weight": "quantize='fp8-weight' needs optimum-quanto: pip "
+                                                               "install 'srpo-infer[fp8-weight]'"}  # fmt: skip
+    assert bench.skipped_configs(["+fp8-weight"], cpu) == {}  # asked for by name: it runs, or errors saying why
+    monkeypatch.setattr(bench, "run_benchmark", lambda args, on_row: {"rows": [], "skipped": {}, "model": "m"})
+    monkeypatch.setattr(bench, "write_reports", lambda result, out: {})
+    assert main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "skipping +fp8-weight: quantize='fp8-weight' needs optimum-quanto" in err

@@ -85,7 +85,12 @@ def test_output_file_name_picks_the_format(tmp_path, capsys):
         (["--guidance", "30"], ["--guidance must be", "30"]),
         (["--num-images", "9"], ["--num-images must be", "9"]),
         (["--model", "/no/such/file.safetensors"], ["does not exist"]),
-        (["--base", "/no/such/folder"], ["base '/no/such/folder': no such folder"]),
+        (["--base", "/no/such/folder"], ["--base '/no/such/folder' does not exist"]),
+        (["--model", "tiny-randon"], ["--model 'tiny-randon' does not exist", "did you mean 'tiny-random'?"]),
+        (["-o", "out.gif"], ["-o 'out.gif' must end in .jpg, .jpeg or .png"]),
+        (["-o", "out.png", "--format", "jpeg"], ["-o 'out.png' and --format 'jpeg' disagree"]),
+        # The library's own sentence, in the flags the user typed (not compile=False, quantize=...):
+        (["--memory", "offload-model", "--compile", "on"], ["--memory offload-model runs eager", "--compile off"]),
     ],
 )
 def test_errors_are_one_line_naming_the_flag_with_exit_code_2(args, words, capsys, tmp_path):
@@ -164,6 +169,7 @@ def test_version(capsys):
         (["--acceleration", "fast"], "argument --acceleration: invalid choice: 'fast'"),
         (["--stpes", "3"], "unknown option '--stpes': did you mean '--steps'?"),
         (["--compile", "yes"], "argument --compile: invalid choice: 'yes'"),
+        (["--attention", "triton-fp8"], "--attention triton-fp8 was replaced by triton-int8-fp8"),
     ],
 )
 def test_argparse_mistakes_are_one_line_too(args, words, capsys):
@@ -218,3 +224,52 @@ def test_replicas_without_ray_is_one_line_naming_the_extra():
     assert out.stderr.strip().splitlines() == [
         "srpo-infer: error: several replicas run on Ray Serve: pip install 'srpo-infer[ray]'"
     ]
+
+
+def test_a_missing_model_is_named_before_the_heavy_imports():
+    """A typo costs a second or two, not the 15-30 s of importing diffusers and transformers first."""
+    code = (
+        "import sys\nfrom srpo_infer.cli import main\n"
+        "code = main(['generate', 'a cat', '--model', '/no/such/srpo.safetensors'])\n"
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules)); sys.exit(code)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_help_epilogs_first_command_is_a_quick_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    command = next(line.strip() for line in text.splitlines() if line.strip().startswith("srpo-infer generate"))
+    assert "--model tiny-random" in command and "--steps 4" in command and "--image-size square" in command
+
+
+def test_serve_help_says_what_it_defaults_to(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the address serve listens on" in text and "relative" not in text  # --public-url: absolute links
+    assert "auto-serve: on with a CUDA GPU" in text and "--no-compile same as --compile off" in text
+    for flag in ("--max-connections", "--header-timeout", "--body-timeout"):
+        assert flag in text
+
+
+def test_serve_compiles_by_default_on_a_gpu_only(monkeypatch):
+    import srpo_infer.server as server
+
+    seen = {}
+
+    def fake_serve(model, **options):
+        seen.update(options, model=model)
+        return 0
+
+    monkeypatch.setattr(server, "serve", fake_serve, raising=False)
+    assert main(["serve", "--model", "tiny-random", "--device", "cpu"]) == 0
+    assert seen["compile"] is False and seen["limits"].header_timeout == 10.0
+    monkeypatch.setattr("srpo_infer.config.resolve_device", lambda _d: __import__("torch").device("cuda"))
+    assert main(["serve", "--model", "tiny-random"]) == 0
+    assert seen["compile"] is True
+    assert main(["serve", "--model", "tiny-random", "--no-compile"]) == 0
+    assert seen["compile"] is False

@@ -174,3 +174,20 @@ def test_bad_device_and_dtype_are_clear():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             srpo_infer.load_pipeline("tiny-random", device="cuda")
+
+
+def test_on_step_sees_every_step_and_a_long_prompt_says_so_once(tiny_pipe, caplog):
+    import logging
+    import warnings
+
+    from srpo_infer import PromptTruncatedWarning
+
+    steps = []
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        tiny_pipe.generate(" ".join(["word"] * 700), image_size="square", num_inference_steps=3, seed=1,
+                           on_step=lambda i, latents: steps.append((i, tuple(latents.shape))))  # fmt: skip
+    c = tiny_pipe.transformer.config.in_channels
+    assert steps == [(0, (1, 1024, c)), (1, (1, 1024, c)), (2, (1, 1024, c))]
+    assert [w.category for w in caught] == [PromptTruncatedWarning]
+    assert "word word word" not in caplog.text  # transformers and diffusers would print the dropped text

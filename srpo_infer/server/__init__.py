@@ -2,19 +2,21 @@
 
 >>> from srpo_infer.server import create_app  # doctest: +SKIP
 
-The names below load on first use, so ``srpo_infer.server.limits`` (which the command line reads for
-its help) imports without the server's extra.
+Without the extra, the modules that need nothing of it (``srpo_infer.server.limits``, which the command
+line reads for its help) still import; the names below then raise an error naming the extra.
 """
 
-from __future__ import annotations
+try:
+    from .app import GenerationBody, create_app
+    from .safety import SafetyChecker
+    from .serve import serve
+except ImportError as _missing:  # fastapi or uvicorn not installed
+    _reason = f"the server needs its extra: pip install 'srpo-infer[server]' ({_missing})"
 
-import importlib
-
-_EXPORTS = {"GenerationBody": ".app", "create_app": ".app", "SafetyChecker": ".safety", "serve": ".serve"}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
+    def __getattr__(name: str):
+        if name in __all__:
+            raise ImportError(_reason)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+__all__ = ["GenerationBody", "SafetyChecker", "create_app", "serve"]
