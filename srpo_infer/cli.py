@@ -471,10 +471,13 @@ def _serve_on_ray(args: argparse.Namespace, model: str, app_options: dict, pipel
 
     from .config import resolve_device
     from .server.ray_serve import require_ray, serve_replicas
+    from .server.serve import default_public_url
 
     require_ray()  # a one-line error naming the extra when Ray is missing
+    # Absolute image links, as one process serves them: the address Ray's proxy listens on.
+    public_url = args.public_url or default_public_url(args.host, args.port)
     app_options |= dict(api_key=args.api_key or os.environ.get("SRPO_API_KEY") or None, output_dir=args.output_dir,
-                        public_url=args.public_url, max_queue=args.max_queue)  # fmt: skip
+                        public_url=public_url, max_queue=args.max_queue)  # fmt: skip
     return serve_replicas(
         model, host=args.host, port=args.port, ray_address=args.ray_address, replicas=args.replicas,
         max_replicas=args.max_replicas, use_gpu=resolve_device(pipeline_options.get("device")).type == "cuda",
