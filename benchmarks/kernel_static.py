@@ -340,9 +340,14 @@ def _waits(loop: dict) -> str:
     return " ".join(f"{c}×{n}" for n, c in loop["waits"].items()) or "–"
 
 
+def _per_version(cells: list[str]) -> str:
+    """One value when every version agrees, else each version's, in the matrix's order."""
+    return cells[0] if len(set(cells)) == 1 else " / ".join(cells)
+
+
 def markdown(result: dict) -> str:
-    """The versions matrix (one row per kernel, one column group per Triton version), then the
-    problems and the configurations dropped per version."""
+    """The versions matrix (one row per kernel, one column per Triton version), then each version's
+    totals and the configurations it drops."""
     versions = [v["triton"] for v in result["matrix"]]
     by_key: dict[tuple, dict] = {}
     for r in result["rows"]:
@@ -351,32 +356,36 @@ def markdown(result: dict) -> str:
              f"{SHAPE['heads']} heads × {SHAPE['head_dim']}, {SHAPE['s_txt']}+{SHAPE['s_img']} tokens; q/k/v bf16, "
              f"rotary tables fp32), under triton {', '.join(versions)}.", "",
              "Per version: registers (from the cubin) / spill bytes per thread / shared memory KiB; `*`: dropped "
-             "for that version (not shipped). Loop: the attention loop of the first version, from its SASS — "
-             "MMA waits per iteration as count×depth (depth 0: every MMA retired before the softmax), CTA "
-             "barriers per iteration.", "",
+             "for that version (not shipped). Loop: the attention loop in the SASS, per iteration: MMA waits as "
+             "count×depth (`WARPGROUP.DEPBAR.LE gsb0, depth`; depth 0: nothing stays in flight across the "
+             "softmax) and CTA-wide barriers (`BAR.SYNC`); one value when all versions agree, else one per version.",
+             "",
              "| target | kernel | mode | design | config | " + " | ".join(f"triton {v}" for v in versions)
              + " | MMA | TMA copies | loop waits | loop barriers | problems |",
              "|---" * (10 + len(versions)) + "|"]  # fmt: skip
     for (target, kernel, mode, design, config), per in by_key.items():
-        cells, issues = [], []
+        cells, issues, loops = [], [], []
         for v in versions:
             r = per.get(v)
             if r is None:
                 cells.append("–")
-            elif not r["compiled"]:
-                cells.append("no compile" + ("" if r["shipped"] else "*"))
+                continue
+            mark = "" if r["shipped"] else "*"
+            if not r["compiled"]:
+                cells.append("no compile" + mark)
             else:
-                cells.append(
-                    f"{r['regs']} / {r['spill_bytes']} / {r['smem_bytes'] / 1024:.0f}" + ("" if r["shipped"] else "*")
-                )
-            if r is not None and r["problems"]:
+                cells.append(f"{r['regs']} / {r['spill_bytes']} / {r['smem_bytes'] / 1024:.0f}{mark}")
+                if r.get("loop"):
+                    loops.append(r["loop"])
+            if r["problems"]:
                 issues.append(f"{v}{'' if r['shipped'] else ' (dropped)'}: {'; '.join(r['problems'])}")
-        first = next(r for r in per.values() if r)
-        loop = first.get("loop") if first["compiled"] else None
+        first = next(r for r in per.values() if r["compiled"]) if any(r["compiled"] for r in per.values()) else {}
+        waits = _per_version([_waits(loop) for loop in loops]) if loops else "–"
+        barriers = _per_version([str(loop["barriers"]) for loop in loops]) if loops else "–"
         lines.append(
             f"| {target} | {kernel} | {mode} | {design} | {config} | {' | '.join(cells)} | "
-            f"{' '.join(first.get('mma', [])) or '–'} | {first.get('tma_copies', '–')} | "
-            f"{_waits(loop) if loop else '–'} | {loop['barriers'] if loop else '–'} | {'<br>'.join(issues) or 'ok'} |"
+            f"{' '.join(first.get('mma', [])) or '–'} | {first.get('tma_copies', '–')} | {waits} | {barriers} | "
+            f"{'<br>'.join(issues) or 'ok'} |"
         )
     lines += ["", "| triton | from | kernels | shipped with problems | dropped (not shipped) | install s | check s |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -384,7 +393,8 @@ def markdown(result: dict) -> str:
         rows = [r for r in result["rows"] if r["triton"] == v["triton"]]
         bad = sum(bool(r["problems"]) for r in rows if r["shipped"])
         dropped = ", ".join(f"{r['target']} {r['mode']} {r['design']} {r['config']}" for r in rows if not r["shipped"])
-        lines.append(f"| {v['triton']} | {v['source']} | {len(rows)} | {bad} | {dropped or '–'} | "
+        source = v["source"] if v["source"] == "installed" else f"pip --no-deps → {Path(v['source']).name}"
+        lines.append(f"| {v['triton']} | {source} | {len(rows)} | {bad} | {dropped or '–'} | "
                      f"{v['install_seconds']} | {v['seconds']} |")  # fmt: skip
     bad = sum(bool(r["problems"]) for r in result["rows"] if r["shipped"])
     lines += ["", f"{len(result['rows'])} kernels compiled, {bad} shipped with problems; {result['seconds']} s in all."]
