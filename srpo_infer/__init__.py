@@ -9,7 +9,8 @@
 
 from .checkpoint import CheckpointError, load_transformer
 from .config import PipelineConfig
-from .loading import default_pipeline, generate, load_pipeline
+from .loading import default_pipeline, diffusers_pipeline, generate, load_pipeline
+from .optimize import optimize
 from .pipeline import PromptTruncatedWarning, SRPOPipeline
 from .request import IMAGE_SIZE_PRESETS, GenerationRequest, validate_request
 from .result import GenerationResult
@@ -25,9 +26,11 @@ __all__ = [
     "PromptTruncatedWarning",
     "SRPOPipeline",
     "default_pipeline",
+    "diffusers_pipeline",
     "generate",
     "load_pipeline",
     "load_transformer",
+    "optimize",
     "validate_request",
     "__version__",
 ]

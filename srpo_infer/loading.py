@@ -54,9 +54,6 @@ def load_pipeline(
     >>> pipe.generate("a cat", width=512, height=512, seed=1, num_inference_steps=1).images[0].size
     (512, 512)
     """
-    from .components import load_components
-    from .optimize import check_available
-
     if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
         raise ValueError(f"max_sequence_length must be in [1, {MAX_SEQUENCE_LENGTH}], got {max_sequence_length}")
     from dataclasses import fields
@@ -74,7 +71,68 @@ def load_pipeline(
         progress=progress,
         **options,
     ).resolved()
-    check_available(config)  # before any weight loads: a missing GPU feature fails in a second
+    config, components, lora_state = _load(config)
+    pipe = SRPOPipeline(components, config, lora_state)
+    log.info("srpo_infer pipeline ready: %s", config.describe())
+    return pipe
+
+
+def diffusers_pipeline(
+    model: str = DEFAULT_MODEL,
+    base: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    acceleration: str = "none",
+    cache_threshold: float | None = None,
+    progress: bool = False,
+    **options,
+):
+    """SRPO as a stock ``diffusers.FluxPipeline``: the transformer our loader built (every form of SRPO
+    :func:`load_pipeline` takes: the fp32 hub repo, BFL names, fp8 files, GGUF, a LoRA on FLUX.1-dev, or
+    ``tiny-random``; streamed with bounded host memory), the base components, and the same options,
+    applied by :func:`srpo_infer.optimize`. Call it as any diffusers pipeline.
+
+    ``acceleration`` (``regular``/``high``) or ``cache_threshold`` turn on diffusers' first-block cache
+    for every call. ``compile_scope="full"`` and ``context_parallel`` run only in our loop
+    (:func:`load_pipeline`) and are refused here.
+
+    >>> pipe = diffusers_pipeline("tiny-random")
+    >>> type(pipe).__name__
+    'FluxPipeline'
+    >>> import torch
+    >>> seeded = torch.Generator().manual_seed(0)
+    >>> pipe("a cat", height=256, width=256, num_inference_steps=1, generator=seeded).images[0].size
+    (256, 256)
+    """
+    from dataclasses import fields
+
+    from .optimize import OURS_ONLY, apply_optimizations, mark_optimized
+    from .pipeline import _flux_pipeline_class, cache_threshold_for
+
+    check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
+    for name, (default, instead) in OURS_ONLY.items():
+        if options.get(name, default) != default:
+            raise ValueError(instead)
+    threshold = cache_threshold_for(acceleration, cache_threshold)
+    config = PipelineConfig(model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress,
+                            **options).resolved()  # fmt: skip
+    config, components, lora_state = _load(config)
+    flux = _flux_pipeline_class()(**components)
+    flux.set_progress_bar_config(disable=not progress)
+    optimized = apply_optimizations(flux, config, lora_state=lora_state, cache_threshold=threshold, stock=True)
+    mark_optimized(flux.transformer, optimized.steps)
+    return flux
+
+
+def _load(config: PipelineConfig) -> tuple[PipelineConfig, dict, dict | None]:
+    """Everything that can fail fast, then the weights: the options available on this machine (a missing
+    GPU feature or package fails in a second), the process group, the LoRA read, the memory mode, and the
+    components (on the host when they will be offloaded)."""
+    from .components import load_components
+    from .optimize import check_available
+
+    check_available(config)
     if config.context_parallel > 1:  # likewise a missing launcher; and each rank gets its own GPU
         from .context_parallel import init_process_group
 
@@ -85,12 +143,8 @@ def load_pipeline(
 
         lora_state = read_lora(config.lora)
     config = _choose_memory(config)
-    # Offloaded components are loaded on the host and placed by the pipeline after optimizing.
     load_on = config if config.memory == "gpu" else replace(config, device=torch.device("cpu"))
-    components = load_components(load_on)
-    pipe = SRPOPipeline(components, config, lora_state)
-    log.info("srpo_infer pipeline ready: %s", config.describe())
-    return pipe
+    return config, load_components(load_on), lora_state
 
 
 def _choose_memory(config: PipelineConfig) -> PipelineConfig:

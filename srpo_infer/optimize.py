@@ -1,6 +1,9 @@
-"""The one ordered place where optimizations are applied: fuse QKV → quantize → attention backend →
-context parallelism → compile. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps`` so
-benchmarks can ablate them one at a time."""
+"""The one ordered place where optimizations are applied, to our pipeline and to any diffusers Flux
+pipeline: LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
+memory placement. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps``
+so benchmarks can ablate them one at a time. :func:`optimize` is the public form for a stock
+``diffusers.FluxPipeline`` (or any pipeline with a Flux transformer); :class:`SRPOPipeline` is built
+through :func:`apply_optimizations` too."""
 
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class Optimized:
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
     scope: str | None = None  # "regional" | "full" when compiled
     context_parallel: Any = None  # a srpo_infer.context_parallel.ContextParallel when the image is split
+    memory_plan: Any = None  # a srpo_infer.memory.MemoryPlan (None: the weights were left where they were)
+    residency: Any = None  # a srpo_infer.memory.Residency with memory="offload-model" in our loop
 
     @property
     def marks_inputs(self) -> bool:
@@ -57,11 +62,27 @@ def check_available(config: PipelineConfig) -> None:
             raise ValueError(str(exc).replace("quantize='fp8-weight'", "quantize_text_encoder=True")) from None
 
 
-def optimize(components: dict, config: PipelineConfig) -> Optimized:
-    """Apply the configured optimizations to ``components`` in place, in the one fixed order."""
-    check_available(config)
-    transformer, vae = components["transformer"], components["vae"]
+def apply_optimizations(
+    flux, config: PipelineConfig, *, lora_state: dict | None = None, cache_threshold: float | None = None,
+    stock: bool = False, place: bool = True,
+) -> Optimized:  # fmt: skip
+    """The one ordered function: apply ``config`` to ``flux`` (a diffusers ``FluxPipeline``) in place.
+
+    LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
+    memory placement. LoRA first: its keys name the unfused projections. The step cache (``stock``: diffusers'
+    first-block cache hooks; our own loop caches per request instead) goes before compile, which
+    then traces the hooked blocks. Memory last: the weights it moves are the final ones.
+    """
+    transformer, vae = flux.transformer, flux.vae
     steps = []
+    if config.lora is not None:
+        from .lora import apply_lora, max_rank, read_lora
+
+        state = lora_state if lora_state is not None else read_lora(config.lora)
+        if config.compile and not config.lora_fuse:  # swapping later must not recompile
+            flux.enable_lora_hotswap(target_rank=config.lora_max_rank or max_rank(state))
+        apply_lora(flux, state, config.lora_scale, fuse=config.lora_fuse)
+        steps.append(f"lora:{'fused' if config.lora_fuse else 'separate'}({config.lora_scale:g})")
     if config.fuse_qkv:
         # One GEMM instead of three per attention; compiled graphs gain most from it.
         transformer.fuse_qkv_projections()
@@ -70,7 +91,7 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         n = quantize_module(transformer, config.quantize, tuple(config.quantize_skip))
         steps.append(f"quantize:{config.quantize}({n} linears)")
     if config.quantize_text_encoder:
-        quantize_module(components["text_encoder_2"], "fp8-weight", ())
+        quantize_module(flux.text_encoder_2, "fp8-weight", ())
         steps.append("quantize:t5:fp8-weight")
     set_attention_backend(transformer, config.attention)
     steps.append(f"attention:{config.attention}")
@@ -82,19 +103,16 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
         degrees = plan_degrees(config.context_parallel, config.ring_degree, transformer.config.num_attention_heads)
         context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
+    if stock and cache_threshold is not None:
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
+        steps.append(f"cache:first-block({cache_threshold:g})")
     transformer_fn, decode_fn, cache_file = transformer, vae.decode, None
     split = FluxStages(transformer)
     stages = (split.front, split.rest, split.head)
     if config.compile:
-        if config.cache_dir is not None:
-            key = cache_key(
-                dict(model=dict(transformer.config), dtype=str(config.dtype), device=str(config.device),
-                     attention=config.attention, quantize=config.quantize, backend=config.compile_backend,
-                     scope=config.compile_scope, mode=config.compile_mode, context_parallel=config.context_parallel,
-                     ring_degree=str(config.ring_degree))
-            )  # fmt: skip
-            cache_file = config.cache_dir / f"{key}.bin"
-            load_artifacts(cache_file)
+        cache_file = _compile_cache_file(transformer, config)
         how = dict(device=config.device, backend=config.compile_backend, mode=config.compile_mode)
         if config.compile_scope == "regional":
             # The blocks are compiled in place, so the eager transformer and the step cache's eager
@@ -106,8 +124,134 @@ def optimize(components: dict, config: PipelineConfig) -> Optimized:
             # Step caching decides between the stages in Python, so each stage is its own full graph.
             stages = tuple(compile_module(fn, **how) for fn in stages)
         steps.append(f"compile:{config.compile_backend}:{config.compile_scope}:{config.compile_mode}")
+    memory_plan, residency = _place(flux, config, stock) if place else (None, None)
+    if memory_plan is not None and memory_plan.mode != "gpu":
+        steps.append(f"memory:{memory_plan.mode}")
     log.info("optimizations: %s", " → ".join(steps))
     scope = config.compile_scope if config.compile else None
-    return Optimized(
-        transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope, context_parallel
-    )
+    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope,
+                     context_parallel, memory_plan, residency)  # fmt: skip
+
+
+def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
+    """Where warm-up saves the compiled artifacts for this model and configuration (loaded now if there)."""
+    if config.cache_dir is None:
+        return None
+    key = cache_key(
+        dict(model=dict(transformer.config), dtype=str(config.dtype), device=str(config.device),
+             attention=config.attention, quantize=config.quantize, backend=config.compile_backend,
+             scope=config.compile_scope, mode=config.compile_mode, context_parallel=config.context_parallel,
+             ring_degree=str(config.ring_degree))
+    )  # fmt: skip
+    cache_file = config.cache_dir / f"{key}.bin"
+    load_artifacts(cache_file)
+    return cache_file
+
+
+def _place(flux, config: PipelineConfig, stock: bool):
+    """Put the components where the memory mode keeps them. Our loop moves whole components per stage
+    (:class:`~srpo_infer.memory.Residency`); a stock pipeline gets diffusers' model offloading instead."""
+    from .memory import Residency, component_bytes, place, plan_memory
+
+    components = {name: getattr(flux, name) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    plan = plan_memory(config.memory, config.device, component_bytes(components))
+    if stock and plan.mode == "offload-model":
+        flux.enable_model_cpu_offload(device=config.device)
+    else:
+        place(components, plan.mode, config.device)
+    log.info("%s", plan.describe())
+    return plan, Residency(components, config.device) if plan.mode == "offload-model" and not stock else None
+
+
+# --------------------------------------------------------------------------- any diffusers Flux pipeline
+
+OURS_ONLY = {
+    "compile_scope": ("regional", "compile_scope='full' compiles the stages of srpo_infer's own denoising loop: on a "
+                      "stock pipeline use compile_scope='regional' (the default), or srpo_infer.load_pipeline(..., "
+                      "compile_scope='full')"),
+    "context_parallel": (1, "context parallelism with padding runs in srpo_infer's own loop: use "
+                         "srpo_infer.load_pipeline(..., context_parallel=N) under torchrun"),
+    "ring_degree": ("auto", "ring_degree goes with context_parallel, which runs in srpo_infer's own loop: use "
+                    "srpo_infer.load_pipeline(..., context_parallel=N, ring_degree=R) under torchrun"),
+}  # fmt: skip
+
+
+def optimize(
+    pipe,
+    *,
+    attention: str = "sdpa",
+    quantize: str | None = None,
+    compile: bool = False,
+    acceleration: str = "none",
+    cache_threshold: float | None = None,
+    memory: str | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    lora_fuse: bool = True,
+    fuse_qkv: bool | str = "auto",
+    **options,
+) -> list[str]:
+    """Make any diffusers pipeline whose ``transformer`` is a ``FluxTransformer2DModel`` faster, in place
+    (``FluxPipeline``, Img2Img, Kontext, ControlNet pipelines, other Flux fine-tunes), in the same order
+    and with the same options as :func:`srpo_infer.load_pipeline`; returns the steps applied.
+
+    ``attention``: ``sdpa`` or our Triton kernels (``triton``, ``triton-int8``, ``triton-int8-fp8``).
+    ``quantize``: ``fp8`` (torchao) or ``fp8-weight``. ``compile``: regional (the repeated blocks,
+    every size from one set of graphs). ``acceleration``: ``regular``/``high`` turn on diffusers' first-block
+    cache at 0.08/0.12 (``cache_threshold`` sets it directly), for every call of the pipeline.
+    ``memory``: ``gpu``, ``offload-model`` (diffusers' model offloading), ``offload-group`` (None: leave
+    the weights where they are). ``lora``: a LoRA file, folder or repo id. Also ``quantize_skip``,
+    ``quantize_text_encoder``, ``compile_mode``, ``compile_backend``, ``cache_dir``, ``lora_max_rank``.
+
+    >>> pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")  # doctest: +SKIP
+    >>> srpo_infer.optimize(pipe.to("cuda"), quantize="fp8", compile=True)     # doctest: +SKIP
+    ['attention:sdpa', 'quantize:fp8(504 linears)', 'compile:inductor:regional:default']
+    """
+    from .config import PipelineConfig
+    from .request import check_keywords
+    from .step_cache import ACCELERATION_THRESHOLDS
+
+    transformer = _flux_transformer(pipe)
+    for name, (default, instead) in OURS_ONLY.items():
+        if options.pop(name, default) != default:
+            raise ValueError(instead)
+    check_keywords(optimize, options, extra=["quantize_skip", "quantize_text_encoder", "compile_mode",
+                                              "compile_backend", "cache_dir", "lora_max_rank"])  # fmt: skip
+    if acceleration not in ACCELERATION_THRESHOLDS:
+        raise ValueError(f"acceleration must be one of {list(ACCELERATION_THRESHOLDS)}, got {acceleration!r}")
+    threshold = cache_threshold if cache_threshold is not None else ACCELERATION_THRESHOLDS[acceleration]
+    if threshold is not None and (isinstance(threshold, bool) or not threshold >= 0):
+        raise ValueError(f"cache_threshold must be a number >= 0, got {threshold!r}")
+    param = next(transformer.parameters())
+    config = PipelineConfig(
+        model="(a diffusers pipeline)", base="(a diffusers pipeline)", device=param.device, dtype=param.dtype,
+        attention=attention, quantize=quantize, compile=compile, memory=memory or "gpu", lora=lora,
+        lora_scale=lora_scale, lora_fuse=lora_fuse, fuse_qkv=fuse_qkv, progress=False, **options,
+    ).resolved()  # fmt: skip
+    check_available(config)
+    optimized = apply_optimizations(pipe, config, cache_threshold=threshold, stock=True, place=memory is not None)
+    mark_optimized(transformer, optimized.steps)
+    return optimized.steps
+
+
+def mark_optimized(transformer, steps: list[str]) -> None:
+    """Remember what changed the transformer for good (fused, quantized, compiled, cached, a LoRA), so a
+    second :func:`optimize` cannot apply it twice; an attention backend alone can be set again."""
+    if any(not step.startswith("attention:") for step in steps):
+        transformer._srpo_optimized = steps
+
+
+def _flux_transformer(pipe):
+    """``pipe.transformer`` when it is a Flux transformer not optimized yet, else a one-line error."""
+    from diffusers import FluxTransformer2DModel
+
+    if hasattr(pipe, "optimized") and hasattr(pipe, "flux"):
+        raise ValueError("an SRPOPipeline is optimized when it loads: pass the options to srpo_infer.load_pipeline")
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise ValueError(f"optimize() takes a diffusers pipeline whose transformer is a FluxTransformer2DModel; "
+                         f"this {type(pipe).__name__}'s is {type(transformer).__name__}")  # fmt: skip
+    if getattr(transformer, "_srpo_optimized", None) is not None:
+        raise ValueError(f"this pipeline is optimized already ({' → '.join(transformer._srpo_optimized)}): "
+                         "build a fresh one to optimize it differently")  # fmt: skip
+    return transformer

@@ -90,16 +90,6 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     return ACCELERATION_THRESHOLDS[acceleration]
 
 
-def _place_components(components: dict, config: PipelineConfig):
-    """Put the components where the memory mode keeps them; the residency moves them per stage."""
-    from .memory import Residency, component_bytes, place, plan_memory
-
-    plan = plan_memory(config.memory, config.device, component_bytes(components))
-    place(components, plan.mode, config.device)
-    log.info("%s", plan.describe())
-    return plan, Residency(components, config.device) if plan.mode == "offload-model" else None
-
-
 # One image size per attention autotuning bucket (srpo_infer.kernels.launch.seq_bucket), with 512 text
 # tokens: 1536, 3584, 6656 and 9728 tokens fall in the 2048, 4096, 8192 and 16384 buckets.
 BUCKET_SIZES = ((512, 512), (1024, 768), (1536, 1024), (1536, 1536))
@@ -125,21 +115,14 @@ class SRPOPipeline:
     """
 
     def __init__(self, components: dict, config: PipelineConfig, lora_state: dict | None = None):
-        from .optimize import optimize
+        from .optimize import apply_optimizations
 
         self.config = config
         self.flux = _flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.RLock()  # one generation at a time: the modules are shared state
-        if config.lora is not None:  # before optimizing: LoRA keys name the unfused projections
-            from .lora import apply_lora, max_rank, read_lora
-
-            state = lora_state if lora_state is not None else read_lora(config.lora)
-            if config.compile and not config.lora_fuse:  # swapping later must not recompile
-                self.flux.enable_lora_hotswap(target_rank=config.lora_max_rank or max_rank(state))
-            apply_lora(self.flux, state, config.lora_scale, fuse=config.lora_fuse)
-        self.optimized = optimize(components, config)
-        self.memory_plan, self._residency = _place_components(components, config)
+        self.optimized = apply_optimizations(self.flux, config, lora_state=lora_state)
+        self.memory_plan, self._residency = self.optimized.memory_plan, self.optimized.residency
 
     # ------------------------------------------------------------------ LoRA
 

@@ -1,0 +1,129 @@
+"""Research code's way in: SRPO as a stock diffusers ``FluxPipeline`` (``diffusers_pipeline``), and
+``srpo_infer.optimize`` on any pipeline with a Flux transformer, in the same order as our own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import srpo_infer
+from srpo_infer.compile import compiled_graphs
+
+STEPS = 8
+THRESHOLD_THAT_SKIPS = 1.0  # on the tiny model at 640×512: 3 full evaluations of 8 (0.08 and 0.12 skip none)
+
+
+@pytest.fixture
+def stock():
+    return srpo_infer.diffusers_pipeline("tiny-random", base="tiny-random", device="cpu")
+
+
+def _image(pipe, width=640, height=512, steps=2, seed=5, text_tokens=64):
+    seeded = torch.Generator().manual_seed(seed)
+    out = pipe("a lighthouse at dusk", width=width, height=height, num_inference_steps=steps, generator=seeded,
+               max_sequence_length=text_tokens, output_type="np")  # fmt: skip
+    return out.images[0]
+
+
+def _count_full_evaluations(pipe) -> list[int]:
+    """Calls of the transformer's last block that really ran (eager: a hook on a compiled block would
+    not fire). Wrapped before any cache hook, so a skipped block is not counted."""
+    calls = [0]
+    block = pipe.transformer.single_transformer_blocks[-1]
+    original = block.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    block.forward = counted
+    return calls
+
+
+def test_diffusers_pipeline_is_a_stock_flux_pipeline_that_generates(stock):
+    from diffusers import FluxPipeline
+
+    assert type(stock) is FluxPipeline
+    image = _image(stock)
+    assert image.shape == (512, 640, 3) and np.isfinite(image).all()
+
+
+def test_regional_compile_on_a_stock_pipeline_keeps_the_image_and_compiles_nothing_at_a_new_size(stock):
+    before = _image(stock)
+    steps = srpo_infer.optimize(stock, compile=True, compile_backend="eager")
+    assert steps == ["fuse_qkv", "attention:sdpa", "compile:eager:regional:default"]  # fuse_qkv auto: with compile
+    after = _image(stock)
+    np.testing.assert_allclose(after, before, atol=1e-5)  # float32, the same kernels: rounding only
+    graphs = compiled_graphs()
+    _image(stock, width=768, height=512)
+    _image(stock, width=512, height=896)
+    assert compiled_graphs() == graphs
+
+
+def test_first_block_cache_on_a_stock_pipeline_skips_blocks_and_none_runs_them_all(stock):
+    calls = _count_full_evaluations(stock)
+    _image(stock, steps=STEPS)
+    assert calls[0] == STEPS
+    fresh = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
+    calls = _count_full_evaluations(fresh)
+    assert srpo_infer.optimize(fresh, acceleration="regular", cache_threshold=THRESHOLD_THAT_SKIPS)[-1] == (
+        f"cache:first-block({THRESHOLD_THAT_SKIPS:g})")  # fmt: skip
+    _image(fresh, steps=STEPS)
+    assert 1 <= calls[0] < STEPS
+
+
+def test_diffusers_hook_makes_the_same_skip_decisions_as_our_cache(tiny_pipe):
+    """The precondition for retiring our hand-written cache: with the same noise and a threshold that
+    skips, diffusers' FirstBlockCacheConfig hook runs the same number of full evaluations as ours and
+    ends at the same latents."""
+    from srpo_infer import GenerationRequest
+
+    req = GenerationRequest("a lighthouse at dusk", 640, 512, seed=11, num_inference_steps=STEPS)
+    ours = tiny_pipe.run(req, cache_threshold=THRESHOLD_THAT_SKIPS)
+    assert 1 < ours.transformer_evaluations < STEPS
+    hooked = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
+    calls = _count_full_evaluations(hooked)  # before the hooks, so a skipped block is not counted
+    srpo_infer.optimize(hooked, cache_threshold=THRESHOLD_THAT_SKIPS)
+    with torch.inference_mode():
+        latents = hooked(req.prompt, width=640, height=512, num_inference_steps=STEPS, guidance_scale=4.5,
+                         latents=tiny_pipe.prepare_noise([11], 640, 512), output_type="latent").images  # fmt: skip
+    assert calls[0] == ours.transformer_evaluations
+    torch.testing.assert_close(latents, ours.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_attention_on_a_stock_pipeline_runs_our_kernels(stock, monkeypatch):
+    from srpo_infer.kernels import launch
+
+    if not launch.interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    small = dict(width=128, height=128, steps=1, text_tokens=16)  # 80 tokens: the interpreter is slow
+    reference = _image(stock, **small)
+    calls = [0]
+    real = launch.flux_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "flux_attention", counted)
+    assert srpo_infer.optimize(stock, attention="triton") == ["attention:triton"]
+    ours = _image(stock, **small)
+    assert calls[0] == len(stock.transformer.transformer_blocks) + len(stock.transformer.single_transformer_blocks)
+    np.testing.assert_allclose(ours, reference, atol=2e-3)
+
+
+def test_what_only_our_loop_runs_is_refused_on_a_stock_pipeline_in_one_line(stock):
+    with pytest.raises(
+        ValueError, match=r"compile_scope='full' compiles the stages of srpo_infer's own .*load_pipeline"
+    ):
+        srpo_infer.optimize(stock, compile=True, compile_scope="full")
+    with pytest.raises(ValueError, match=r"context_parallel=N\) under torchrun"):
+        srpo_infer.optimize(stock, context_parallel=2)
+    with pytest.raises(TypeError, match="did you mean 'quantize'"):
+        srpo_infer.optimize(stock, quantise="fp8-weight")
+    with pytest.raises(ValueError, match="SRPOPipeline is optimized when it loads"):
+        srpo_infer.optimize(srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False))
+    srpo_infer.optimize(stock, fuse_qkv=True)
+    with pytest.raises(ValueError, match="optimized already \\(fuse_qkv → attention:sdpa\\)"):
+        srpo_infer.optimize(stock, fuse_qkv=True)
