@@ -96,7 +96,9 @@ def test_padding_keys_get_exactly_zero_weight(dtype):
     qp, kp, vp = pad_keys(q, k, v, flags)
     assert qp.shape[-1] == dim + MASK_CHANNELS
     masked = _attention(qp, kp, vp, scale)[..., :dim]
-    torch.testing.assert_close(masked, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    # float32: the padded sequence rounds its sums differently (seen: 1.9e-6 on outputs of ~10, rel. 2e-7).
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(masked, expected, **tol)
     unmasked = _attention(q, k, v, scale)  # what the padding does without the mask: the test can fail
     assert (unmasked - expected).abs().max() > 1e-3
 
@@ -279,7 +281,7 @@ def test_bench_splits_every_configuration_but_the_baseline(tmp_path):
         (["serve", "--model", "tiny-random", "--context-parallel", "2", "--replicas", "2"],
          "--context-parallel does not run on Ray Serve replicas yet"),
         (["serve", "--model", "tiny-random", "--context-parallel", "2", "--default-acceleration", "regular"],
-         "default acceleration 'regular' (first-block caching) does not run with context parallelism"),
+         "--default-acceleration regular (first-block caching) does not run with context parallelism"),
     ],
 )  # fmt: skip
 def test_the_command_line_says_what_cannot_run_in_one_line(monkeypatch, capsys, argv, message):
