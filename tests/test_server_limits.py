@@ -228,7 +228,7 @@ def test_jpg_is_jpeg_on_the_server_as_in_the_library(tmp_path):
     from srpo_infer.server.app import GenerationBody
 
     assert check_output_format("jpg") == "jpeg"
-    assert GenerationBody(prompt="a cat", output_format="jpg").to_request().prompt == "a cat"
+    assert GenerationBody(prompt="a cat", output_format="jpg").output_format == "jpeg"
 
 
 def test_orphan_markers_are_swept(tmp_path):

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..context_parallel import ContextParallelError
@@ -134,6 +134,11 @@ class GenerationBody(BaseModel):
     moderation: Annotated[str, Strict()] | None = None
     style: Annotated[str, Strict()] | None = None
     output_compression: Annotated[int, Strict()] | None = None
+
+    @field_validator("output_format")
+    @classmethod
+    def _jpeg(cls, value: str) -> str:
+        return check_output_format(value)  # "jpg" is "jpeg" from here on, as in the library
 
     def to_request(self, default_acceleration: str = "none") -> GenerationRequest:
         """The validated library request (the library's rules and messages), OpenAI twins resolved."""
