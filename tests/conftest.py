@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be on before they are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each, or torch's own threads fight over the cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~15 s of interpreted kernels; CI's slow step
 def test_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "attention.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -40,6 +43,7 @@ def test_attention_benchmark_smoke(tmp_path):
     assert result["tuned_configs"] and all("BLOCK_M" in v for v in result["tuned_configs"].values())
 
 
+@pytest.mark.slow  # ~18 s of sm_90a compiles; CI also runs the whole matrix (benchmarks/kernel_static.py)
 def test_static_check_finds_what_cannot_run_on_hopper():
     """benchmarks/kernel_static.py compiles for sm_90a without a GPU (in a process without the
     interpreter). It must flag a tile configuration that needs more shared memory than Hopper has

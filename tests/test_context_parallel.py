@@ -36,6 +36,7 @@ def split_runs(tmp_path: Path, processes: int, *cases: str) -> dict:
     return torch.load(out)
 
 
+@pytest.mark.slow  # two processes, ~35 s: CI's slow step
 def test_two_processes_give_one_process_latents_with_ulysses_and_ring(tmp_path):
     results = split_runs(tmp_path, 2, "1440x512:1", "1440x512:2", "1440x512:1:triton")
     for case, how in (("1440x512:1", "context_parallel:ulysses 2"), ("1440x512:2", "context_parallel:ring 2"),
@@ -51,7 +52,8 @@ def test_two_processes_give_one_process_latents_with_ulysses_and_ring(tmp_path):
         assert "acceleration 'regular' (first-block caching) does not run with context_parallel=2" in r["refusal"]
 
 
-@pytest.mark.parametrize("processes", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two and three processes, 25 s and more: CI's slow step
+@pytest.mark.parametrize("processes", [2, 3])
 def test_ulysses_runs_our_kernels_over_the_whole_sequence(tmp_path, processes):
     # 7 text and 13 image tokens (padded to a multiple of the processes), 6 heads, both block layouts,
     # every backend under the Triton interpreter: equal to one process's output bit for bit.

@@ -99,7 +99,7 @@ def test_bad_options_are_clear():
 AFTER_WARMUP = [(1024, 1024), (1440, 512), (768, 1024), (512, 1536), (1536, 1536)]
 
 
-@pytest.mark.parametrize("scope", ["regional", "full"])
+@pytest.mark.parametrize("scope", ["regional", pytest.param("full", marks=pytest.mark.slow)])  # full: ~45 s
 def test_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents, scope):
     """Backend "eager": the same dynamo capture (and graph count) as Inductor, without a C++ build."""
     torch._dynamo.reset()

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # One small configuration per mode (a few seconds each to compile): (mode, design, config).
 KERNELS = [
@@ -20,6 +22,7 @@ KERNELS = [
 ]
 
 
+@pytest.mark.slow  # ~15 s of sm_90a compiles: CI's slow step
 def test_registers_match_cuobjdump_on_the_same_cubin(tmp_path):
     script = f"""
 import json, sys

@@ -81,6 +81,8 @@ def test_a_documented_command_works_as_typed(command, tmp_path):
         return
     out = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=START_S)
     assert out.returncode == 0, out.stderr[-3000:]
+    if "-q" not in argv and "--quiet" not in argv and not command.startswith("torchrun"):
+        assert "denoising" in out.stderr  # the progress bar on stderr; stdout is the JSON alone
     response = json.loads(out.stdout)
     for image in response["images"]:
         assert (tmp_path / image["url"]).exists()

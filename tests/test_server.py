@@ -295,6 +295,7 @@ def test_mount_inside_another_fastapi_app(tiny_pipe, tmp_path):
         assert url.startswith("/srpo/files/") and httpx.get(live.url + url).status_code == 200
 
 
+@pytest.mark.slow  # a second server process (~15 s); the README's serve command runs in the main suite
 def test_serve_command_end_to_end(tmp_path):
     """srpo-infer serve: /health says loading, then ok; the API answers; an API key is enforced."""
     import os

@@ -112,6 +112,7 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
     assert "loading the model" in out and "broken.safetensors" in out
 
 
+@pytest.mark.slow  # a real server process and 4 × 50 steps (~25 s): CI's slow step; drains' logic is tested in-process
 def test_sigterm_drains_every_request_in_flight_then_exits_zero(tmp_path):
     # A drain time no busy machine can outlast: the test waits for the answers, not for a clock.
     proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none", "--drain-timeout", "3600")
