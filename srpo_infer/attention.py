@@ -15,13 +15,29 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import ATTENTION_BACKENDS
+from .config import ATTENTION_BACKENDS, RING_BACKENDS
 
 BACKENDS = ATTENTION_BACKENDS
-# The one place a backend name becomes a kernel mode (srpo_infer.kernels.launch.MODES).
+# The one place a backend name becomes a kernel mode (srpo_infer.kernels.launch.MODES, which says what
+# GPU each mode needs).
 KERNEL_MODES = {"triton": "bf16", "triton-int8": "int8", "triton-int8-fp8": "int8-fp8"}
-# What each 8-bit backend needs beyond the Triton kernels' sm 8.0 (INT8 tensor cores are on every such GPU).
-_MIN_CAPABILITY = {"triton-int8-fp8": (8, 9)}
+
+
+def supports_ring(backend: str) -> bool:
+    """Whether ``backend`` can run ring attention across processes: it must return the log-sum-exp,
+    which only the reference path does (our kernels return none).
+
+    >>> supports_ring("sdpa"), supports_ring("triton")
+    (True, False)
+    """
+    return backend in RING_BACKENDS
+
+
+def kernel_bucket(tokens: int) -> int:
+    """The kernels' autotuning key for a sequence of ``tokens`` (one tuning serves a whole bucket)."""
+    from .kernels.launch import seq_bucket
+
+    return seq_bucket(tokens)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,13 +169,15 @@ class FluxAttentionProcessor:
     >>> # set_attention_backend(pipe.transformer, "triton")
     """
 
-    def __init__(self, backend: str = "sdpa"):
+    def __init__(self, backend: str = "sdpa", design: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {list(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend, self.design = backend, design
         # diffusers' enable_parallelism fills this on processors that have it; then this process holds a
-        # slice of the tokens and attention runs across processes (srpo_infer.context_parallel).
+        # slice of the tokens and attention runs across processes through `split`, which
+        # srpo_infer.context_parallel installs (it sits above this module: no import back).
         self._parallel_config = None
+        self.split = None
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
@@ -181,11 +199,12 @@ class FluxAttentionProcessor:
             attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
         )  # fmt: skip
         if self._parallel_config is not None:
-            from .context_parallel import split_attention
-
-            out = split_attention(x, self._parallel_config, self.backend, token_counts, rope, key_padding)
+            if self.split is None:
+                raise ValueError("this processor was split by diffusers' enable_parallelism directly: split images "
+                                 "with load_pipeline(..., context_parallel=N)")  # fmt: skip
+            out = self.split(x, self._parallel_config, self.backend, token_counts, rope, key_padding, self.design)
         else:
-            out = attend(x, self.backend)
+            out = attend(x, self.backend, self.design)
         if eq is not None:
             txt_out, img_out = out.split_with_sizes([eq.shape[1], out.shape[1] - eq.shape[1]], dim=1)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
@@ -193,8 +212,9 @@ class FluxAttentionProcessor:
         return out
 
 
-def attend(inputs: AttentionInputs, backend: str = "sdpa") -> torch.Tensor:
+def attend(inputs: AttentionInputs, backend: str = "sdpa", design: str = "auto") -> torch.Tensor:
     """One Flux attention call through ``backend`` (:data:`BACKENDS`): ``[B, S_txt + S_img, H*D]``.
+    ``design``: how our kernels load tiles (``pointer``, ``tma``; ``auto``: the launcher's default).
 
     The seam every caller shares (the processor, the benchmarks, the tests, research code), so a
     backend is compared with another on exactly the same inputs.
@@ -209,7 +229,7 @@ def attend(inputs: AttentionInputs, backend: str = "sdpa") -> torch.Tensor:
         raise ValueError(f"attention backend must be one of {list(BACKENDS)}, got {backend!r}")
     import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
 
-    return torch.ops.srpo.flux_attention(*inputs, mode=KERNEL_MODES[backend])
+    return torch.ops.srpo.flux_attention(*inputs, mode=KERNEL_MODES[backend], design=design)
 
 
 def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -235,17 +255,18 @@ def check_backend_available(backend: str, device: torch.device) -> None:
     if backend == "sdpa":
         return
     check_triton()
-    from srpo_infer.kernels.launch import interpreting
+    from srpo_infer.kernels.launch import MODES, interpreting
 
     if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"attention={backend!r} needs a CUDA GPU (the Triton kernels run on CPU only under "
             "TRITON_INTERPRET=1, for testing); use attention='sdpa'"
         )
-    need = _MIN_CAPABILITY.get(backend)
-    if need and device.type == "cuda" and torch.cuda.get_device_capability(device) < need:
-        raise ValueError(f"attention={backend!r} needs fp8 tensor cores (sm >= {need[0]}{need[1]}); "
-                         "use attention='triton-int8'")  # fmt: skip
+    need = MODES[KERNEL_MODES[backend]].min_capability  # the one definition of what each mode needs
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < need:
+        what, instead = ("fp8 tensor cores", "triton-int8") if MODES[KERNEL_MODES[backend]].pv_fp8 else ("", "sdpa")
+        raise ValueError(f"attention={backend!r} needs {what or 'a GPU'} of compute capability >= "
+                         f"{need[0]}.{need[1]}; use attention={instead!r}")  # fmt: skip
 
 
 MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor) for the tma design
@@ -269,8 +290,9 @@ def check_triton(version: str | None = None) -> None:
                          "upgrade triton (and torch) or use attention='sdpa'")  # fmt: skip
 
 
-def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
-    """Install one :class:`FluxAttentionProcessor` for ``backend`` on every attention module."""
+def set_attention_backend(transformer: torch.nn.Module, backend: str, design: str = "auto") -> None:
+    """Install one :class:`FluxAttentionProcessor` for ``backend`` (and kernel ``design``) on every
+    attention module."""
     if backend != "sdpa":
         import srpo_infer.kernels.ops  # noqa: F401  (registers torch.ops.srpo.flux_attention)
-    transformer.set_attn_processor(FluxAttentionProcessor(backend))
+    transformer.set_attn_processor(FluxAttentionProcessor(backend, design))

@@ -167,7 +167,7 @@ def transformer_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, i
     head for every attention, counted with forward hooks on one call (a meta-device model works).
 
     Returns ``{"linear", "attention", "total"}``. FLUX.1-dev at 1024² (4096 + 512 tokens): 59.5 and
-    14.9 TFLOP, as in DESIGN.md's cost model (a test checks it).
+    14.9 TFLOP, as in the design notes' cost model (README, "Fast path"; a test checks it).
     """
     from diffusers.models.transformers.transformer_flux import FluxAttention
 

@@ -25,6 +25,8 @@ FULL_RANDOM = "full-random"  # FLUX.1-dev sizes, random weights, built on the GP
 COMPILE_SCOPES = ("regional", "full")
 COMPILE_MODES = ("default", "max-autotune")
 ATTENTION_BACKENDS = ("sdpa", "triton", "triton-int8", "triton-int8-fp8")
+RING_BACKENDS = ("sdpa",)  # ring attention needs the log-sum-exp, which only the reference path returns
+ATTENTION_DESIGNS = ("auto", "pointer", "tma")  # how our kernels load tiles (srpo_infer.kernels.launch.DESIGNS)
 # Names that are gone, with what replaced them (an old script gets told, not a bare "must be one of").
 RETIRED_BACKENDS = {
     "triton-fp8": "triton-int8-fp8 (INT8 q·kᵀ with smoothed keys, e4m3 p·v: 3.8% error where e4m3 q·kᵀ had 5.4%)"
@@ -116,6 +118,9 @@ class PipelineConfig:
     max_sequence_length: int = _option(MAX_SEQUENCE_LENGTH, "T5 tokens of the prompt (1–512)", cli=False)
     attention: str = _option("auto", "attention backend (auto: sdpa until ours are measured faster on a GPU)",
                              choices=("auto", *ATTENTION_BACKENDS))  # fmt: skip
+    attention_design: str = _option("auto", "how our kernels load tiles: pointer (any GPU), tma (Hopper's tensor "
+                                    "memory accelerator, sm >= 90); auto: pointer until the sweep times tma, or "
+                                    "$SRPO_ATTENTION_DESIGN", choices=ATTENTION_DESIGNS)  # fmt: skip
     quantize: str | None = _option("auto", "transformer linears: fp8 (torchao, CUDA sm >= 89), fp8-weight "
                                    "(optimum-quanto, memory only), none (auto: none for now)",
                                    choices=("auto", *QUANTIZE_MODES, None))  # fmt: skip
@@ -180,6 +185,7 @@ class PipelineConfig:
             dtype=resolve_dtype(self.dtype, device),
             max_sequence_length=self.max_sequence_length,
             attention=resolve_attention(self.attention),
+            attention_design=_one_of("attention_design", self.attention_design, ATTENTION_DESIGNS),
             quantize=resolve_quantize(self.quantize),
             quantize_skip=tuple(self.quantize_skip),
             quantize_text_encoder=bool(self.quantize_text_encoder),
@@ -265,7 +271,7 @@ def _check_context_parallel(
     degree: int, ring_degree: int | str, attention: str, memory: str, compile_scope: str | None
 ) -> None:
     """The combinations context parallelism does not run with, each named with what to use instead."""
-    if attention not in ("auto", "sdpa") and ring_degree not in ("auto", 1):
+    if attention not in ("auto", *RING_BACKENDS) and ring_degree not in ("auto", 1):
         raise ValueError(
             f"attention={attention!r} splits an image with Ulysses only (our kernels return no log-sum-exp for "
             f"ring attention): use ring_degree=1 with it, or attention='sdpa' for ring_degree={ring_degree}"

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import attend, attention_prologue, supports_ring
+
 log = logging.getLogger(__name__)
 
 # Extra head channels that carry the padding mask (8: flash and cuDNN need head dims in multiples of 8).
@@ -197,7 +199,7 @@ class ContextParallel:
         import torch.distributed as dist
         from diffusers import ContextParallelConfig
 
-        if attention != "sdpa" and degrees.ring > 1:
+        if not supports_ring(attention) and degrees.ring > 1:
             raise ValueError(
                 f"attention={attention!r} splits an image with Ulysses only (our kernels return no log-sum-exp for "
                 f"ring attention), and {degrees.describe()} needs ring: use a context_parallel degree that divides "
@@ -212,6 +214,8 @@ class ContextParallel:
         config = ContextParallelConfig(ring_degree=degrees.ring, ulysses_degree=degrees.ulysses)
         with _counts_cpu_as_one_device(device), _quiet_diffusers():  # its "experimental feature" notice
             transformer.enable_parallelism(config=config)
+        for processor in transformer.attn_processors.values():  # our processors split through this module
+            processor.split = split_attention
         # diffusers 0.42's gather hook and ring template call a torch collective that torch 2.10+ marks
         # deprecated, once per process and rank: noise for our users, for diffusers to change.
         warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
@@ -310,19 +314,19 @@ def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None
     return out[..., :head_dim]
 
 
-def split_attention(inputs, parallel_config, backend: str, token_counts, rope, key_padding) -> torch.Tensor:
+def split_attention(inputs, parallel_config, backend: str, token_counts, rope, key_padding,
+                    design: str = "auto") -> torch.Tensor:  # fmt: skip
     """The attention of this rank's tokens (:class:`~srpo_infer.attention.AttentionInputs`, every head)
     over the whole image's: Ulysses (:func:`ulysses_attention`) when the split is Ulysses only, else
     diffusers' ring / ring × Ulysses around the prologue (:func:`sharded_attention`, sdpa only)."""
     if parallel_config.context_parallel_config.ring_degree == 1:
-        return ulysses_attention(inputs, parallel_config, token_counts, rope, backend)
-    from .attention import attention_prologue
-
+        return ulysses_attention(inputs, parallel_config, token_counts, rope, backend, design)
     q, k, v = (t.transpose(1, 2) for t in attention_prologue(inputs))
     return sharded_attention(q, k, v, parallel_config, key_padding).flatten(2)
 
 
-def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], rope, backend: str) -> torch.Tensor:
+def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], rope, backend: str,
+                      design: str = "auto") -> torch.Tensor:  # fmt: skip
     """Ulysses that moves the projections, before RMSNorm and RoPE: each rank then runs ``backend`` (our
     fused kernels, or the reference math) over the whole sequence, in its own order and without the
     padding, for ``heads / ulysses`` heads — exactly what one process computes for those heads (the
@@ -332,8 +336,6 @@ def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], ro
     tokens; ``rope``: the whole sequence's (cos, sin). Returns ``[B, S_local, H*D]``.
     """
     from torch.distributed import _functional_collectives as funcol
-
-    from .attention import attend
 
     config = parallel_config.context_parallel_config
     group, ways = config._ulysses_mesh.get_group(), config.ulysses_degree
@@ -362,7 +364,7 @@ def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], ro
     else:
         streams = {f"img_{n}": torch.cat([txt[i], img[i]], dim=1) for i, n in enumerate("qkv")}
     heads = inputs._replace(**streams, rope_cos=rope[0], rope_sin=rope[1], heads=inputs.heads // ways)
-    out = attend(heads, backend)  # [B, n_txt + n_img, H*D / ways]
+    out = attend(heads, backend, design)  # [B, n_txt + n_img, H*D / ways]
     b, width = out.shape[0], out.shape[-1]
     img_local = inputs.img_q.shape[1] - (0 if double else txt_local)
     txt_out = F.pad(out[:, :n_txt], (0, 0, 0, ways * txt_local - n_txt)).view(b, ways, txt_local, width)

@@ -93,8 +93,9 @@ def apply_optimizations(
     if config.quantize_text_encoder:
         quantize_module(flux.text_encoder_2, "fp8-weight", ())
         steps.append("quantize:t5:fp8-weight")
-    set_attention_backend(transformer, config.attention)
-    steps.append(f"attention:{config.attention}")
+    set_attention_backend(transformer, config.attention, config.attention_design)
+    design = f"({config.attention_design})" if config.attention != "sdpa" and config.attention_design != "auto" else ""
+    steps.append(f"attention:{config.attention}{design}")
     context_parallel = None
     if config.context_parallel > 1:
         # After the processors exist (diffusers hands them its config) and before compile traces them.

@@ -74,16 +74,18 @@ def test_backend_matches_stock_processor(stock, backend, fused):
 
 @needs_kernels
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="tma: sm90")
-@pytest.mark.parametrize("backend", ["triton", "triton-int8-fp8"])
-def test_design_chosen_by_environment_reaches_the_model(stock, backend, monkeypatch):
-    """``SRPO_ATTENTION_DESIGN=tma`` runs the descriptor design inside the transformer, same result."""
+@pytest.mark.parametrize(("backend", "how"), [("triton", "config"), ("triton-int8-fp8", "environment")])
+def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
+    """``attention_design="tma"`` (PipelineConfig's field, passed down to the processor) or, for ``auto``,
+    ``SRPO_ATTENTION_DESIGN=tma`` runs the descriptor design inside the transformer, same result."""
     calls = []
     real = launch.resolve_design
     monkeypatch.setattr(launch, "resolve_design", lambda d, dev: calls.append(real(d, dev)) or calls[-1])
-    monkeypatch.setenv(launch.DESIGN_ENV, "tma")
+    if how == "environment":
+        monkeypatch.setenv(launch.DESIGN_ENV, "tma")
     model, inputs, ref = stock
     ours = copy.deepcopy(model)
-    set_attention_backend(ours, backend)
+    set_attention_backend(ours, backend, "tma" if how == "config" else "auto")
     with torch.inference_mode():
         out = ours(**inputs)[0]
     assert calls and set(calls) == {"tma"}

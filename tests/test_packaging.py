@@ -1,4 +1,5 @@
-"""The package layout promises of DESIGN.md."""
+"""The package layout's promises (ARCHITECTURE.md): kernels/ installs as srpo_infer.kernels and is a leaf,
+and the library's imports have no cycle."""
 
 from __future__ import annotations
 
@@ -26,12 +27,78 @@ def test_public_api_names():
 
 
 def test_kernels_are_a_leaf():
-    """kernels/ imports nothing from srpo_infer (the library imports the kernels, never the reverse)."""
+    """kernels/ imports nothing from srpo_infer, absolute or relative (``from .. import``), at module level
+    or inside a function: the library imports the kernels, never the reverse."""
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for module, level in _imports(path):
+            assert level <= 1, (path.name, module, "reaches above kernels/")
+            assert level == 1 or not (module == "srpo_infer" or module.startswith("srpo_infer.")) or (
+                module.startswith("srpo_infer.kernels")), (path.name, module)  # fmt: skip
+
+
+def test_the_library_has_no_import_cycle():
+    """No cycle among srpo_infer's modules, counting imports inside functions too (a lazy import is still a
+    dependency): the architecture's arrows point one way."""
+    graph = _import_graph()
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if seen.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " → ".join(cycle))
+            if nxt not in seen:
+                visit(nxt, [*path, nxt])
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node, [node])
+    # The parser sees what the code says (lazy imports included): context parallelism sits above attention.
+    assert "srpo_infer.attention" in graph["srpo_infer.context_parallel"]
+    assert "srpo_infer.kernels.launch" in graph["srpo_infer.attention"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_files() -> dict[str, Path]:
+    files = {f"srpo_infer.{p.relative_to(ROOT / 'srpo_infer').with_suffix('').as_posix().replace('/', '.')}": p
+             for p in (ROOT / "srpo_infer").rglob("*.py")}  # fmt: skip
+    files |= {f"srpo_infer.kernels.{p.stem}": p for p in (ROOT / "kernels").glob("*.py")}
+    return {name.removesuffix(".__init__"): path for name, path in files.items()}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every import in ``path`` (anywhere in it) as (module, relative level)."""
     import ast
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            assert not any(n == "srpo_infer" or n.startswith("srpo_infer.") for n in names), (path.name, names)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, 0) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.module or "", node.level)]
+            found += [(f"{node.module}.{a.name}" if node.module else a.name, node.level) for a in node.names]
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = _module_files()
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for module, level in _imports(path):
+            if level:
+                base = package.rsplit(".", level - 1)[0] if level > 1 else package
+                module = f"{base}.{module}" if module else base
+            # The longest prefix that is one of our modules ("from .server import limits" → server.limits).
+            while module and module not in files:
+                module = module.rsplit(".", 1)[0] if "." in module else ""
+            # A package's own __init__ importing its submodules is not an edge back.
+            if module and module != name and not module.startswith(name + "."):
+                edges.add(module)
+        graph[name] = edges
+    return graph
