@@ -90,17 +90,17 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     return ACCELERATION_THRESHOLDS[acceleration]
 
 
-# One image size per attention autotuning bucket (srpo_infer.kernels.launch.seq_bucket), with 512 text
+# One image size per attention autotuning bucket (srpo_infer.attention.kernel_bucket), with 512 text
 # tokens: 1536, 3584, 6656 and 9728 tokens fall in the 2048, 4096, 8192 and 16384 buckets.
 BUCKET_SIZES = ((512, 512), (1024, 768), (1536, 1024), (1536, 1536))
 
 
 def attention_warmup_sizes(sizes: list[tuple[int, int]], text_tokens: int) -> list[tuple[int, int]]:
     """Sizes to add to a warm-up of ``sizes`` so every attention autotuning bucket is covered."""
-    from .kernels.launch import seq_bucket
+    from .attention import kernel_bucket
 
     def bucket(width: int, height: int) -> int:
-        return seq_bucket(text_tokens + (width // 16) * (height // 16))
+        return kernel_bucket(text_tokens + (width // 16) * (height // 16))
 
     covered = {bucket(w, h) for w, h in sizes}
     return [size for size in BUCKET_SIZES if bucket(*size) not in covered]
