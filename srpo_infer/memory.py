@@ -48,8 +48,15 @@ class MemoryPlan:
     reason: str
 
     def describe(self) -> str:
-        return (f"memory={self.mode}: expected peak {self.expected_peak_bytes / 2**30:.1f} GiB on the device "
-                f"({self.reason})")  # fmt: skip
+        """The log line; on a CPU it speaks of host memory, not of a device peak.
+
+        >>> plan_memory("auto", torch.device("cpu"), {"transformer": 4 * 2**30}).describe()
+        'memory: everything in host memory (cpu), about 4.3 GiB with activations'
+        """
+        peak = self.expected_peak_bytes / 2**30
+        if self.reason.startswith("cpu"):  # no device memory to plan: say what the host holds
+            return f"memory: everything in host memory (cpu), about {peak:.1f} GiB with activations"
+        return f"memory={self.mode}: expected peak {peak:.1f} GiB on the device ({self.reason})"
 
 
 def activation_margin(component_bytes: dict[str, int]) -> int:
