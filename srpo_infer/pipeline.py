@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,8 @@ import torch
 from .attention import KERNEL_MODES
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
 from .config import PipelineConfig
-from .request import MAX_SEED, MAX_SIDE, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
+from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
+from .request import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
 from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
 
@@ -203,6 +204,8 @@ class SRPOPipeline:
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
+        previews: int = 0,
+        on_preview: Callable[[Preview], None] | None = None,
         **request,
     ) -> GenerationResult:
         """Generate ``num_images`` images of ``width``×``height`` (default 1024×768) for ``prompt``.
@@ -220,6 +223,10 @@ class SRPOPipeline:
         (a server stops the job of a client that hung up this way). ``on_step(step, latents)`` is called
         after each denoising step (0-based) with the packed latents ``(num_images, image_tokens,
         in_channels)`` (see :meth:`generate_latents`); keep a ``.clone()``, the loop reuses them.
+        ``previews=N`` calls ``on_preview(preview)`` N times at evenly spread steps (never the last; fewer
+        when there are not N - 1 steps before it) with a :class:`~srpo_infer.preview.Preview`: a cheap
+        linear RGB sketch of the current clean-image estimate at the requested size (see
+        :mod:`srpo_infer.preview`); the final images are the same with or without previews.
 
         >>> r = pipe.generate("a T-Rex on a beach", width=1440, height=512, seed=490733907)  # doctest: +SKIP
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
@@ -237,8 +244,10 @@ class SRPOPipeline:
             req = GenerationRequest(**{**req.__dict__, "seed": seed if cp is None else cp.broadcast(seed)})
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
         show = self.config.progress if progress is None else progress
+        previews = check_previews(previews, on_preview, MAX_STEPS)
         with self._lock, torch.inference_mode():
-            run = self.run(req, show, threshold, should_stop, on_step)
+            preview = self._previewer(req, previews, on_preview) if previews else None
+            run = self.run(req, show, threshold, should_stop, on_step, preview)
             t0 = time.perf_counter()
             images = self.decode(run.latents, req.width, req.height)
             timings = {**run.timings, "decode": self._elapsed(t0)}
@@ -257,6 +266,23 @@ class SRPOPipeline:
             tokens_used=req.num_images * req.image_tokens + run.text_tokens,
             transformer_evaluations=run.transformer_evaluations,
         )
+
+    def preview_decoder(self) -> LinearDecoder:
+        """The linear latent → RGB map previews use, fitted against this pipeline's VAE on first use."""
+        if getattr(self, "_preview_decoder", None) is None:
+            with self._lock, self._stage("vae"):
+                self._preview_decoder = fit_linear_decoder(self.flux, self.device, self.dtype)
+        return self._preview_decoder
+
+    def _previewer(self, req: GenerationRequest, previews: int, on_preview: Callable[[Preview], None]):
+        """``(steps, emit)`` for :meth:`denoise`: ``emit(step, x0)`` sends one :class:`Preview`."""
+        decoder, steps = self.preview_decoder(), preview_steps(req.num_inference_steps, previews)
+
+        def emit(step: int, x0: torch.Tensor) -> None:
+            images = decoder.images(self.flux, x0, req.width, req.height)
+            on_preview(Preview(steps.index(step), step + 1, req.num_inference_steps, images))
+
+        return steps, emit
 
     def warmup(
         self,
@@ -334,6 +360,7 @@ class SRPOPipeline:
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
+        preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None,
     ) -> DenoiseResult:
         """Encode the prompt and denoise: a validated request (seed set) → :class:`DenoiseResult`.
 
@@ -360,7 +387,7 @@ class SRPOPipeline:
             with self._stage("transformer"):
                 latents, evaluations = self.denoise(
                     noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
-                    req.guidance_scale, progress, cache_threshold, should_stop, on_step,
+                    req.guidance_scale, progress, cache_threshold, should_stop, on_step, preview,
                 )  # fmt: skip
             timings["denoise"] = self._elapsed(t0)
         return DenoiseResult(latents, timings, text_tokens, evaluations)
@@ -433,8 +460,12 @@ class SRPOPipeline:
         cache_threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
+        preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run the flow-matching Euler loop from packed noise to packed latents.
+
+        ``preview = (steps, fn)``: after each of those 0-based steps, ``fn(step, x0)`` gets the estimate of
+        the clean latents, ``x0 = latents - sigma * noise_pred`` (flow matching), before the update.
 
         Returns the latents and the number of full transformer evaluations (fewer than the steps
         when ``cache_threshold`` lets the first-block cache skip some). Raises
@@ -486,6 +517,8 @@ class SRPOPipeline:
                 noise_pred = run(**inputs, return_dict=False)[0]
             else:
                 noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if marks else None, **inputs)
+            if preview is not None and step in preview[0]:
+                preview[1](step, latents - float(scheduler.sigmas[step]) * noise_pred)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(step, latents)

@@ -56,6 +56,7 @@ from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
 from .guard import Guard
 from .metrics import Metrics
 from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
+from .streaming import MAX_PARTIAL_IMAGES, stream_refusal, streamed_job
 from .worker import QueueFull, ShuttingDown, Worker, job_cost
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ class GenerationBody(BaseModel):
     moderation: Annotated[str, Strict()] | None = None
     style: Annotated[str, Strict()] | None = None
     output_compression: Annotated[int, Strict()] | None = None
+    # OpenAI's image streaming: server-sent events, partial_images previews then the completed image.
+    stream: Annotated[bool, Strict()] = False
+    partial_images: Annotated[int, Strict(), Field(ge=0, le=MAX_PARTIAL_IMAGES)] | None = None
 
     @field_validator("output_format")
     @classmethod
@@ -306,9 +310,14 @@ def create_app(
         if body.model not in MODEL_NAMES:
             raise ApiError(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
         req = _check_body(await request.body(), body, allow_unknown_fields, max_cost, default_acceleration)
+        refusal = stream_refusal(body, getattr(worker, "streams", False), safety_checker is not None)
+        if refusal is not None:
+            raise ApiError(422, *refusal)
         state.check_can_serve()
+        previews = streamed_job(body) if body.stream else None
         try:
-            job = worker.submit(req, cost=job_cost(req.width, req.height, req.num_inference_steps, req.num_images))
+            cost = job_cost(req.width, req.height, req.num_inference_steps, req.num_images)
+            job = worker.submit(req, cost, **previews.submit) if previews else worker.submit(req, cost=cost)
         except QueueFull:
             wait = max(1, math.ceil(worker.expected_wait()))
             raise ApiError(429, f"the queue is full (about {wait} s of work ahead); retry later",
@@ -317,17 +326,25 @@ def create_app(
             state.check_can_serve()
             raise
         metrics.queue_depth = worker.depth
+        if previews is not None:
+            return previews.response(job, lambda future: _outcome(future, state), lambda r: finish(r, body))
         try:
             result = await _wait_for(job, request, state)
         finally:
             metrics.queue_depth = worker.depth
-        images, flags = result.images, [None] * len(result.images)
-        if body.enable_safety_checker and safety_checker is not None:
-            images, flags = await asyncio.to_thread(safety_checker.check, images)
+        images, flags = await finish(result, body)
         base = public_url.rstrip("/") if public_url else request.scope.get("root_path", "")
         entries = await _image_entries(images, body, store, base)
         metrics.images_served += len(entries)
         return api_response(result, entries, flags)
+
+    async def finish(result, body: GenerationBody | None = None) -> tuple[list, list]:
+        """The images with the safety checker's verdicts (None each: not checked)."""
+        images, flags = result.images, [None] * len(result.images)
+        if body is not None and body.enable_safety_checker and safety_checker is not None:
+            images, flags = await asyncio.to_thread(safety_checker.check, images)
+        metrics.queue_depth = worker.depth
+        return images, flags
 
     @app.get("/files/{name}", response_class=Response, responses=_FILE_RESPONSES)
     async def files(name: str):
@@ -488,6 +505,11 @@ async def _wait_for(job, request: Request, state: ServerState):
         _abandon(job, future)
         log.info("request cancelled by the server; its job was cancelled")
         raise
+    return _outcome(future, state)
+
+
+def _outcome(future: asyncio.Future, state: ServerState):
+    """A finished job's result, or its failure as the HTTP error it becomes."""
     try:
         return future.result()
     except asyncio.CancelledError:

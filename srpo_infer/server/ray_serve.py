@@ -98,7 +98,10 @@ class SRPOModel:
 
 class RayBackend:
     """The worker interface of :func:`create_app` (``submit``, ``depth``, ``busy``, ``expected_wait``,
-    ``stop``, ``pipeline``) over a Ray Serve deployment handle."""
+    ``stop``, ``pipeline``) over a Ray Serve deployment handle. It does not stream previews
+    (``stream: true`` is refused in one line): a replica's previews would need a second channel back."""
+
+    streams = False
 
     def __init__(self, max_queue: int = 64, app_name: str = APP_NAME):
         from ray import serve

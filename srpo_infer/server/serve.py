@@ -104,6 +104,7 @@ def serve(
         try:
             pipe = load_pipeline(model, progress=False, **pipeline_options)
             pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)
+            pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
             if pipe.optimized.context_parallel is not None:
                 pipe = Leader(pipe)
         except Exception as exc:

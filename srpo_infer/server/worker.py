@@ -86,6 +86,15 @@ class Job:
     future: Future = field(default_factory=Future)
     stop: threading.Event = field(default_factory=threading.Event)
     withdraw: Callable[[Job], None] | None = None  # takes a waiting job out of its queue
+    previews: int = 0  # stream: true with partial_images: previews sent to on_preview as they form
+    on_preview: Callable[[Any], None] | None = None
+
+    def options(self) -> dict:
+        """The keywords ``pipeline.generate`` gets besides the request."""
+        options: dict[str, Any] = {"progress": False, "should_stop": self.stop.is_set}
+        if self.previews:
+            options.update(previews=self.previews, on_preview=self.on_preview)
+        return options
 
     def cancel(self) -> None:
         """Drop the job if it still waits (its queue slot is free at once); stop it before its next
@@ -102,6 +111,8 @@ class Worker:
     One worker owns the pipeline, so requests never run concurrently on the GPU; ``max_queue`` bounds
     the waiting jobs (the one running is not counted). A cancelled job leaves the queue at once.
     """
+
+    streams = True  # jobs can send previews as they form (``stream: true``)
 
     def __init__(self, max_queue: int = 16, clock: Callable[[], float] = time.monotonic):
         if max_queue < 1:
@@ -130,15 +141,16 @@ class Worker:
         """A job is running."""
         return self._running is not None
 
-    def submit(self, request: GenerationRequest, cost: float = 0.0) -> Job:
+    def submit(self, request: GenerationRequest, cost: float = 0.0, previews: int = 0,
+               on_preview: Callable[[Any], None] | None = None) -> Job:  # fmt: skip
         """Queue a job; raises :class:`QueueFull` at once when there is no room, :class:`ShuttingDown`
-        once :meth:`stop` has begun."""
+        once :meth:`stop` has begun. ``previews``/``on_preview`` go to ``pipeline.generate``."""
         with self._changed:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull
-            job = Job(request, cost, withdraw=self._withdraw)
+            job = Job(request, cost, withdraw=self._withdraw, previews=previews, on_preview=on_preview)
             self._waiting.append(job)
             self._changed.notify_all()
         return job
@@ -192,7 +204,7 @@ class Worker:
                 self._running, self._started_at = job, self.clock()
             t0 = self._started_at
             try:
-                job.future.set_result(self.pipeline.generate(job.request, progress=False, should_stop=job.stop.is_set))
+                job.future.set_result(self.pipeline.generate(job.request, **job.options()))
                 self.times.record(job.cost, self.clock() - t0)
             except BaseException as exc:  # every failure goes back to its own request; the loop lives on
                 job.future.set_exception(exc)
