@@ -59,8 +59,11 @@ def kernel_as_reference_math() -> None:
     import srpo_infer.attention as seam
 
     os.environ["TRITON_INTERPRET"] = "1"  # lets load_pipeline accept a Triton backend on a CPU
+    import srpo_infer.context_parallel as split
+
     real = seam.attend
-    seam.attend = lambda inputs, backend="sdpa": real(inputs, "sdpa")
+    # Both bindings: the processor's (one process) and context_parallel's (Ulysses, the projections moved).
+    seam.attend = split.attend = lambda inputs, backend="sdpa", design="auto": real(inputs, "sdpa")
 
 
 def attention(out: Path, backends: list[str]) -> None:

@@ -208,7 +208,7 @@ def test_a_lost_context_parallel_peer_reaches_clients_without_internals(tmp_path
         health = httpx.get(f"{live.url}/health")
     assert r.status_code == 503 and health.status_code == 500
     for text in (r.text, health.text):
-        assert "10.1.2.3" not in text and "pair.cc" not in text and "context-parallel group was lost" in text
+        assert "10.1.2.3" not in text and "pair.cc" not in text and "context-parallel group failed or is gone" in text
 
 
 @pytest.mark.parametrize(("change", "status", "words"), [

@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("flux/srpo",)
 MAX_BODY_BYTES = 64 * 1024  # a 4000-character prompt is at most 16 KB of UTF-8
-BROKEN_GROUP = "a process of this server's context-parallel group was lost; it cannot generate until restarted"
+BROKEN_GROUP = ("this server's context-parallel group failed or is gone (a process was lost): it cannot generate until "
+                "you restart the server")  # fmt: skip
 MAX_UNKNOWN_NAMED = 10  # a 422 names at most this many unknown fields (nearest-name hints cost time each)
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted in /metrics, read by nobody
 DISCONNECT_POLL_S = 0.25
