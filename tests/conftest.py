@@ -33,7 +33,3 @@ def tiny_state():
 
     return {k: v.clone() for k, v in build_tiny_transformer().state_dict().items()}
 
-
-@pytest.fixture(scope="session")
-def cpu_only():
-    return not torch.cuda.is_available()
