@@ -283,6 +283,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--ray-address", default=None,
                    help="an existing Ray cluster to deploy on (e.g. ray://head:10001 or auto) "
                    "[default: a local Ray]")  # fmt: skip
+    s.add_argument("--lora-dir", default=None,
+                   help="a folder of LoRA .safetensors files requests may name in loras: [{path, scale}] "
+                   "(GET /v1/loras lists them); nothing else is loaded")  # fmt: skip
     s.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
                    "the rest 503")  # fmt: skip
@@ -457,12 +460,14 @@ def _serve(args: argparse.Namespace) -> int:
         if pipeline_options["context_parallel"] > 1:
             raise ValueError("--context-parallel does not run on Ray Serve replicas yet (a replica would have to "
                              "start its own processes): use it without --replicas, under torchrun")  # fmt: skip
+        if args.lora_dir is not None:
+            raise ValueError("--lora-dir does not run on Ray Serve replicas yet: serve LoRAs without --replicas")
         return _serve_on_ray(args, model, app_options, pipeline_options)
     return serve(
         model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
         public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
         default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, limits=limits,
-        app_options=app_options, **pipeline_options,
+        app_options=app_options, lora_dir=args.lora_dir, **pipeline_options,
     )  # fmt: skip
 
 

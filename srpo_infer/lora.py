@@ -15,6 +15,7 @@ peft holds the adapter. We add what a user of a fast pipeline needs around it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -112,3 +113,163 @@ def _remove(flux, hotswap: bool) -> None:
     # A hotswap that failed leaves the previous adapter in place; a first load that failed leaves nothing.
     if not hotswap and has_adapter(flux.transformer):
         flux.delete_adapters(ADAPTER)
+
+
+# ---------------------------------------------------------------------------------- per-request LoRAs
+
+MAX_REQUEST_RANK = 128  # the summed rank of one request's adapters (the hotswap slot's size)
+DEFAULT_CACHE_BYTES = 2 * 1024**3  # converted adapters kept in host memory, least recently used dropped
+
+
+def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported key format → diffusers/PEFT names (``transformer.….lora_A/B.weight``, alphas
+    folded in) through diffusers' own converter; refuses keys a per-request merge cannot carry."""
+    from .pipeline import _flux_pipeline_class
+
+    max_rank(state_dict)
+    try:
+        converted = _flux_pipeline_class().lora_state_dict(dict(state_dict))
+    except Exception as exc:  # the converter's own sentence for a file it cannot read as a Flux LoRA
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise LoraError(f"this file is not a LoRA diffusers can read for Flux (a LoRA for another model?): "
+                        f"{said}") from exc  # fmt: skip
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    if not any(k.startswith("transformer.") for k in converted):
+        raise LoraError("no key of this LoRA names a Flux transformer layer: is it a LoRA for another model? "
+                        "(Flux LoRAs name transformer_blocks or double_blocks / single_blocks)")  # fmt: skip
+    other = sorted(k for k in converted if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if other:
+        raise LoraError(f"this LoRA holds keys other than lora_A/B pairs ({other[0]!r}…): not usable per request")
+    return converted
+
+
+def merge_loras(adapters: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """One adapter equal to the scaled sum of ``adapters`` (diffusers names): per layer the down matrices
+    stacked and the up matrices side by side, each times its scale (``Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ s₂B₂]·[A₁; A₂]``)."""
+    merged: dict[str, torch.Tensor] = {}
+    layers = dict.fromkeys(k[: -len(".lora_A.weight")] for state, _ in adapters for k in state if ".lora_A." in k)
+    for layer in layers:
+        parts = [(s[f"{layer}.lora_A.weight"], s[f"{layer}.lora_B.weight"] * scale)
+                 for s, scale in adapters if f"{layer}.lora_A.weight" in s]  # fmt: skip
+        merged[f"{layer}.lora_A.weight"] = torch.cat([a for a, _ in parts], dim=0)
+        merged[f"{layer}.lora_B.weight"] = torch.cat([b for _, b in parts], dim=1)
+    return merged
+
+
+class LoraCache:
+    """Converted adapters in host memory, keyed by file, least recently used dropped past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._states: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self._states.values() for t in s.values())
+
+    @staticmethod
+    def _key(source: str | Path) -> tuple:
+        path = Path(source).expanduser()
+        return (str(path.resolve()), *((path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else ()))
+
+    def put(self, source: str | Path, state: dict[str, torch.Tensor]) -> None:
+        """Keep an adapter already read and converted (:func:`to_diffusers`)."""
+        self._states[self._key(source)] = state
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._states) > 1 and self.bytes > self.max_bytes:
+            self._states.pop(next(iter(self._states)))
+
+    def get(self, source: str | Path) -> dict[str, torch.Tensor]:
+        key = self._key(source)
+        if key in self._states:
+            self._states[key] = self._states.pop(key)  # most recent last
+            return self._states[key]
+        state = to_diffusers(read_lora(source))
+        self._states[key] = state
+        self._trim()
+        return state
+
+
+def check_fits(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The layers (diffusers names) an adapter targets, or a LoraError when one is missing from this
+    transformer or has other widths (a LoRA for another model)."""
+    layers = []
+    for key, tensor in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer = key[: -len(".lora_A.weight")]
+        try:
+            module = transformer.get_submodule(layer.removeprefix("transformer."))
+        except AttributeError:
+            raise LoraError(f"this LoRA targets {layer!r}, which this Flux transformer does not have: is it a LoRA "
+                            "for another model?") from None  # fmt: skip
+        up = state[f"{layer}.lora_B.weight"]
+        width = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if width != (tensor.shape[1], up.shape[0]):
+            raise LoraError(f"this LoRA does not fit the transformer (another model's?): {layer!r} takes {width[0]} "
+                            f"→ {width[1]} features, the file has {tensor.shape[1]} → {up.shape[0]}")  # fmt: skip
+        layers.append(layer)
+    return layers
+
+
+def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
+    """Give an (uncalled) pipeline a zero adapter on ``layers``, the slot per-request adapters swap into:
+    hotswap-ready up to ``rank`` when compiled, so moving between adapters compiles nothing."""
+    if pipe.config.fuse_qkv:
+        raise LoraError("a LoRA slot needs unfused QKV projections: load the pipeline with fuse_qkv=False")
+    if pipe.optimized.compiled:
+        pipe.flux.enable_lora_hotswap(target_rank=rank)
+    state = {}
+    for layer in dict.fromkeys(layers):
+        module = pipe.transformer.get_submodule(layer.removeprefix("transformer."))
+        state[f"{layer}.lora_A.weight"] = torch.zeros(1, module.in_features)
+        state[f"{layer}.lora_B.weight"] = torch.zeros(module.out_features, 1)
+    with _quiet("diffusers.loaders.lora_base"):
+        apply_lora(pipe.flux, state, 0.0, fuse=False)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def slot_rank(transformer: torch.nn.Module) -> int:
+    """The largest rank the loaded adapter slot holds (what a hotswap may bring at most)."""
+    config = transformer.peft_config[ADAPTER]
+    return max([config.r, *(config.rank_pattern or {}).values()])
+
+
+@contextlib.contextmanager
+def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
+    """While the block runs, ``pipe`` carries the scaled sum of ``loras`` (``(path, scale)`` pairs, read
+    through ``pipe.lora_cache``); afterwards nothing of them is left. On a pipeline with a hotswap slot
+    (compiled, loaded with ``lora_fuse=False``) the sum is swapped into the slot without recompiling
+    and the slot goes back to scale 0; otherwise the adapter is loaded and deleted again."""
+    merged = merge_loras([(pipe.lora_cache.get(path), scale) for path, scale in loras])
+    rank, transformer = max_rank(merged), pipe.transformer
+    swap = has_adapter(transformer) and pipe.optimized.compiled
+    if swap and rank > slot_rank(transformer):
+        raise LoraError(f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
+                        f"{slot_rank(transformer)}: use fewer or smaller adapters")  # fmt: skip
+    if not swap and (pipe.optimized.compiled or pipe.config.fuse_qkv):
+        raise LoraError("loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora=FILE, "
+                        "lora_fuse=False, lora_max_rank=R (serve --lora-dir does)")  # fmt: skip
+    if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
+        pipe.flux.delete_adapters(ADAPTER)
+    try:
+        with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
+            apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
+        yield
+    finally:
+        if swap:
+            pipe.flux.set_adapters([ADAPTER], [0.0])  # the slot stays, at scale 0: the base model exactly
+        elif has_adapter(transformer):
+            pipe.flux.delete_adapters(ADAPTER)

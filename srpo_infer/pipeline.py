@@ -159,6 +159,22 @@ class SRPOPipeline:
         """Take a merged LoRA back out of the weights."""
         self._require_lora().unfuse_lora(components=["transformer"])
 
+    @property
+    def lora_cache(self):
+        """Per-request adapters read so far, kept in host memory (:class:`~srpo_infer.lora.LoraCache`)."""
+        if getattr(self, "_lora_cache", None) is None:
+            from .lora import LoraCache
+
+            self._lora_cache = LoraCache()
+        return self._lora_cache
+
+    def _request_loras(self, loras: tuple[tuple[str, float], ...]):
+        if not loras:
+            return contextlib.nullcontext()
+        from .lora import request_adapter
+
+        return request_adapter(self, loras)
+
     def _require_lora(self):
         from .lora import LoraError, has_adapter
 
@@ -245,7 +261,7 @@ class SRPOPipeline:
         threshold = cache_threshold_for(req.acceleration, cache_threshold)
         show = self.config.progress if progress is None else progress
         previews = check_previews(previews, on_preview, MAX_STEPS)
-        with self._lock, torch.inference_mode():
+        with self._lock, self._request_loras(req.loras), torch.inference_mode():
             preview = self._previewer(req, previews, on_preview) if previews else None
             run = self.run(req, show, threshold, should_stop, on_step, preview)
             t0 = time.perf_counter()
@@ -335,7 +351,8 @@ class SRPOPipeline:
 
         Benchmarks and numerical checks compare these; ``req.seed`` must be set.
         """
-        return self.run(req, progress, cache_threshold_for(req.acceleration, cache_threshold)).latents
+        with self._lock, self._request_loras(req.loras):
+            return self.run(req, progress, cache_threshold_for(req.acceleration, cache_threshold)).latents
 
     # ------------------------------------------------------------------ stages
 

@@ -35,6 +35,7 @@ MAX_SEED = 2**63  # exclusive; seed + num_images - 1 still fits a torch.Generato
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as in the official SRPO settings
 ACCELERATIONS = ("none", "regular", "high")  # step caching levels, see srpo_infer.step_cache
 OUTPUT_FORMATS = ("jpeg", "png")
+MAX_LORAS, MAX_LORA_SCALE = 3, 4.0  # per request: adapters, and |scale|
 
 
 def _is_int(value: object) -> bool:
@@ -148,6 +149,30 @@ def _check_acceleration(value: object) -> str:
     return value
 
 
+def _check_loras(value: object) -> tuple[tuple[str, float], ...]:
+    """``[{"path", "scale"}]`` (or ``(path, scale)`` pairs) → a tuple of ``(path, scale)``."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_LORAS:
+        raise ValueError(f"loras must be a list of at most {MAX_LORAS} {{path, scale}} objects, got {value!r:.100}")
+    out = []
+    for item in value:
+        if isinstance(item, dict):
+            path, scale = item.get("path"), item.get("scale", 1.0)
+        elif isinstance(item, (list, tuple)) and 1 <= len(item) <= 2:
+            path, scale = (*item, 1.0)[:2]
+        else:
+            raise ValueError(f"loras items must be {{path, scale}} objects, got {item!r:.100}")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"loras path must be a non-empty string, got {path!r:.100}")
+        number = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale)
+        if not number or abs(scale) > MAX_LORA_SCALE:
+            limit = f"{MAX_LORA_SCALE:g}"
+            raise ValueError(f"loras scale must be a number in [-{limit}, {limit}], got {scale!r}")
+        out.append((path, float(scale)))
+    return tuple(out)
+
+
 def _field(default=MISSING, rule: Callable | None = None, flag: str | None = None, help: str = "", **cli):
     """A request field: its default, the rule that checks it (``None``: checked with another field),
     the command-line flag that sets it (``None``: not a flag), that flag's help and its argparse options
@@ -182,6 +207,8 @@ class GenerationRequest:
     acceleration: str = _field("none", _check_acceleration, "--acceleration", "first-block step caching: none is "
                                "exact; regular/high skip work on steps that change little",
                                choices=list(ACCELERATIONS))  # fmt: skip
+    loras: tuple[tuple[str, float], ...] = _field((), _check_loras, None, "LoRA adapters for this request: "
+                                                  "(path, scale) pairs, at most 3, |scale| <= 4")  # fmt: skip
 
     @property
     def image_tokens(self) -> int:

@@ -36,6 +36,8 @@ from ..request import (
     IMAGE_SIZE_PRESETS,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SIDE,
@@ -103,6 +105,12 @@ OPENAI_ONLY = {
 }
 
 
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Annotated[str, Strict(), Field(min_length=1, max_length=255)]  # a name in the server's --lora-dir
+    scale: Annotated[float, Strict(), Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)] = 1.0
+
+
 class GenerationBody(BaseModel):
     """The request body: the hosted ``flux/srpo`` API, and OpenAI's images API on the same path
     (``n``, ``size``, ``response_format``, ``user``), so OpenAI's SDKs and the tools built on them work.
@@ -139,6 +147,8 @@ class GenerationBody(BaseModel):
     # OpenAI's image streaming: server-sent events, partial_images previews then the completed image.
     stream: Annotated[bool, Strict()] = False
     partial_images: Annotated[int, Strict(), Field(ge=0, le=MAX_PARTIAL_IMAGES)] | None = None
+    # LoRA adapters for this request, by name in the server's --lora-dir (GET /v1/loras lists them).
+    loras: Annotated[list[LoraRef], Field(max_length=MAX_LORAS)] | None = None
 
     @field_validator("output_format")
     @classmethod
@@ -165,6 +175,7 @@ class GenerationBody(BaseModel):
         request["width"], request["height"] = size or own
         request["num_images"] = self.n if self.n is not None else self.num_images
         request["acceleration"] = self.acceleration or default_acceleration
+        request["loras"] = [(lora.path, lora.scale) for lora in self.loras or []]
         return validate_request(**request)
 
     def _image_size(self) -> str | dict:
@@ -238,6 +249,7 @@ def create_app(
     max_cost: float | None = None,
     retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
     retention_bytes: int | None = DEFAULT_RETENTION_BYTES,
+    loras=None,
 ) -> FastAPI:
     """Build the ASGI app around a loaded :class:`~srpo_infer.SRPOPipeline`.
 
@@ -252,7 +264,8 @@ def create_app(
     ``retention_seconds`` or, oldest first, beyond ``retention_bytes`` (None: keep); ``output_dir`` may be
     an fsspec URL (``s3://bucket/srpo``) that several servers share. Image URLs are
     ``public_url`` + ``/files/NAME``, or relative (``/files/NAME`` under the mount path): never built
-    from the client's ``Host`` header.
+    from the client's ``Host`` header. ``loras``: a :class:`~srpo_infer.server.loras.LoraLibrary` (``serve
+    --lora-dir``), the only adapters a request's ``loras`` may name (None: requests with loras get a 422).
 
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
@@ -311,6 +324,7 @@ def create_app(
         if body.model not in MODEL_NAMES:
             raise ApiError(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
         req = _check_body(await request.body(), body, allow_unknown_fields, max_cost, default_acceleration)
+        req = _with_loras(req, loras)
         refusal = stream_refusal(body, getattr(worker, "streams", False), safety_checker is not None)
         if refusal is not None:
             raise ApiError(422, *refusal)
@@ -346,6 +360,13 @@ def create_app(
             images, flags = await asyncio.to_thread(safety_checker.check, images)
         metrics.queue_depth = worker.depth
         return images, flags
+
+    @app.get("/v1/loras")
+    async def list_loras():
+        """The LoRA adapters requests may name (``serve --lora-dir``), with rank and target model."""
+        if loras is None:
+            return {"object": "list", "data": [], "max_loras": 0}
+        return loras.listing()
 
     @app.get("/files/{name}", response_class=Response, responses=_FILE_RESPONSES)
     async def files(name: str):
@@ -462,6 +483,18 @@ def _check_body(
                        f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
                        "smaller images", "num_inference_steps")  # fmt: skip
     return req
+
+
+def _with_loras(req: GenerationRequest, library) -> GenerationRequest:
+    """The request with its adapters' names resolved in the server's LoRA folder (422s name the rule)."""
+    if not req.loras:
+        return req
+    if library is None:
+        raise ApiError(422, "loras: this server serves no LoRA adapters (start it with serve --lora-dir DIR)", "loras")
+    try:
+        return library.resolve_request(req)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), "loras") from None
 
 
 async def _image_entries(images: list, body: GenerationBody, store: ImageStore, base_url: str) -> list[dict]:

@@ -39,6 +39,7 @@ def serve(
     drain_timeout: float = 60.0,
     limits: ConnectionLimits | None = None,
     app_options: dict | None = None,
+    lora_dir: str | None = None,
     **pipeline_options,
 ) -> int:
     """Start the server; blocks until it stops and returns the process exit code (0 after a clean
@@ -46,7 +47,8 @@ def serve(
     ``pipeline_options`` to :func:`load_pipeline`. ``default_acceleration``: ``regular`` (the hosted API's),
     ``none`` with ``context_parallel`` (which does not cache steps yet). ``limits``: the connection cap and
     the header and body deadlines (:class:`~srpo_infer.server.limits.ConnectionLimits`; its defaults
-    when None).
+    when None). ``lora_dir``: the folder of LoRA adapters requests may name (:mod:`.loras`); with it the
+    pipeline keeps QKV unfused and, compiled, gets a hotswap slot before warm-up.
 
     With ``context_parallel=N`` every one of the N processes ``torchrun`` starts calls this: rank 0 serves
     HTTP, the others load the same pipeline and run each request with it (:mod:`.parallel`)."""
@@ -72,8 +74,17 @@ def serve(
     checker = (
         SafetyChecker.load(safety_checker, resolve_device(pipeline_options.get("device"))) if safety_checker else None
     )
+    library = None
+    if lora_dir is not None:
+        from .loras import LoraLibrary
+
+        if pipeline_options.get("lora") is not None:
+            raise ValueError("--lora and --lora-dir do not go together: put the LoRA in the folder and name it "
+                             "in requests")  # fmt: skip
+        library = LoraLibrary(lora_dir)
+        pipeline_options["fuse_qkv"] = False  # the adapters sit on to_q / to_k / to_v
     app = create_app(
-        None, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
+        None, loras=library, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
         safety_checker=checker, default_acceleration=default_acceleration, body_timeout=limits.body_timeout,
         **(app_options or {}),
     )  # fmt: skip
@@ -103,6 +114,8 @@ def serve(
     def load() -> None:
         try:
             pipe = load_pipeline(model, progress=False, **pipeline_options)
+            if library is not None:
+                library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
             pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)
             pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
             if pipe.optimized.context_parallel is not None:

@@ -1,0 +1,105 @@
+"""``serve --lora-dir DIR``: the LoRA adapters a request may name, and nothing else.
+
+A request's ``loras: [{"path": NAME, "scale": s}]`` names files of DIR (``style.safetensors``, or
+``style``); URLs, absolute paths, ``..``, subfolders and names not in DIR are refused with a 422 that
+names the rule. ``GET /v1/loras`` lists them with their rank and target model. At start-up every file
+is read and converted once; :meth:`LoraLibrary.install` checks each against the loaded transformer
+(a file that is not a LoRA, or one for another model, is listed with the loader's sentence and refused
+with it) and gives a compiled pipeline the hotswap slot over the union of the layers they target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from ..lora import MAX_REQUEST_RANK, LoraError, add_slot, check_fits, max_rank, read_lora, to_diffusers
+from ..request import MAX_LORA_SCALE, MAX_LORAS, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Adapter:
+    name: str
+    path: Path
+    rank: int | None
+    target: str | None  # "flux" (a Flux transformer LoRA), or None with the loader's sentence in problem
+    bytes: int
+    problem: str | None = None
+
+
+class LoraLibrary:
+    """The adapters in ``folder`` (top level, ``*.safetensors``), read once."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser().resolve()
+        if not self.folder.is_dir():
+            raise ValueError(f"--lora-dir {str(folder)!r} is not a folder")
+        self.adapters: dict[str, Adapter] = {}
+        self.states: dict[str, dict] = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            self.adapters[path.name] = self._read(path)
+        log.info("LoRA folder %s: %d adapters", self.folder, len(self.adapters))
+
+    def _read(self, path: Path) -> Adapter:
+        size = path.stat().st_size
+        try:
+            state = read_lora(path)
+            rank = max_rank(state)
+            self.states[path.name] = to_diffusers(state)
+        except LoraError as exc:
+            return Adapter(path.name, path, None, None, size, str(exc))
+        return Adapter(path.name, path, rank, "flux", size)
+
+    def install(self, pipe) -> None:
+        """Check every adapter against ``pipe``'s transformer, keep the fitting ones in its host cache and,
+        compiled, give it the slot (call before the pipeline's first generation: warm-up compiles it)."""
+        layers = []
+        for name, state in self.states.items():
+            adapter = self.adapters[name]
+            try:
+                layers += check_fits(pipe.transformer, state)
+            except LoraError as exc:
+                adapter.target, adapter.problem = None, str(exc)
+                continue
+            pipe.lora_cache.put(adapter.path, state)
+        if pipe.optimized.compiled and layers:
+            add_slot(pipe, layers)
+
+    def listing(self) -> dict:
+        data = [{"name": a.name, "rank": a.rank, "target_model": "FLUX.1 transformer" if a.target else None,
+                 "bytes": a.bytes, **({"problem": a.problem} if a.problem else {})}
+                for a in self.adapters.values()]  # fmt: skip
+        return {"object": "list", "data": data, "max_loras": MAX_LORAS, "max_scale": MAX_LORA_SCALE,
+                "max_rank": MAX_REQUEST_RANK}  # fmt: skip
+
+    def resolve(self, name: str) -> Adapter:
+        """The adapter a request names, or a ValueError naming the rule it breaks."""
+        shown = repr(name[:100])
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name):
+            raise ValueError(f"loras path {shown} is a URL: name an adapter in this server's LoRA folder "
+                             "(GET /v1/loras)")  # fmt: skip
+        if name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name):
+            raise ValueError(f"loras path {shown} is an absolute path: name an adapter in this server's LoRA folder")
+        if ".." in re.split(r"[/\\]", name):
+            raise ValueError(f"loras path {shown} climbs out of the LoRA folder (..): name an adapter in it")
+        if "/" in name or "\\" in name or "\0" in name:
+            raise ValueError(f"loras path {shown} names a subfolder: only the LoRA folder's own files are served")
+        adapter = self.adapters.get(name) or self.adapters.get(f"{name}.safetensors")
+        if adapter is None:
+            raise ValueError(f"loras path {shown} is not in this server's LoRA folder: GET /v1/loras lists them")
+        if adapter.problem:
+            raise ValueError(f"loras path {shown}: {adapter.problem}")
+        return adapter
+
+    def resolve_request(self, req: GenerationRequest) -> GenerationRequest:
+        """The request with each adapter's name replaced by its file's path; the summed rank checked."""
+        adapters = [(self.resolve(name), scale) for name, scale in req.loras]
+        rank = sum(a.rank for a, _ in adapters)
+        if rank > MAX_REQUEST_RANK:
+            raise ValueError(f"loras rank {rank} (summed over the request's adapters) is over this server's maximum, "
+                             f"{MAX_REQUEST_RANK}: use fewer or smaller adapters")  # fmt: skip
+        return dataclasses.replace(req, loras=tuple((str(a.path), scale) for a, scale in adapters))
