@@ -230,6 +230,15 @@ def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
         apply_lora(pipe.flux, state, 0.0, fuse=False)
 
 
+def _read_for_request(cache: LoraCache, path: str) -> dict[str, torch.Tensor]:
+    """An adapter from the cache; an error names the file, never its folder (a server's clients read it)."""
+    try:
+        return cache.get(path)
+    except LoraError as exc:
+        name = Path(path).name
+        raise LoraError(f"loras {name!r}: {str(exc).replace(str(Path(path).expanduser()), name)}") from exc
+
+
 @contextlib.contextmanager
 def _quiet(name: str):
     logger = logging.getLogger(name)
@@ -253,7 +262,7 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     through ``pipe.lora_cache``); afterwards nothing of them is left. On a pipeline with a hotswap slot
     (compiled, loaded with ``lora_fuse=False``) the sum is swapped into the slot without recompiling
     and the slot goes back to scale 0; otherwise the adapter is loaded and deleted again."""
-    merged = merge_loras([(pipe.lora_cache.get(path), scale) for path, scale in loras])
+    merged = merge_loras([(_read_for_request(pipe.lora_cache, path), scale) for path, scale in loras])
     rank, transformer = max_rank(merged), pipe.transformer
     swap = has_adapter(transformer) and pipe.optimized.compiled
     if swap and rank > slot_rank(transformer):
@@ -265,8 +274,12 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
         pipe.flux.delete_adapters(ADAPTER)
     try:
-        with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
-            apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
+        try:
+            with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
+                apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
+        except LoraError as exc:
+            names = ", ".join(repr(Path(path).name) for path, _ in loras)
+            raise LoraError(f"loras {names}: {exc}") from exc
         yield
     finally:
         if swap:

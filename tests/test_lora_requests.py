@@ -148,6 +148,7 @@ def test_the_folder_is_listed_with_rank_and_target(compiled_server):
                          "sdxl.safetensors", "junk.safetensors"}  # fmt: skip
     assert (rows["a.safetensors"]["rank"], rows["a.safetensors"]["target_model"]) == (4, "FLUX.1 transformer")
     assert rows["b.safetensors"]["rank"] == 8 and "problem" in rows["wide.safetensors"]
+    assert "junk.safetensors" in rows["junk.safetensors"]["problem"] and str(compiled_server.folder) not in str(rows)
     assert listing["max_loras"] == 3 and listing["max_rank"] == 128
 
 
@@ -171,6 +172,7 @@ def test_the_folder_is_listed_with_rank_and_target(compiled_server):
 def test_bad_loras_are_refused_in_one_line_and_leave_nothing(compiled_server, reference, loras, words):
     r = post(compiled_server, loras=loras)
     assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+    assert str(compiled_server.folder) not in r.text  # the server's folder is never shown to a client
     assert r.json()["error"]["field"].startswith("loras") and "\n" not in r.json()["error"]["message"]
     assert np.array_equal(pixels(image_of(post(compiled_server))), pixels(reference["base"]))
 

@@ -50,8 +50,8 @@ class LoraLibrary:
             state = read_lora(path)
             rank = max_rank(state)
             self.states[path.name] = to_diffusers(state)
-        except LoraError as exc:
-            return Adapter(path.name, path, None, None, size, str(exc))
+        except LoraError as exc:  # the loader's sentence, with the file's name, not the server's folder
+            return Adapter(path.name, path, None, None, size, str(exc).replace(str(path), path.name))
         return Adapter(path.name, path, rank, "flux", size)
 
     def install(self, pipe) -> None:
