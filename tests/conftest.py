@@ -32,4 +32,3 @@ def tiny_state():
     from srpo_infer.tiny import build_tiny_transformer
 
     return {k: v.clone() for k, v in build_tiny_transformer().state_dict().items()}
-
