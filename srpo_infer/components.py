@@ -160,3 +160,17 @@ def _check_compatible(parts: dict) -> None:
                 f"the transformer does not fit this base: its {what} is {want} but the base gives {got}; "
                 "pair the tiny model with base='tiny-random' and real weights with FLUX.1-dev"
             )
+
+
+def flux_pipeline_class():
+    """diffusers' ``FluxPipeline`` class, imported without the torchvision notices its module logs."""
+    # FluxPipeline's module imports image processors that log torchvision notices; they are noise here.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers import FluxPipeline
+    finally:
+        hf_logging.set_verbosity(level)
+    return FluxPipeline

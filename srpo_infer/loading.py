@@ -107,8 +107,9 @@ def diffusers_pipeline(
     """
     from dataclasses import fields
 
+    from .components import flux_pipeline_class
     from .optimize import OURS_ONLY, apply_optimizations, mark_optimized
-    from .pipeline import _flux_pipeline_class, cache_threshold_for
+    from .pipeline import cache_threshold_for
 
     check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
     for name, (default, instead) in OURS_ONLY.items():
@@ -118,7 +119,7 @@ def diffusers_pipeline(
     config = PipelineConfig(model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress,
                             **options).resolved()  # fmt: skip
     config, components, lora_state = _load(config)
-    flux = _flux_pipeline_class()(**components)
+    flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)
     optimized = apply_optimizations(flux, config, lora_state=lora_state, cache_threshold=threshold, stock=True)
     mark_optimized(flux.transformer, optimized.steps)

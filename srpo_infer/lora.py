@@ -124,11 +124,11 @@ DEFAULT_CACHE_BYTES = 2 * 1024**3  # converted adapters kept in host memory, lea
 def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any supported key format → diffusers/PEFT names (``transformer.….lora_A/B.weight``, alphas
     folded in) through diffusers' own converter; refuses keys a per-request merge cannot carry."""
-    from .pipeline import _flux_pipeline_class
+    from .components import flux_pipeline_class
 
     max_rank(state_dict)
     try:
-        converted = _flux_pipeline_class().lora_state_dict(dict(state_dict))
+        converted = flux_pipeline_class().lora_state_dict(dict(state_dict))
     except Exception as exc:  # the converter's own sentence for a file it cannot read as a Flux LoRA
         said = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise LoraError(f"this file is not a LoRA diffusers can read for Flux (a LoRA for another model?): "

@@ -23,6 +23,7 @@ import torch
 
 from .attention import KERNEL_MODES
 from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
+from .components import flux_pipeline_class
 from .config import PipelineConfig
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .request import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
@@ -69,19 +70,6 @@ class DenoiseResult:
     transformer_evaluations: int
 
 
-def _flux_pipeline_class():
-    # FluxPipeline's module imports image processors that log torchvision notices; they are noise here.
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        from diffusers import FluxPipeline
-    finally:
-        hf_logging.set_verbosity(level)
-    return FluxPipeline
-
-
 def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:
     """The first-block cache threshold of an ``acceleration`` level (``None``: no cache)."""
     if override is not None:
@@ -119,7 +107,7 @@ class SRPOPipeline:
         from .optimize import apply_optimizations
 
         self.config = config
-        self.flux = _flux_pipeline_class()(**components)
+        self.flux = flux_pipeline_class()(**components)
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.RLock()  # one generation at a time: the modules are shared state
         self.optimized = apply_optimizations(self.flux, config, lora_state=lora_state)
