@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import httpx
 import pytest
@@ -121,12 +122,13 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_a_503(tmp_path, pa
         busy = [_connect(live) for _ in range(4)]
         for sock in busy:  # complete headers, a body still to come: real requests in progress
             sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n{")
-        # Wait until the server has seen every request's headers: a probe past the cap is refused only then.
-        for _ in range(200):
-            with _connect(live) as probe:
-                status, data = _response(probe)
-            if status == 503:
-                break
+        # Wait (on the server's own state, not a clock) until it has read every request's headers: before
+        # that, a new connection would rightly evict one still sending them.
+        connections = live.server.server_state.connections
+        while sum(getattr(c, "cycle", None) is not None for c in list(connections)) < 4:
+            threading.Event().wait(0.02)
+        with _connect(live) as probe:
+            status, data = _response(probe)
         assert status == 503 and b"too many open connections" in data
         for sock in busy:
             sock.close()
