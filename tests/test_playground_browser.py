@@ -63,3 +63,36 @@ def test_playground_generates_and_shows_an_image(browser, tiny_pipe, tmp_path):
         assert "seed 42" in browser.find_element(By.ID, "status").text
         assert "inference" in browser.find_element(By.ID, "timings").text
         browser.save_screenshot(str(tmp_path / "playground.png"))
+
+
+def test_playground_shows_previews_as_they_arrive_then_the_image(browser, tiny_pipe, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from srpo_infer.server import create_app
+
+    with LiveServer(create_app(tiny_pipe, output_dir=tmp_path / "out")) as live:
+        browser.get(live.url + "/")
+        # Every status the page shows, in order (the previews come and go faster than a poll could see).
+        browser.execute_script(
+            "window.seen = []; new MutationObserver(() => window.seen.push(document.getElementById('status')"
+            ".textContent)).observe(document.getElementById('status'), {childList: true, characterData: true,"
+            " subtree: true});"
+        )
+        Select(browser.find_element(By.ID, "size")).select_by_value("custom")
+        for field, value in (("width", "512"), ("height", "512"), ("steps", "4"), ("seed", "7")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        Select(browser.find_element(By.ID, "previews")).select_by_value("2")
+        browser.find_element(By.ID, "generate").click()
+        image = WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, "img.result-image")))
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+        seen = browser.execute_script("return window.seen")
+        assert "Preview 1…" in seen and "Preview 2…" in seen and seen[-1].startswith("Done in"), seen
+        assert image.get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [
+            512,
+            512,
+        ]
