@@ -33,8 +33,7 @@ def browser(tmp_path):
 
 def test_playground_generates_and_shows_an_image(browser, tiny_pipe, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     from srpo_infer.server import create_app
 
@@ -44,15 +43,10 @@ def test_playground_generates_and_shows_an_image(browser, tiny_pipe, tmp_path):
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("a lighthouse at dusk")
-        Select(browser.find_element(By.ID, "size")).select_by_value("custom")
-        for field, value in (("width", "640"), ("height", "512"), ("steps", "2"), ("seed", "42")):
-            element = browser.find_element(By.ID, field)
-            element.clear()
-            element.send_keys(value)
+        _fill(browser, width=640, height=512, steps=2, seed=42)
         Select(browser.find_element(By.ID, "format")).select_by_value("png")
         browser.find_element(By.ID, "generate").click()
-        image = WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, "img.result-image")))
-        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+        image = _result_image(browser)
         assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [
             640,
             512,
@@ -67,8 +61,7 @@ def test_playground_generates_and_shows_an_image(browser, tiny_pipe, tmp_path):
 
 def test_playground_shows_previews_as_they_arrive_then_the_image(browser, tiny_pipe, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     from srpo_infer.server import create_app
 
@@ -80,15 +73,10 @@ def test_playground_shows_previews_as_they_arrive_then_the_image(browser, tiny_p
             ".textContent)).observe(document.getElementById('status'), {childList: true, characterData: true,"
             " subtree: true});"
         )
-        Select(browser.find_element(By.ID, "size")).select_by_value("custom")
-        for field, value in (("width", "512"), ("height", "512"), ("steps", "4"), ("seed", "7")):
-            element = browser.find_element(By.ID, field)
-            element.clear()
-            element.send_keys(value)
+        _fill(browser, width=512, height=512, steps=4, seed=7)
         Select(browser.find_element(By.ID, "previews")).select_by_value("2")
         browser.find_element(By.ID, "generate").click()
-        image = WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, "img.result-image")))
-        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+        image = _result_image(browser)
         seen = browser.execute_script("return window.seen")
         assert "Preview 1…" in seen and "Preview 2…" in seen and seen[-1].startswith("Done in"), seen
         assert image.get_attribute("src").startswith("data:image/jpeg;base64,")
@@ -96,3 +84,26 @@ def test_playground_shows_previews_as_they_arrive_then_the_image(browser, tiny_p
             512,
             512,
         ]
+
+
+def _fill(browser, **fields) -> None:
+    """A custom size and the other numeric fields, typed into the form."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "size")).select_by_value("custom")
+    for field, value in fields.items():
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(str(value))
+
+
+def _result_image(browser):
+    """The final image, once it has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, "img.result-image")))
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) > 0)
+    return image
