@@ -249,7 +249,7 @@ class _Baseline:
 
 
 def _ours_run(pipe, setting: Setting, acceleration: str) -> tuple[torch.Tensor, object, float, float, int]:
-    from .pipeline import cache_threshold_for
+    from .step_cache import cache_threshold_for
 
     req = GenerationRequest(PROMPT, setting.width, setting.height, seed=SEED, num_inference_steps=setting.steps)
     _sync(pipe.device)

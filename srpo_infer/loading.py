@@ -108,13 +108,11 @@ def diffusers_pipeline(
     from dataclasses import fields
 
     from .components import flux_pipeline_class
-    from .optimize import OURS_ONLY, apply_optimizations, mark_optimized
-    from .pipeline import cache_threshold_for
+    from .optimize import apply_optimizations, mark_optimized, refuse_ours_only
+    from .step_cache import cache_threshold_for
 
     check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
-    for name, (default, instead) in OURS_ONLY.items():
-        if options.get(name, default) != default:
-            raise ValueError(instead)
+    refuse_ours_only(options)
     threshold = cache_threshold_for(acceleration, cache_threshold)
     config = PipelineConfig(model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress,
                             **options).resolved()  # fmt: skip

@@ -28,7 +28,7 @@ from .config import PipelineConfig
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .request import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
-from .step_cache import ACCELERATION_THRESHOLDS, FirstBlockCache
+from .step_cache import FirstBlockCache, cache_threshold_for
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,6 @@ class DenoiseResult:
     timings: dict[str, float]
     text_tokens: int
     transformer_evaluations: int
-
-
-def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:
-    """The first-block cache threshold of an ``acceleration`` level (``None``: no cache)."""
-    if override is not None:
-        if isinstance(override, bool) or not isinstance(override, (int, float)) or not override >= 0:
-            raise ValueError(f"cache_threshold must be a number >= 0, got {override!r}")
-        return float(override)
-    return ACCELERATION_THRESHOLDS[acceleration]
 
 
 # One image size per attention autotuning bucket (srpo_infer.attention.kernel_bucket), with 512 text

@@ -23,6 +23,21 @@ import torch
 ACCELERATION_THRESHOLDS: dict[str, float | None] = {"none": None, "regular": 0.08, "high": 0.12}
 
 
+def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:
+    """The first-block cache threshold of an ``acceleration`` level (``None``: no cache), or ``override``.
+
+    >>> cache_threshold_for("regular"), cache_threshold_for("none", 0.3)
+    (0.08, 0.3)
+    """
+    if acceleration not in ACCELERATION_THRESHOLDS:
+        raise ValueError(f"acceleration must be one of {list(ACCELERATION_THRESHOLDS)}, got {acceleration!r}")
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, (int, float)) or not override >= 0:
+            raise ValueError(f"cache_threshold must be a number >= 0, got {override!r}")
+        return float(override)
+    return ACCELERATION_THRESHOLDS[acceleration]
+
+
 class FluxStages(torch.nn.Module):
     """Diffusers' ``FluxTransformer2DModel.forward`` cut after the first double block.
 
