@@ -63,8 +63,14 @@ def run(args: argparse.Namespace) -> dict:
                     out = exact_attention(*(t.to(torch.bfloat16) for t in (q, k, v)))
                 else:
                     out = emulate(q, k, v, block_n=args.block_n, **kw)
-                row = dict(inputs=family, seed=seed, scheme=name, rel_l1=relative_l1(out, exact),
-                           rel_l2=relative_error(out, exact), cosine=cosine_similarity(out, exact))  # fmt: skip
+                row = dict(
+                    inputs=family,
+                    seed=seed,
+                    scheme=name,
+                    rel_l1=relative_l1(out, exact),
+                    rel_l2=relative_error(out, exact),
+                    cosine=cosine_similarity(out, exact),
+                )
                 bound = BOUNDS.get(name, {}).get(family)
                 if bound is not None:
                     row["bound"], row["met"] = bound, row["rel_l1"] <= bound
@@ -82,18 +88,23 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     """Per family and scheme: the worst seed's relative L1 and cosine, and the bound where there is one."""
     shape = result["shape"]
-    lines = [f"8-bit attention error, emulated in float64 ({shape['s_txt']}+{shape['s_img']} tokens, "
-             f"{shape['heads']} heads, D=128, key tiles of {shape['block_n']}; {result['date']}); worst of "
-             f"{len({r['seed'] for r in result['rows']})} seed(s)", "",
-             "| inputs | scheme | rel. L1 | rel. L2 | cosine | bound (rel. L1) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"8-bit attention error, emulated in float64 ({shape['s_txt']}+{shape['s_img']} tokens, "
+        f"{shape['heads']} heads, D=128, key tiles of {shape['block_n']}; {result['date']}); worst of "
+        f"{len({r['seed'] for r in result['rows']})} seed(s)",
+        "",
+        "| inputs | scheme | rel. L1 | rel. L2 | cosine | bound (rel. L1) |",
+        "|---|---|---|---|---|---|",
+    ]
     for family in dict.fromkeys(r["inputs"] for r in result["rows"]):
         for scheme in dict.fromkeys(r["scheme"] for r in result["rows"]):
             rows = [r for r in result["rows"] if r["inputs"] == family and r["scheme"] == scheme]
             worst = max(rows, key=lambda r: r["rel_l1"])
             bound = f"{worst['bound']:g} {'met' if worst['met'] else 'NOT MET'}" if "bound" in worst else ""
-            lines.append(f"| {family} | {scheme} | {worst['rel_l1']:.4f} | {worst['rel_l2']:.4f} | "
-                         f"{min(r['cosine'] for r in rows):.5f} | {bound} |")  # fmt: skip
+            lines.append(
+                f"| {family} | {scheme} | {worst['rel_l1']:.4f} | {worst['rel_l2']:.4f} | "
+                f"{min(r['cosine'] for r in rows):.5f} | {bound} |"
+            )
     return "\n".join(lines)
 
 
@@ -115,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(table + "\n")
     missed = [r for r in result["rows"] if r.get("met") is False]
     for r in missed:
-        print(f"NOT MET: {r['scheme']} on {r['inputs']} (seed {r['seed']}): rel. L1 {r['rel_l1']:.4f} > {r['bound']}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"NOT MET: {r['scheme']} on {r['inputs']} (seed {r['seed']}): rel. L1 {r['rel_l1']:.4f} > {r['bound']}",
+            file=sys.stderr,
+        )
     return 1 if missed else 0
 
 

@@ -74,14 +74,19 @@ def candidates(device: str, sweep: bool = False):
     compile_backend = "inductor" if device == "cuda" else "aot_eager"
 
     def compiled(backend=None):
-        return torch.compile(functools.partial(flux_attention_reference, sdpa_backend=backend), fullgraph=True,
-                             backend=compile_backend)  # fmt: skip
+        return torch.compile(
+            functools.partial(flux_attention_reference, sdpa_backend=backend), fullgraph=True, backend=compile_backend
+        )
 
     out.append(("compiled-sdpa-default", "stock", compiled()))
     out += _sageattention(device, compile_backend)
     if device == "cuda":
-        pinned = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
-                  ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa-math", SDPBackend.MATH))  # fmt: skip
+        pinned = (
+            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("sdpa-math", SDPBackend.MATH),
+        )
         for name, backend in pinned:
             out.append((name, "stock", lambda x, b=backend: flux_attention_reference(x, sdpa_backend=b)))
         out.append(("compiled-sdpa-cudnn", "stock", compiled(SDPBackend.CUDNN_ATTENTION)))
@@ -105,8 +110,9 @@ def _sageattention(device: str, compile_backend: str):
     try:
         from sageattention import sageattn
     except Exception as exc:  # not installed, or its import fails on this GPU
-        reason = Skipped(f"sageattention does not import ({type(exc).__name__}: {str(exc)[:120]}); "
-                         "pip install sageattention==1.0.6")  # fmt: skip
+        reason = Skipped(
+            f"sageattention does not import ({type(exc).__name__}: {str(exc)[:120]}); pip install sageattention==1.0.6"
+        )
         return [(name, kind, reason) for name, kind in names]
     import torch
 
@@ -199,8 +205,11 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
         shapes = {"smoke": dict(s_txt=5, s_img=27, heads=2, head_dim=32)}
         dtype, warmup, repeats = torch.float16, 0, 1
     else:
-        shapes = {name: dict(s_txt=512, s_img=(w // 16) * (h // 16), heads=24, head_dim=128)
-                  for name, (w, h) in SIZES.items() if name in args.sizes}  # fmt: skip
+        shapes = {
+            name: dict(s_txt=512, s_img=(w // 16) * (h // 16), heads=24, head_dim=128)
+            for name, (w, h) in SIZES.items()
+            if name in args.sizes
+        }
         dtype, warmup, repeats = torch.bfloat16, args.warmup, args.repeats
     rows: list[dict] = []
 
@@ -225,8 +234,9 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
         )
 
     for size, shape in shapes.items():
-        kw = random_attention_inputs(1, shape["heads"], shape["head_dim"], shape["s_txt"], shape["s_img"], dtype,
-                                     device, seed=1)  # fmt: skip
+        kw = random_attention_inputs(
+            1, shape["heads"], shape["head_dim"], shape["s_txt"], shape["s_img"], dtype, device, seed=1
+        )
         tokens = shape["s_txt"] + shape["s_img"]
         flops = attention_flops(1, shape["heads"], shape["head_dim"], tokens)
         reference = flux_attention_reference(kw.to(torch.float32))
@@ -257,9 +267,12 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
 
 def markdown(result: dict) -> str:
     """The rows as a Markdown table."""
-    lines = [f"Attention on {result['device']} ({result['dtype']}, {result['date']})", "",
-             "| size | tokens | candidate | ms | TFLOP/s | × best stock | rel. L2 vs fp32 | rel. L1 | cosine |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Attention on {result['device']} ({result['dtype']}, {result['date']})",
+        "",
+        "| size | tokens | candidate | ms | TFLOP/s | × best stock | rel. L2 vs fp32 | rel. L1 | cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "ms" not in r:
             why = r.get("error") or f"skipped: {r['skipped']}"
@@ -281,8 +294,10 @@ GOALS = {"triton": (0.45, 1.0, 1e-2), "triton-int8": (0.36, 0.0, 1.5e-2), "trito
 def summary(result: dict) -> list[str]:
     """Per size: the compiled rival, the fastest row of each of our backends, and its goals
     (:data:`GOALS`; the ms goals at 4608 tokens, the ratios at every size), read off the rows."""
-    lines = ["| size | rival: compiled prologue + SDPA | ours | fastest row | ms | × rival | rel. L1 | goal |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| size | rival: compiled prologue + SDPA | ours | fastest row | ms | × rival | rel. L1 | goal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     goals = GOALS
     for size in dict.fromkeys(r["size"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["size"] == size and "ms" in r]
@@ -299,8 +314,10 @@ def summary(result: dict) -> list[str]:
             ok = ratio >= ratio_goal and best["rel_l1_vs_fp32"] <= err_goal
             ok = ok and (best["ms"] <= ms_goal if best["tokens"] == 4608 else True)  # ms goals are at 4608
             verdict = "met" if ok else "not met"
-            lines.append(f"| {size} | {rival['candidate']} {rival['ms']:.3f} ms | {mode} | {best['candidate']} | "
-                         f"{best['ms']:.3f} | {ratio:.2f} | {best['rel_l1_vs_fp32']:.2e} | {verdict} |")  # fmt: skip
+            lines.append(
+                f"| {size} | {rival['candidate']} {rival['ms']:.3f} ms | {mode} | {best['candidate']} | "
+                f"{best['ms']:.3f} | {ratio:.2f} | {best['rel_l1_vs_fp32']:.2e} | {verdict} |"
+            )
     return lines if len(lines) > 2 else []
 
 

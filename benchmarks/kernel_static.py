@@ -86,8 +86,22 @@ def _inputs():
         return torch.empty(*shape, dtype=dtype)
 
     rope = t(st + si, d, dtype=torch.float32)
-    return AttentionInputs(t(b, si, h * d), t(b, si, h * d), t(b, si, h * d), t(d), t(d), rope, torch.empty_like(rope),
-                           h, t(b, st, h * d), t(b, st, h * d), t(b, st, h * d), t(d), t(d), 1e-6)  # fmt: skip
+    return AttentionInputs(
+        t(b, si, h * d),
+        t(b, si, h * d),
+        t(b, si, h * d),
+        t(d),
+        t(d),
+        rope,
+        torch.empty_like(rope),
+        h,
+        t(b, st, h * d),
+        t(b, st, h * d),
+        t(b, st, h * d),
+        t(d),
+        t(d),
+        1e-6,
+    )
 
 
 def jobs() -> list[dict]:
@@ -107,8 +121,16 @@ def jobs() -> list[dict]:
                 if design == "tma" and target < (9, 0):
                     continue
                 for config in all_gpu_candidates(mode, target):
-                    out.append(dict(kernel="attention", mode=mode, design=design, config=tuple(config),
-                                    target=target, shipped=config in shipped))  # fmt: skip
+                    out.append(
+                        dict(
+                            kernel="attention",
+                            mode=mode,
+                            design=design,
+                            config=tuple(config),
+                            target=target,
+                            shipped=config in shipped,
+                        )
+                    )
     return out
 
 
@@ -125,11 +147,13 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True,
-                              text=True, check=True).stdout  # fmt: skip
+        text = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text.split("Function", 1)[1]))
-    return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
-                shared=int(fields["SHARED"]))  # fmt: skip
+    return dict(
+        regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=int(fields["SHARED"])
+    )
 
 
 def sass(cubin: bytes) -> str:
@@ -137,8 +161,9 @@ def sass(cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        return subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
+        return subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True
+        ).stdout
 
 
 def ptxas_log(log: str) -> dict:
@@ -176,8 +201,12 @@ def sass_loop(text: str) -> dict:
                 int(n, 16) for i in body for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", i)
             )
             barriers = sum(bool(re.search(r"\bBAR\.(?:SYNC|RED)", i)) for i in body)
-            best = dict(mmas=mmas, waits={str(n): c for n, c in sorted(waits.items())}, barriers=barriers,
-                        instructions=len(body))  # fmt: skip
+            best = dict(
+                mmas=mmas,
+                waits={str(n): c for n, c in sorted(waits.items())},
+                barriers=barriers,
+                instructions=len(body),
+            )
     return best or dict(mmas=0, waits={}, barriers=0, instructions=0)
 
 
@@ -198,8 +227,9 @@ def ptx_loop(ptx: str) -> dict:
                 int(w) for b in body for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", b)
             )
             barriers = sum(bool(re.search(r"\b(?:bar|barrier)(?:\.cta)?\.sync\b", b)) for b in body)
-            best = dict(mmas=mmas, waits={str(k): c for k, c in sorted(waits.items())}, barriers=barriers,
-                        lines=len(body))  # fmt: skip
+            best = dict(
+                mmas=mmas, waits={str(k): c for k, c in sorted(waits.items())}, barriers=barriers, lines=len(body)
+            )
     return best or dict(mmas=0, waits={}, barriers=0, lines=0)
 
 
@@ -233,8 +263,7 @@ def _compile(launch, target: tuple[int, int]):
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch.meta, bound, specialization, options)
     log = io.StringIO()
     with _environ(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu,
-                                  options=options.__dict__)  # fmt: skip
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu, options=options.__dict__)
     return compiled, log.getvalue()
 
 
@@ -267,9 +296,16 @@ def check(job: dict, cubin_dir: str | None = None) -> dict:
     target = tuple(job["target"])
     arch = f"sm_{target[0]}{target[1]}{'a' if target >= (9, 0) else ''}"
     config = KernelConfig(*job["config"]) if job["config"] else None
-    row = dict(triton=triton.__version__, kernel=job["kernel"], mode=job["mode"], design=job["design"],
-               config=config.tag if config else "-", target=arch, shipped=job.get("shipped", True),
-               smem_limit=SMEM_LIMIT[target])  # fmt: skip
+    row = dict(
+        triton=triton.__version__,
+        kernel=job["kernel"],
+        mode=job["mode"],
+        design=job["design"],
+        config=config.tag if config else "-",
+        target=arch,
+        shipped=job.get("shipped", True),
+        smem_limit=SMEM_LIMIT[target],
+    )
     t0 = time.perf_counter()
     try:
         design = job["design"] if job["design"] != "-" else "pointer"
@@ -352,17 +388,21 @@ def markdown(result: dict) -> str:
     by_key: dict[tuple, dict] = {}
     for r in result["rows"]:
         by_key.setdefault((r["target"], r["kernel"], r["mode"], r["design"], r["config"]), {})[r["triton"]] = r
-    lines = [f"Attention kernels compiled for GPUs that are not here ({result['date']}; Flux shape "
-             f"{SHAPE['heads']} heads × {SHAPE['head_dim']}, {SHAPE['s_txt']}+{SHAPE['s_img']} tokens; q/k/v bf16, "
-             f"rotary tables fp32), under triton {', '.join(versions)}.", "",
-             "Per version: registers (from the cubin) / spill bytes per thread / shared memory KiB; `*`: dropped "
-             "for that version (not shipped). Loop: the attention loop in the SASS, per iteration: MMA waits as "
-             "count×depth (`WARPGROUP.DEPBAR.LE gsb0, depth`; depth 0: nothing stays in flight across the "
-             "softmax) and CTA-wide barriers (`BAR.SYNC`); one value when all versions agree, else one per version.",
-             "",
-             "| target | kernel | mode | design | config | " + " | ".join(f"triton {v}" for v in versions)
-             + " | MMA | TMA copies | loop waits | loop barriers | problems |",
-             "|---" * (10 + len(versions)) + "|"]  # fmt: skip
+    lines = [
+        f"Attention kernels compiled for GPUs that are not here ({result['date']}; Flux shape "
+        f"{SHAPE['heads']} heads × {SHAPE['head_dim']}, {SHAPE['s_txt']}+{SHAPE['s_img']} tokens; q/k/v bf16, "
+        f"rotary tables fp32), under triton {', '.join(versions)}.",
+        "",
+        "Per version: registers (from the cubin) / spill bytes per thread / shared memory KiB; `*`: dropped "
+        "for that version (not shipped). Loop: the attention loop in the SASS, per iteration: MMA waits as "
+        "count×depth (`WARPGROUP.DEPBAR.LE gsb0, depth`; depth 0: nothing stays in flight across the "
+        "softmax) and CTA-wide barriers (`BAR.SYNC`); one value when all versions agree, else one per version.",
+        "",
+        "| target | kernel | mode | design | config | "
+        + " | ".join(f"triton {v}" for v in versions)
+        + " | MMA | TMA copies | loop waits | loop barriers | problems |",
+        "|---" * (10 + len(versions)) + "|",
+    ]
     for (target, kernel, mode, design, config), per in by_key.items():
         cells, issues, loops = [], [], []
         for v in versions:
@@ -387,15 +427,20 @@ def markdown(result: dict) -> str:
             f"{' '.join(first.get('mma', [])) or '–'} | {first.get('tma_copies', '–')} | {waits} | {barriers} | "
             f"{'<br>'.join(issues) or 'ok'} |"
         )
-    lines += ["", "| triton | from | kernels | shipped with problems | dropped (not shipped) | install s | check s |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| triton | from | kernels | shipped with problems | dropped (not shipped) | install s | check s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in result["matrix"]:
         rows = [r for r in result["rows"] if r["triton"] == v["triton"]]
         bad = sum(bool(r["problems"]) for r in rows if r["shipped"])
         dropped = ", ".join(f"{r['target']} {r['mode']} {r['design']} {r['config']}" for r in rows if not r["shipped"])
         source = v["source"] if v["source"] == "installed" else f"pip --no-deps → {Path(v['source']).name}"
-        lines.append(f"| {v['triton']} | {source} | {len(rows)} | {bad} | {dropped or '–'} | "
-                     f"{v['install_seconds']} | {v['seconds']} |")  # fmt: skip
+        lines.append(
+            f"| {v['triton']} | {source} | {len(rows)} | {bad} | {dropped or '–'} | "
+            f"{v['install_seconds']} | {v['seconds']} |"
+        )
     bad = sum(bool(r["problems"]) for r in result["rows"] if r["shipped"])
     lines += ["", f"{len(result['rows'])} kernels compiled, {bad} shipped with problems; {result['seconds']} s in all."]
     return "\n".join(lines)
@@ -418,8 +463,22 @@ def install(version: str, cache: Path) -> tuple[Path, float]:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".triton-{version}-", dir=cache))
     try:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                        "--no-compile", "--target", str(tmp), f"triton=={version}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(tmp),
+                f"triton=={version}",
+            ],
+            check=True,
+        )
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     finally:
@@ -452,8 +511,11 @@ def worker(out: Path, n_jobs: int, expect: str | None) -> None:
     if expect and triton.__version__ != expect:
         raise SystemExit(f"expected triton {expect}, imported {triton.__version__} from {triton.__file__}")
     todo = jobs()
-    print(f"triton {triton.__version__}: compiling {len(todo)} kernels for "
-          f"{', '.join(f'sm_{a}{b}' for a, b in TARGETS)} with {n_jobs} process(es)…", file=sys.stderr)  # fmt: skip
+    print(
+        f"triton {triton.__version__}: compiling {len(todo)} kernels for "
+        f"{', '.join(f'sm_{a}{b}' for a, b in TARGETS)} with {n_jobs} process(es)…",
+        file=sys.stderr,
+    )
     rows = []
     with ProcessPoolExecutor(n_jobs) as pool:
         for row in pool.map(check, todo):
@@ -483,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--expect", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.jobs, args.expect)
         return 0
@@ -504,8 +566,14 @@ def main(argv: list[str] | None = None) -> int:
         folder, install_s = (None, 0.0) if installed else install(version, cache)
         result = check_version(name, folder, args.jobs)
         rows += result["rows"]
-        matrix.append(dict(triton=result["triton"], source="installed" if installed else str(folder),
-                           install_seconds=install_s, seconds=result["seconds"]))  # fmt: skip
+        matrix.append(
+            dict(
+                triton=result["triton"],
+                source="installed" if installed else str(folder),
+                install_seconds=install_s,
+                seconds=result["seconds"],
+            )
+        )
     result = dict(
         benchmark="kernel-static",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

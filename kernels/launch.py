@@ -181,8 +181,15 @@ def _tuned_attention(mode: str, tma: bool, capability: tuple[int, int]):
     configs = candidates(mode, capability)
     key = (mode, tma, configs)
     if key not in _TUNERS:
-        tuned = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                               num_stages=c.num_stages, pre_hook=_set_block_shapes) for c in configs]  # fmt: skip
+        tuned = [
+            triton.Config(
+                {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+                pre_hook=_set_block_shapes,
+            )
+            for c in configs
+        ]
         _TUNERS[key] = triton.autotune(configs=tuned, key=["S_BUCKET", "HEAD_DIM"], cache_results=True)(
             K._attention_kernel
         )
@@ -279,31 +286,84 @@ def plan(
     v_amax = torch.empty(bh, chunks, head_dim, **f32) if flags.pv_fp8 else unused
     launches = []
     if flags.qk_int8 or flags.pv_fp8:
-        launches.append(Launch("stats", K._stats_kernel, (chunks, bh),
-                               [*streams[8:], wk_t, img_norm_k, *rope, k_sum, v_amax, s_txt, s, heads, eps],
-                               dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, PV_FP8=flags.pv_fp8,
-                                    num_warps=warps)))  # fmt: skip
-    launches.append(Launch("prologue", K._prologue_kernel, (s_pad // rows, bh),
-                           [*streams, wq_t, wk_t, img_norm_q, img_norm_k, *rope, q, k, v, qs, ks, k_sum, v_amax,
-                            s_txt, s, s_pad, heads, eps],
-                           dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, QK_INT8=flags.qk_int8,
-                                PV_FP8=flags.pv_fp8, ROUND_FP8=interpreting(), num_warps=warps)))  # fmt: skip
+        launches.append(
+            Launch(
+                "stats",
+                K._stats_kernel,
+                (chunks, bh),
+                [*streams[8:], wk_t, img_norm_k, *rope, k_sum, v_amax, s_txt, s, heads, eps],
+                dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, PV_FP8=flags.pv_fp8, num_warps=warps),
+            )
+        )
+    launches.append(
+        Launch(
+            "prologue",
+            K._prologue_kernel,
+            (s_pad // rows, bh),
+            [
+                *streams,
+                wq_t,
+                wk_t,
+                img_norm_q,
+                img_norm_k,
+                *rope,
+                q,
+                k,
+                v,
+                qs,
+                ks,
+                k_sum,
+                v_amax,
+                s_txt,
+                s,
+                s_pad,
+                heads,
+                eps,
+            ],
+            dict(
+                HEAD_DIM=head_dim,
+                BLOCK=rows,
+                CHUNKS=chunks,
+                QK_INT8=flags.qk_int8,
+                PV_FP8=flags.pv_fp8,
+                ROUND_FP8=interpreting(),
+                num_warps=warps,
+            ),
+        )
+    )
 
     # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
     if tma:
         first = config or candidates(mode, capability)[0]  # the autotuner's pre-hook resets the tiles per config
         tiles = _tiles(first.block_m, first.block_n, head_dim, flags.pv_fp8)
         q, k, v = (TensorDescriptor.from_tensor(t, tile) for t, tile in zip((q, k, v), tiles, strict=True))
-    args = [q, k, v, qs, ks, v_amax, out, out.stride(0), out.stride(2), out.stride(1),
-            s, s_pad, seq_bucket(s), heads, LOG2E / math.sqrt(head_dim)]  # fmt: skip
-    meta = dict(HEAD_DIM=head_dim, CHUNKS=chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8,
-                ROUND_FP8=interpreting(), TMA=tma)  # fmt: skip
+    args = [
+        q,
+        k,
+        v,
+        qs,
+        ks,
+        v_amax,
+        out,
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        s,
+        s_pad,
+        seq_bucket(s),
+        heads,
+        LOG2E / math.sqrt(head_dim),
+    ]
+    meta = dict(
+        HEAD_DIM=head_dim, CHUNKS=chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8, ROUND_FP8=interpreting(), TMA=tma
+    )
     if config is None:
         grid = lambda m: (triton.cdiv(s, m["BLOCK_M"]), bh)  # noqa: E731
         launches.append(Launch("attention", _tuned_attention(mode, tma, capability), grid, args, meta))
     else:
-        meta |= dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
-                     num_stages=config.num_stages)  # fmt: skip
+        meta |= dict(
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages
+        )
         launches.append(Launch("attention", K._attention_kernel, (triton.cdiv(s, config.block_m), bh), args, meta))
     return launches, out.view(batch, s, width)
 
@@ -374,8 +434,12 @@ def _check_inputs(x: Sequence, mode: str, for_target: bool = False) -> tuple[int
                 raise ValueError(f"{name} has {t.shape[1]} tokens, txt_q has {txt_q.shape[1]}")
     s_txt = txt_q.shape[1] if has_txt else 0
     s = s_txt + img_q.shape[1]
-    norms = (("img_norm_q", img_norm_q), ("img_norm_k", img_norm_k), ("txt_norm_q", txt_norm_q),
-             ("txt_norm_k", txt_norm_k))  # fmt: skip
+    norms = (
+        ("img_norm_q", img_norm_q),
+        ("img_norm_k", img_norm_k),
+        ("txt_norm_q", txt_norm_q),
+        ("txt_norm_k", txt_norm_k),
+    )
     for name, w in norms:
         if w is not None and (w.shape != (head_dim,) or w.device != img_q.device):
             raise ValueError(f"{name} must be a [{head_dim}] tensor on {img_q.device}, got {tuple(w.shape)}")

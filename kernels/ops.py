@@ -33,13 +33,43 @@ def flux_attention(
     design: str = "auto",
 ) -> torch.Tensor:
     """``srpo::flux_attention``: see :func:`srpo_infer.kernels.launch.flux_attention`."""
-    x = (img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads,
-         txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps)  # fmt: skip
+    x = (
+        img_q,
+        img_k,
+        img_v,
+        img_norm_q,
+        img_norm_k,
+        rope_cos,
+        rope_sin,
+        heads,
+        txt_q,
+        txt_k,
+        txt_v,
+        txt_norm_q,
+        txt_norm_k,
+        eps,
+    )
     return launch.flux_attention(x, mode=mode, design=design)
 
 
 @flux_attention.register_fake
-def _(img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads, txt_q=None, txt_k=None, txt_v=None,
-      txt_norm_q=None, txt_norm_k=None, eps=1e-6, mode="bf16", design="auto"):  # fmt: skip
+def _(
+    img_q,
+    img_k,
+    img_v,
+    img_norm_q,
+    img_norm_k,
+    rope_cos,
+    rope_sin,
+    heads,
+    txt_q=None,
+    txt_k=None,
+    txt_v=None,
+    txt_norm_q=None,
+    txt_norm_k=None,
+    eps=1e-6,
+    mode="bf16",
+    design="auto",
+):
     tokens = img_q.shape[1] + (txt_q.shape[1] if txt_q is not None else 0)
     return img_q.new_empty(img_q.shape[0], tokens, img_q.shape[2])

@@ -147,10 +147,15 @@ def random_attention_inputs(
     iq, ik, iv = stream(s_img)
     angles = torch.rand(s_txt + s_img, head_dim // 2, generator=g) * 6.3
     x = AttentionInputs(
-        img_q=iq, img_k=ik, img_v=iv, img_norm_q=norm_weight(), img_norm_k=norm_weight(),
+        img_q=iq,
+        img_k=ik,
+        img_v=iv,
+        img_norm_q=norm_weight(),
+        img_norm_k=norm_weight(),
         rope_cos=angles.cos().repeat_interleave(2, -1).to(device),
-        rope_sin=angles.sin().repeat_interleave(2, -1).to(device), heads=heads,
-    )  # fmt: skip
+        rope_sin=angles.sin().repeat_interleave(2, -1).to(device),
+        heads=heads,
+    )
     if s_txt:
         tq, tk, tv = stream(s_txt)
         x = x._replace(txt_q=tq, txt_k=tk, txt_v=tv, txt_norm_q=norm_weight(), txt_norm_k=norm_weight())
@@ -180,9 +185,16 @@ class FluxAttentionProcessor:
         self.split = None
 
     def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-        token_counts=None, rope=None, key_padding=None,
-    ):  # fmt: skip
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        token_counts=None,
+        rope=None,
+        key_padding=None,
+    ):
         """Context parallelism passes ``token_counts`` (the image's real text and image tokens), ``rope``
         (the whole sequence's rotary tables) and, when it padded the streams, ``key_padding``
         (``[S_local]``, true for this rank's padding tokens); see :mod:`srpo_infer.context_parallel`."""
@@ -194,14 +206,27 @@ class FluxAttentionProcessor:
         cos, sin = image_rotary_emb
         text = eq is not None
         x = AttentionInputs(
-            q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.heads, eq, ek, ev,
-            attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
+            q,
+            k,
+            v,
+            attn.norm_q.weight,
+            attn.norm_k.weight,
+            cos,
+            sin,
+            attn.heads,
+            eq,
+            ek,
+            ev,
+            attn.norm_added_q.weight if text else None,
+            attn.norm_added_k.weight if text else None,
             attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(q.dtype).eps,
-        )  # fmt: skip
+        )
         if self._parallel_config is not None:
             if self.split is None:
-                raise ValueError("this processor was split by diffusers' enable_parallelism directly: split images "
-                                 "with load_pipeline(..., context_parallel=N)")  # fmt: skip
+                raise ValueError(
+                    "this processor was split by diffusers' enable_parallelism directly: split images "
+                    "with load_pipeline(..., context_parallel=N)"
+                )
             out = self.split(x, self._parallel_config, self.backend, token_counts, rope, key_padding, self.design)
         else:
             out = attend(x, self.backend, self.design)
@@ -265,8 +290,10 @@ def check_backend_available(backend: str, device: torch.device) -> None:
     need = MODES[KERNEL_MODES[backend]].min_capability  # the one definition of what each mode needs
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < need:
         what, instead = ("fp8 tensor cores", "triton-int8") if MODES[KERNEL_MODES[backend]].pv_fp8 else ("", "sdpa")
-        raise ValueError(f"attention={backend!r} needs {what or 'a GPU'} of compute capability >= "
-                         f"{need[0]}.{need[1]}; use attention={instead!r}")  # fmt: skip
+        raise ValueError(
+            f"attention={backend!r} needs {what or 'a GPU'} of compute capability >= "
+            f"{need[0]}.{need[1]}; use attention={instead!r}"
+        )
 
 
 MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor) for the tma design
@@ -286,8 +313,10 @@ def check_triton(version: str | None = None) -> None:
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if found < MIN_TRITON:
         want = ".".join(map(str, MIN_TRITON))
-        raise ValueError(f"the Triton attention backends need triton >= {want}, found {version}; "
-                         "upgrade triton (and torch) or use attention='sdpa'")  # fmt: skip
+        raise ValueError(
+            f"the Triton attention backends need triton >= {want}, found {version}; "
+            "upgrade triton (and torch) or use attention='sdpa'"
+        )
 
 
 def set_attention_backend(transformer: torch.nn.Module, backend: str, design: str = "auto") -> None:

@@ -118,8 +118,14 @@ def cannot_run(bench: BenchConfig, device: torch.device) -> str | None:
     try:
         from .optimize import check_available
 
-        plain = PipelineConfig(model="tiny-random", device=str(device), attention=bench.attention,
-                               quantize=bench.quantize, memory=bench.memory, compile=False).resolved()  # fmt: skip
+        plain = PipelineConfig(
+            model="tiny-random",
+            device=str(device),
+            attention=bench.attention,
+            quantize=bench.quantize,
+            memory=bench.memory,
+            compile=False,
+        ).resolved()
         check_available(plain)
     except ValueError as exc:
         return str(exc)
@@ -184,8 +190,11 @@ def transformer_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, i
         total["attention"] += 4 * hidden.shape[0] * tokens * tokens * module.heads * module.head_dim
 
     hooks = [m.register_forward_hook(on_linear) for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
-    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in transformer.modules()
-              if isinstance(m, FluxAttention)]  # fmt: skip
+    hooks += [
+        m.register_forward_hook(on_attention, with_kwargs=True)
+        for m in transformer.modules()
+        if isinstance(m, FluxAttention)
+    ]
     try:
         with torch.inference_mode():
             transformer(**inputs)
@@ -233,14 +242,23 @@ class _Baseline:
             _sync(device)
             spent[0] += time.perf_counter() - spent[1]
 
-        hooks = [self.flux.transformer.register_forward_pre_hook(before),
-                 self.flux.transformer.register_forward_hook(after)]  # fmt: skip
+        hooks = [
+            self.flux.transformer.register_forward_pre_hook(before),
+            self.flux.transformer.register_forward_hook(after),
+        ]
         _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            latents = self.flux(PROMPT, height=setting.height, width=setting.width,
-                                num_inference_steps=setting.steps, guidance_scale=4.5, latents=noise,
-                                output_type="latent", max_sequence_length=512).images  # fmt: skip
+            latents = self.flux(
+                PROMPT,
+                height=setting.height,
+                width=setting.width,
+                num_inference_steps=setting.steps,
+                guidance_scale=4.5,
+                latents=noise,
+                output_type="latent",
+                max_sequence_length=512,
+            ).images
             image = self.ours.decode(latents, setting.width, setting.height)[0]
         _sync(device)
         for h in hooks:
@@ -262,8 +280,16 @@ def _ours_run(pipe, setting: Setting, acceleration: str) -> tuple[torch.Tensor, 
 
 
 def _plain_config(args: BenchArgs, device: torch.device, dtype: torch.dtype) -> PipelineConfig:
-    return PipelineConfig(model=args.model, base=args.base, device=device, dtype=dtype, attention="sdpa",
-                          quantize=None, compile=False, progress=False).resolved()  # fmt: skip
+    return PipelineConfig(
+        model=args.model,
+        base=args.base,
+        device=device,
+        dtype=dtype,
+        attention="sdpa",
+        quantize=None,
+        compile=False,
+        progress=False,
+    ).resolved()
 
 
 class ConfigTimeout(Exception):
@@ -403,11 +429,21 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
         shared.off_device()
         parts = shared.fresh_components()
     config = PipelineConfig(
-        model=args.model, base=args.base, device=device, dtype=shared.dtype, attention=bench.attention,
-        quantize=bench.quantize, compile=bench.compile, compile_scope=bench.compile_scope,
-        compile_mode=bench.compile_mode, compile_backend=args.compile_backend, cache_dir=None, progress=False,
-        memory=bench.memory, context_parallel=1 if bench.baseline else args.context_parallel,
-    ).resolved()  # fmt: skip
+        model=args.model,
+        base=args.base,
+        device=device,
+        dtype=shared.dtype,
+        attention=bench.attention,
+        quantize=bench.quantize,
+        compile=bench.compile,
+        compile_scope=bench.compile_scope,
+        compile_mode=bench.compile_mode,
+        compile_backend=args.compile_backend,
+        cache_dir=None,
+        progress=False,
+        memory=bench.memory,
+        context_parallel=1 if bench.baseline else args.context_parallel,
+    ).resolved()
     pipe = SRPOPipeline(parts, config)
     runner = _Baseline(pipe) if bench.baseline else None
     graphs_start = pipe.compiled_graphs()
@@ -416,8 +452,9 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: _Shared, box: TimeB
     for setting in args.settings:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        row = dict(config=bench.name, setting=setting.label, width=setting.width, height=setting.height,
-                   steps=setting.steps)  # fmt: skip
+        row = dict(
+            config=bench.name, setting=setting.label, width=setting.width, height=setting.height, steps=setting.steps
+        )
         if pipe.optimized.context_parallel is not None:
             row["context_parallel"] = pipe.optimized.context_parallel.degrees.describe()
         try:
@@ -501,9 +538,16 @@ def _count_flops(pipe, setting: Setting) -> int:
         embeds, pooled, text_ids, _ = pipe.encode_prompt(req.prompt)
         noise = pipe.prepare_noise([SEED], setting.width, setting.height)
         img_ids = pipe.latent_image_ids(1, setting.width, setting.height)
-    inputs = dict(hidden_states=noise, timestep=torch.full((1,), 0.5, device=pipe.device, dtype=pipe.dtype),
-                  guidance=torch.full((1,), 4.5, device=pipe.device), pooled_projections=pooled,
-                  encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)  # fmt: skip
+    inputs = dict(
+        hidden_states=noise,
+        timestep=torch.full((1,), 0.5, device=pipe.device, dtype=pipe.dtype),
+        guidance=torch.full((1,), 4.5, device=pipe.device),
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )
     cp = pipe.optimized.context_parallel
     if cp is None:
         return transformer_flops(pipe.transformer, inputs)["total"]  # the module itself, never the compiled fn
@@ -515,8 +559,12 @@ def _versions() -> dict:
     import diffusers
     import transformers
 
-    versions = dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
-                    python=platform.python_version())  # fmt: skip
+    versions = dict(
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+    )
     for name in ("triton", "torchao", "optimum.quanto"):
         try:
             module = __import__(name, fromlist=["__version__"])
@@ -533,8 +581,10 @@ def _versions() -> dict:
 
 def markdown_header() -> str:
     """The table's column header (two lines)."""
-    return ("| setting | config | s/image | ms/step | full evals | × baseline | TFLOP/s | peak GB | first call s | "
-            "recompiles | latent rel. err | PSNR dB |\n" + "|" + "---|" * 12)  # fmt: skip
+    return (
+        "| setting | config | s/image | ms/step | full evals | × baseline | TFLOP/s | peak GB | first call s | "
+        "recompiles | latent rel. err | PSNR dB |\n" + "|" + "---|" * 12
+    )
 
 
 def markdown_row(r: dict) -> str:
@@ -558,8 +608,10 @@ def markdown_row(r: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The rows as a Markdown table."""
-    head = (f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
-            f"median of {result['repeats']}")  # fmt: skip
+    head = (
+        f"Pipeline benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['date']}, "
+        f"median of {result['repeats']}"
+    )
     lines = [head, "", markdown_header(), *(markdown_row(r) for r in result["rows"]), "", *markdown_notes(result)]
     return "\n".join(lines)
 
@@ -567,8 +619,11 @@ def markdown_table(result: dict) -> str:
 def markdown_notes(result: dict) -> list[str]:
     """What follows the table: what recompiles means, each recompile's reason (when there are any),
     the configurations skipped and the note on random weights."""
-    reasons = [f"- {r['config']} at {r['setting']}: {reason}"
-               for r in result["rows"] for reason in r.get("recompile_reasons", [])]  # fmt: skip
+    reasons = [
+        f"- {r['config']} at {r['setting']}: {reason}"
+        for r in result["rows"]
+        for reason in r.get("recompile_reasons", [])
+    ]
     lines = [RECOMPILES_EXPLAINED + (" Each recompile's reason (the guard that failed):" if reasons else ""), *reasons]
     if result.get("skipped"):
         lines += ["", "Skipped (cannot run here): " + "; ".join(f"{n}: {why}" for n, why in result["skipped"].items())]
@@ -599,8 +654,11 @@ def chart(result: dict, path: Path) -> None:
     width = 0.8 / max(1, len(configs))
     for i, name in enumerate(configs):
         mine = {r["setting"]: r for r in rows if r["config"] == name}
-        points = [(j + i * width, mine[s]["seconds_per_image"], mine[s].get("speedup_vs_baseline"))
-                  for j, s in enumerate(settings) if s in mine]  # fmt: skip
+        points = [
+            (j + i * width, mine[s]["seconds_per_image"], mine[s].get("speedup_vs_baseline"))
+            for j, s in enumerate(settings)
+            if s in mine
+        ]
         ax.bar([p[0] for p in points], [p[1] for p in points], width, label=name)
         for x, y, speed in points:
             if speed:

@@ -150,9 +150,11 @@ def cached_snapshot(repo_id: str, patterns: list[str], what: str) -> str | None:
         )
     host = hub_unreachable(constants.ENDPOINT)
     if host:
-        raise CheckpointError(f"{what} {repo_id!r} is not in the local Hugging Face cache and {host} cannot be "
-                              "reached (no network?): connect, or pass a local folder; set HF_HUB_OFFLINE=1 to "
-                              "use only the cache")  # fmt: skip
+        raise CheckpointError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and {host} cannot be "
+            "reached (no network?): connect, or pass a local folder; set HF_HUB_OFFLINE=1 to "
+            "use only the cache"
+        )
     return None
 
 

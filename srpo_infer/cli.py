@@ -30,8 +30,10 @@ def _request_flags() -> list:
 def _as_flags(message: str) -> str:
     """``num_inference_steps must be in [1, 50], got 0`` → ``--steps must be in [1, 50], got 0``: errors
     name what the user typed."""
-    flags = {f.name: f.metadata["flag"] for f in _request_flags()} | {"image_size": "--image-size",
-                                                                      "prompt": "the prompt"}  # fmt: skip
+    flags = {f.name: f.metadata["flag"] for f in _request_flags()} | {
+        "image_size": "--image-size",
+        "prompt": "the prompt",
+    }
     field, _, rest = message.partition(" ")
     return f"{flags[field]} {rest}" if field in flags else message
 
@@ -109,14 +111,23 @@ def _add_load_options(p: argparse.ArgumentParser, defaults: dict | None = None) 
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         choices = f.metadata["choices"]
         if isinstance(default, bool) and choices is None:  # a plain switch: --lora-fuse / --no-lora-fuse
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                               help=f"{f.metadata['help']} [default: {_shown(default)}]")  # fmt: skip
+            group.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{f.metadata['help']} [default: {_shown(default)}]",
+            )
             continue
         kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else str
         shown = choices is not None and default in choices  # else None: "not given", the help says what then
-        group.add_argument(_flag(f.name), default=_shown(default) if shown else default, type=kind,
-                           choices=[_shown(c) for c in choices] if choices else None,
-                           metavar=None if choices else f.name.upper(), help=f.metadata["help"])  # fmt: skip
+        group.add_argument(
+            _flag(f.name),
+            default=_shown(default) if shown else default,
+            type=kind,
+            choices=[_shown(c) for c in choices] if choices else None,
+            metavar=None if choices else f.name.upper(),
+            help=f.metadata["help"],
+        )
 
 
 def _load_options(args: argparse.Namespace) -> dict:
@@ -184,9 +195,12 @@ def _add_bench(sub) -> None:
         f"model at {' '.join(cpu.sizes)}, {cpu.steps} steps ({CPU_DEFAULTS_SECONDS} s on an idle 2-core machine).",
         formatter_class=_Help,
     )
-    b.add_argument("--model", default=None,
-                   help="full-random (FLUX.1-dev sizes, random, GPU), tiny-random, or real weights "
-                   "[default: full-random on CUDA, tiny-random on CPU]")  # fmt: skip
+    b.add_argument(
+        "--model",
+        default=None,
+        help="full-random (FLUX.1-dev sizes, random, GPU), tiny-random, or real weights "
+        "[default: full-random on CUDA, tiny-random on CPU]",
+    )
     b.add_argument("--base", default=None, help="base components for real weights [default: FLUX.1-dev]")
     b.add_argument("--device", default=None, help="cpu, cuda … [default: cuda if available]")
     b.add_argument(
@@ -207,22 +221,40 @@ def _add_bench(sub) -> None:
         default=None,
         help="also run the official SRPO setting: 1024x1024, 50 steps [default: on a GPU only]",
     )
-    b.add_argument("--configs", nargs="+", default=None,
-                   help="these configurations, in this order (put diffusers first: deviations are measured "
-                   "against it) [default: the device's whole table]")  # fmt: skip
-    b.add_argument("--config-timeout", type=float, default=None,
-                   help="seconds per configuration (all its sizes); past it the configuration becomes an error "
-                   "row and the next one runs [default: no limit]")  # fmt: skip
-    b.add_argument("--repeats", type=int, default=None,
-                   help=f"timed runs per setting, after one warm-up [default: {gpu.repeats} on a GPU, "
-                   f"{cpu.repeats} on a CPU]")  # fmt: skip
+    b.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="these configurations, in this order (put diffusers first: deviations are measured "
+        "against it) [default: the device's whole table]",
+    )
+    b.add_argument(
+        "--config-timeout",
+        type=float,
+        default=None,
+        help="seconds per configuration (all its sizes); past it the configuration becomes an error "
+        "row and the next one runs [default: no limit]",
+    )
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed runs per setting, after one warm-up [default: {gpu.repeats} on a GPU, {cpu.repeats} on a CPU]",
+    )
     b.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled configs")
-    b.add_argument("--context-parallel", type=int, default=1,
-                   help="split each image over this many processes (GPUs) in every configuration but the "
-                   "diffusers baseline; run under torchrun --nproc-per-node N (rank 0 reports)")  # fmt: skip
-    b.add_argument("--out", default=None,
-                   help="folder for bench.json, bench.md, bench.png [default: a new folder in the system's temp "
-                   "directory, printed at the end]")  # fmt: skip
+    b.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        help="split each image over this many processes (GPUs) in every configuration but the "
+        "diffusers baseline; run under torchrun --nproc-per-node N (rank 0 reports)",
+    )
+    b.add_argument(
+        "--out",
+        default=None,
+        help="folder for bench.json, bench.md, bench.png [default: a new folder in the system's temp "
+        "directory, printed at the end]",
+    )
 
 
 def _add_warmup(sub) -> None:
@@ -237,8 +269,13 @@ def _add_warmup(sub) -> None:
     )
     w.add_argument("--sizes", nargs="+", default=["1024x768"], help="WIDTHxHEIGHT sizes to warm up")
     w.add_argument("--check-sizes", nargs="*", default=[], help="WIDTHxHEIGHT sizes to generate after warm-up")
-    w.add_argument("--acceleration", nargs="+", default=["none"], choices=list(ACCELERATIONS),
-                   help="step-caching levels to warm up")  # fmt: skip
+    w.add_argument(
+        "--acceleration",
+        nargs="+",
+        default=["none"],
+        choices=list(ACCELERATIONS),
+        help="step-caching levels to warm up",
+    )
     w.add_argument("--out", default=None, help="also write the JSON report to this file")
     _add_load_options(w, defaults={"compile": True})
 
@@ -256,48 +293,97 @@ def _add_serve(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' [default: $SRPO_API_KEY]")
     s.add_argument("--output-dir", default="outputs", help="where generated images are stored and served from")
-    s.add_argument("--public-url", default=None,
-                   help="base URL for image links, e.g. https://cdn.example.com/srpo [default: the address serve "
-                   "listens on, http://HOST:PORT (the machine's name when HOST is 0.0.0.0); never built from the "
-                   "client's Host header]")  # fmt: skip
+    s.add_argument(
+        "--public-url",
+        default=None,
+        help="base URL for image links, e.g. https://cdn.example.com/srpo [default: the address serve "
+        "listens on, http://HOST:PORT (the machine's name when HOST is 0.0.0.0); never built from the "
+        "client's Host header]",
+    )
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
-    s.add_argument("--safety-checker", default=None,
-                   help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check")  # fmt: skip
-    s.add_argument("--default-acceleration", default=None, choices=list(ACCELERATIONS),
-                   help="acceleration for requests that do not say [default: regular, the hosted API's; none with "
-                   "--context-parallel, which does not cache steps yet]")  # fmt: skip
-    s.add_argument("--allow-unknown-fields", action="store_true",
-                   help="ignore unknown request fields instead of answering 422 (for lenient clients)")  # fmt: skip
-    s.add_argument("--max-cost", type=float, default=None,
-                   help="refuse (422) requests over this many megapixel-steps, width×height×steps×images/10⁶ "
-                   "(1024², 28 steps = 29.4; 1536², 50 steps, 4 images = 472) [default: no cap]")  # fmt: skip
-    s.add_argument("--retention-hours", type=float, default=24.0,
-                   help="delete stored images older than this; 0 keeps them")  # fmt: skip
-    s.add_argument("--retention-gb", type=float, default=2.0,
-                   help="delete the oldest stored images beyond this total size; 0: no size limit")  # fmt: skip
-    s.add_argument("--replicas", type=int, default=1,
-                   help="model replicas, one GPU each; more than 1 runs on Ray Serve "
-                   "(pip install 'srpo-infer[ray]')")  # fmt: skip
-    s.add_argument("--max-replicas", type=int, default=None,
-                   help="autoscale between --replicas and this on ongoing requests (Ray Serve)")  # fmt: skip
-    s.add_argument("--ray-address", default=None,
-                   help="an existing Ray cluster to deploy on (e.g. ray://head:10001 or auto) "
-                   "[default: a local Ray]")  # fmt: skip
-    s.add_argument("--lora-dir", default=None,
-                   help="a folder of LoRA .safetensors files requests may name in loras: [{path, scale}] "
-                   "(GET /v1/loras lists them); nothing else is loaded")  # fmt: skip
-    s.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering "
-                   "the rest 503")  # fmt: skip
+    s.add_argument(
+        "--safety-checker",
+        default=None,
+        help="StableDiffusionSafetyChecker repo id or folder (or tiny-random); none: no check",
+    )
+    s.add_argument(
+        "--default-acceleration",
+        default=None,
+        choices=list(ACCELERATIONS),
+        help="acceleration for requests that do not say [default: regular, the hosted API's; none with "
+        "--context-parallel, which does not cache steps yet]",
+    )
+    s.add_argument(
+        "--allow-unknown-fields",
+        action="store_true",
+        help="ignore unknown request fields instead of answering 422 (for lenient clients)",
+    )
+    s.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        help="refuse (422) requests over this many megapixel-steps, width×height×steps×images/10⁶ "
+        "(1024², 28 steps = 29.4; 1536², 50 steps, 4 images = 472) [default: no cap]",
+    )
+    s.add_argument(
+        "--retention-hours", type=float, default=24.0, help="delete stored images older than this; 0 keeps them"
+    )
+    s.add_argument(
+        "--retention-gb",
+        type=float,
+        default=2.0,
+        help="delete the oldest stored images beyond this total size; 0: no size limit",
+    )
+    s.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas, one GPU each; more than 1 runs on Ray Serve (pip install 'srpo-infer[ray]')",
+    )
+    s.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="autoscale between --replicas and this on ongoing requests (Ray Serve)",
+    )
+    s.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster to deploy on (e.g. ray://head:10001 or auto) [default: a local Ray]",
+    )
+    s.add_argument(
+        "--lora-dir",
+        default=None,
+        help="a folder of LoRA .safetensors files requests may name in loras: [{path, scale}] "
+        "(GET /v1/loras lists them); nothing else is loaded",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM/SIGINT, seconds to finish queued and running requests before answering the rest 503",
+    )
     limits = s.add_argument_group("connection limits (for the internet, put a reverse proxy in front too: README)")
-    limits.add_argument("--max-connections", type=int, default=None,
-                        help="open connections at once; at the cap the oldest connection still sending headers is "
-                        "closed, else the new one gets a 503 [default: half the file-descriptor limit, at most "
-                        f"1024: {default_max_connections()} here]")  # fmt: skip
-    limits.add_argument("--header-timeout", type=float, default=ConnectionLimits.header_timeout,
-                        help="seconds a connection has to send a request's headers before it is closed")  # fmt: skip
-    limits.add_argument("--body-timeout", type=float, default=ConnectionLimits.body_timeout,
-                        help="seconds a request has to send its whole body (at most 64 KB) before a 408")  # fmt: skip
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections at once; at the cap the oldest connection still sending headers is "
+        "closed, else the new one gets a 503 [default: half the file-descriptor limit, at most "
+        f"1024: {default_max_connections()} here]",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=ConnectionLimits.header_timeout,
+        help="seconds a connection has to send a request's headers before it is closed",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=ConnectionLimits.body_timeout,
+        help="seconds a request has to send its whole body (at most 64 KB) before a 408",
+    )
     _add_load_options(s)
     # The server warms up before it takes requests anyway, so on a GPU it compiles by default (regional:
     # 3 small graphs, every size); load_pipeline's own default stays off. --compile off / --no-compile.
@@ -308,8 +394,14 @@ def _add_serve(sub) -> None:
         "torch.compile the transformer (auto-serve: on with a CUDA GPU, where serve warms up "
         "before taking requests anyway; off on a CPU. load_pipeline's own default stays off)"
     )
-    s.add_argument("--no-compile", dest="compile", action="store_const", const="off", default=argparse.SUPPRESS,
-                   help="same as --compile off")  # fmt: skip
+    s.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const="off",
+        default=argparse.SUPPRESS,
+        help="same as --compile off",
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -368,8 +460,9 @@ def _warmup(args: argparse.Namespace) -> int:
     from .warm_start import warm_start_report
 
     options = {**_load_options(args), "progress": False}
-    report = warm_start_report(_sizes(args.sizes, "--sizes"), _sizes(args.check_sizes, "--check-sizes"),
-                               tuple(args.acceleration), **options)  # fmt: skip
+    report = warm_start_report(
+        _sizes(args.sizes, "--sizes"), _sizes(args.check_sizes, "--check-sizes"), tuple(args.acceleration), **options
+    )
     if _rank() != 0:  # with --context-parallel every rank warms up; rank 0 reports
         return 0
     text = json.dumps(report, indent=2)
@@ -418,11 +511,20 @@ def _bench(args: argparse.Namespace) -> int:
         for name, why in skipped_configs(args.configs, resolve_device(args.device)).items():
             print(f"skipping {name}: {why}", file=sys.stderr)
         print(markdown_header(), flush=True)
-    result = run_benchmark(BenchArgs(
-        model=model, base=args.base, device=args.device, settings=settings, configs=args.configs,
-        repeats=args.repeats or defaults.repeats, compile_backend=args.compile_backend,
-        config_timeout=args.config_timeout, context_parallel=args.context_parallel,
-    ), on_row=on_row)  # fmt: skip
+    result = run_benchmark(
+        BenchArgs(
+            model=model,
+            base=args.base,
+            device=args.device,
+            settings=settings,
+            configs=args.configs,
+            repeats=args.repeats or defaults.repeats,
+            compile_backend=args.compile_backend,
+            config_timeout=args.config_timeout,
+            context_parallel=args.context_parallel,
+        ),
+        on_row=on_row,
+    )
     if not leader:
         return 0
     paths = write_reports(result, out)
@@ -447,9 +549,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
     app_options = dict(
-        allow_unknown_fields=args.allow_unknown_fields, max_cost=args.max_cost,
-        retention_seconds=args.retention_hours * 3600 or None, retention_bytes=int(args.retention_gb * 2**30) or None,
-    )  # fmt: skip
+        allow_unknown_fields=args.allow_unknown_fields,
+        max_cost=args.max_cost,
+        retention_seconds=args.retention_hours * 3600 or None,
+        retention_bytes=int(args.retention_gb * 2**30) or None,
+    )
     pipeline_options = _load_options(args)
     model = pipeline_options.pop("model")
     if pipeline_options["compile"] == "auto-serve":
@@ -458,17 +562,29 @@ def _serve(args: argparse.Namespace) -> int:
         pipeline_options["compile"] = resolve_device(pipeline_options.get("device")).type == "cuda"
     if args.replicas > 1 or args.ray_address or args.max_replicas:
         if pipeline_options["context_parallel"] > 1:
-            raise ValueError("--context-parallel does not run on Ray Serve replicas yet (a replica would have to "
-                             "start its own processes): use it without --replicas, under torchrun")  # fmt: skip
+            raise ValueError(
+                "--context-parallel does not run on Ray Serve replicas yet (a replica would have to "
+                "start its own processes): use it without --replicas, under torchrun"
+            )
         if args.lora_dir is not None:
             raise ValueError("--lora-dir does not run on Ray Serve replicas yet: serve LoRAs without --replicas")
         return _serve_on_ray(args, model, app_options, pipeline_options)
     return serve(
-        model, host=args.host, port=args.port, api_key=args.api_key, output_dir=args.output_dir,
-        public_url=args.public_url, max_queue=args.max_queue, safety_checker=args.safety_checker,
-        default_acceleration=args.default_acceleration, drain_timeout=args.drain_timeout, limits=limits,
-        app_options=app_options, lora_dir=args.lora_dir, **pipeline_options,
-    )  # fmt: skip
+        model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        output_dir=args.output_dir,
+        public_url=args.public_url,
+        max_queue=args.max_queue,
+        safety_checker=args.safety_checker,
+        default_acceleration=args.default_acceleration,
+        drain_timeout=args.drain_timeout,
+        limits=limits,
+        app_options=app_options,
+        lora_dir=args.lora_dir,
+        **pipeline_options,
+    )
 
 
 def _serve_on_ray(args: argparse.Namespace, model: str, app_options: dict, pipeline_options: dict) -> int:
@@ -481,13 +597,24 @@ def _serve_on_ray(args: argparse.Namespace, model: str, app_options: dict, pipel
     require_ray()  # a one-line error naming the extra when Ray is missing
     # Absolute image links, as one process serves them: the address Ray's proxy listens on.
     public_url = args.public_url or default_public_url(args.host, args.port)
-    app_options |= dict(api_key=args.api_key or os.environ.get("SRPO_API_KEY") or None, output_dir=args.output_dir,
-                        public_url=public_url, max_queue=args.max_queue)  # fmt: skip
+    app_options |= dict(
+        api_key=args.api_key or os.environ.get("SRPO_API_KEY") or None,
+        output_dir=args.output_dir,
+        public_url=public_url,
+        max_queue=args.max_queue,
+    )
     return serve_replicas(
-        model, host=args.host, port=args.port, ray_address=args.ray_address, replicas=args.replicas,
-        max_replicas=args.max_replicas, use_gpu=resolve_device(pipeline_options.get("device")).type == "cuda",
-        pipeline_options=pipeline_options, app_options=app_options, default_acceleration=args.default_acceleration,
-    )  # fmt: skip
+        model,
+        host=args.host,
+        port=args.port,
+        ray_address=args.ray_address,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        use_gpu=resolve_device(pipeline_options.get("device")).type == "cuda",
+        pipeline_options=pipeline_options,
+        app_options=app_options,
+        default_acceleration=args.default_acceleration,
+    )
 
 
 def _in_flags(message: str) -> str:

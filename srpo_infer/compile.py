@@ -38,8 +38,11 @@ def inductor_options(device: torch.device, mode: str = "default") -> dict:
         raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
     options = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
     if mode == "max-autotune":
-        options |= {"max_autotune": True, "coordinate_descent_tuning": True,
-                    "coordinate_descent_check_all_directions": True}  # fmt: skip
+        options |= {
+            "max_autotune": True,
+            "coordinate_descent_tuning": True,
+            "coordinate_descent_check_all_directions": True,
+        }
         if device.type == "cuda":
             options["triton.cudagraphs"] = True
     return options
@@ -52,8 +55,9 @@ def compile_module(fn, device: torch.device, backend: str = "inductor", mode: st
     return torch.compile(fn, fullgraph=True, backend=backend, options=options)
 
 
-def compile_regions(transformer: torch.nn.Module, device: torch.device, backend: str = "inductor",
-                    mode: str = "default") -> None:  # fmt: skip
+def compile_regions(
+    transformer: torch.nn.Module, device: torch.device, backend: str = "inductor", mode: str = "default"
+) -> None:
     """Compile the transformer's repeated blocks in place (diffusers' regional compilation)."""
     options = inductor_options(device, mode) if backend == "inductor" else None
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend, options=options)

@@ -110,46 +110,75 @@ class PipelineConfig:
         "transformer: HF repo id, folder, .safetensors file, 'tiny-random' (no "
         "download, CPU) or 'full-random' (FLUX.1-dev sizes, random weights, GPU)",
     )
-    base: str | None = _option(None, "VAE/text encoders/scheduler: HF repo id or folder "
-                               "[default: FLUX.1-dev; the tiny ones for tiny-random]")  # fmt: skip
+    base: str | None = _option(
+        None, "VAE/text encoders/scheduler: HF repo id or folder [default: FLUX.1-dev; the tiny ones for tiny-random]"
+    )
     device: torch.device | str | None = _option(None, "cpu, cuda, cuda:1 … [default: cuda if available]")
-    dtype: torch.dtype | str | None = _option(None, "compute dtype [default: bfloat16 on CUDA, float32 on CPU]",
-                                              choices=("bfloat16", "float16", "float32"))  # fmt: skip
+    dtype: torch.dtype | str | None = _option(
+        None, "compute dtype [default: bfloat16 on CUDA, float32 on CPU]", choices=("bfloat16", "float16", "float32")
+    )
     max_sequence_length: int = _option(MAX_SEQUENCE_LENGTH, "T5 tokens of the prompt (1–512)", cli=False)
-    attention: str = _option("auto", "attention backend (auto: sdpa until ours are measured faster on a GPU)",
-                             choices=("auto", *ATTENTION_BACKENDS))  # fmt: skip
-    attention_design: str = _option("auto", "how our kernels load tiles: pointer (any GPU), tma (Hopper's tensor "
-                                    "memory accelerator, sm >= 90); auto: pointer until the sweep times tma, or "
-                                    "$SRPO_ATTENTION_DESIGN", choices=ATTENTION_DESIGNS)  # fmt: skip
-    quantize: str | None = _option("auto", "transformer linears: fp8 (torchao, CUDA sm >= 89), fp8-weight "
-                                   "(optimum-quanto, memory only), none (auto: none for now)",
-                                   choices=("auto", *QUANTIZE_MODES, None))  # fmt: skip
-    quantize_skip: tuple[str, ...] = _option(DEFAULT_QUANTIZE_SKIP, "module patterns kept in the compute dtype",
-                                             cli=False)  # fmt: skip
+    attention: str = _option(
+        "auto",
+        "attention backend (auto: sdpa until ours are measured faster on a GPU)",
+        choices=("auto", *ATTENTION_BACKENDS),
+    )
+    attention_design: str = _option(
+        "auto",
+        "how our kernels load tiles: pointer (any GPU), tma (Hopper's tensor "
+        "memory accelerator, sm >= 90); auto: pointer until the sweep times tma, or "
+        "$SRPO_ATTENTION_DESIGN",
+        choices=ATTENTION_DESIGNS,
+    )
+    quantize: str | None = _option(
+        "auto",
+        "transformer linears: fp8 (torchao, CUDA sm >= 89), fp8-weight "
+        "(optimum-quanto, memory only), none (auto: none for now)",
+        choices=("auto", *QUANTIZE_MODES, None),
+    )
+    quantize_skip: tuple[str, ...] = _option(
+        DEFAULT_QUANTIZE_SKIP, "module patterns kept in the compute dtype", cli=False
+    )
     quantize_text_encoder: bool = _option(False, "store T5 in fp8-weight (~4.7 GB less memory; [fp8-weight] extra)")
-    compile: bool | str = _option("auto", "torch.compile the transformer (auto: off until measured on a GPU)",
-                                  choices=("auto", True, False))  # fmt: skip
-    compile_scope: str = _option("regional", "regional: the repeated blocks only; full: whole transformer + VAE "
-                                 "decoder", choices=COMPILE_SCOPES)  # fmt: skip
-    compile_mode: str = _option("default", "max-autotune adds GEMM/coordinate-descent tuning and CUDA graphs "
-                                "(slow first call)", choices=COMPILE_MODES)  # fmt: skip
+    compile: bool | str = _option(
+        "auto", "torch.compile the transformer (auto: off until measured on a GPU)", choices=("auto", True, False)
+    )
+    compile_scope: str = _option(
+        "regional", "regional: the repeated blocks only; full: whole transformer + VAE decoder", choices=COMPILE_SCOPES
+    )
+    compile_mode: str = _option(
+        "default",
+        "max-autotune adds GEMM/coordinate-descent tuning and CUDA graphs (slow first call)",
+        choices=COMPILE_MODES,
+    )
     compile_backend: str = _option("inductor", "torch.compile backend")
-    fuse_qkv: bool | str = _option("auto", "one QKV projection per attention (auto: with compile)",
-                                   choices=("auto", True, False))  # fmt: skip
-    cache_dir: Path | None = _option(None, "compiled artifacts [default: $SRPO_CACHE_DIR/compile, else "
-                                     "~/.cache/srpo_infer/compile]", factory=default_cache_dir)  # fmt: skip
-    memory: str = _option("auto", "where the weights live (offload modes fit smaller GPUs; auto: from free "
-                          "memory)", choices=MEMORY_MODES)  # fmt: skip
+    fuse_qkv: bool | str = _option(
+        "auto", "one QKV projection per attention (auto: with compile)", choices=("auto", True, False)
+    )
+    cache_dir: Path | None = _option(
+        None,
+        "compiled artifacts [default: $SRPO_CACHE_DIR/compile, else ~/.cache/srpo_infer/compile]",
+        factory=default_cache_dir,
+    )
+    memory: str = _option(
+        "auto", "where the weights live (offload modes fit smaller GPUs; auto: from free memory)", choices=MEMORY_MODES
+    )
     lora: str | None = _option(None, "a LoRA file, folder or repo id applied on load ([lora] extra)")
     lora_scale: float = _option(1.0, "the LoRA's strength")
-    lora_fuse: bool = _option(True, "merge the LoRA into the weights (fast); off keeps it separate, to rescale "
-                              "or swap")  # fmt: skip
-    lora_max_rank: int | None = _option(None, "with --no-lora-fuse and compile: the largest rank a swap may bring",
-                                        cli=False)  # fmt: skip
-    context_parallel: int = _option(1, "processes (one per GPU) that split each image's tokens: run under torchrun "
-                                    "--nproc-per-node N (diffusers' context parallelism)")  # fmt: skip
-    ring_degree: int | str = _option("auto", "with --context-parallel: processes in ring attention, the rest Ulysses "
-                                     "(auto: Ulysses as far as the heads divide)")  # fmt: skip
+    lora_fuse: bool = _option(True, "merge the LoRA into the weights (fast); off keeps it separate, to rescale or swap")
+    lora_max_rank: int | None = _option(
+        None, "with --no-lora-fuse and compile: the largest rank a swap may bring", cli=False
+    )
+    context_parallel: int = _option(
+        1,
+        "processes (one per GPU) that split each image's tokens: run under torchrun "
+        "--nproc-per-node N (diffusers' context parallelism)",
+    )
+    ring_degree: int | str = _option(
+        "auto",
+        "with --context-parallel: processes in ring attention, the rest Ulysses "
+        "(auto: Ulysses as far as the heads divide)",
+    )
     progress: bool = True
 
     def resolved(self) -> PipelineConfig:
@@ -165,15 +194,21 @@ class PipelineConfig:
         memory = _one_of("memory", self.memory, MEMORY_MODES)
         quantize = resolve_quantize(self.quantize)
         if memory in ("offload-model", "offload-group") and (compile or quantize == "fp8"):
-            raise ValueError(f"memory={memory!r} runs eager with weights moving between host and device: use "
-                             "compile=False and quantize=None or 'fp8-weight' with it (or memory='gpu')")  # fmt: skip
+            raise ValueError(
+                f"memory={memory!r} runs eager with weights moving between host and device: use "
+                "compile=False and quantize=None or 'fp8-weight' with it (or memory='gpu')"
+            )
         separate_lora = self.lora is not None and not self.lora_fuse
         if separate_lora and self.fuse_qkv is True:
-            raise ValueError("fuse_qkv=True cannot keep a separate LoRA (its layers are to_q/to_k/to_v): "
-                             "use lora_fuse=True or fuse_qkv='auto'")  # fmt: skip
+            raise ValueError(
+                "fuse_qkv=True cannot keep a separate LoRA (its layers are to_q/to_k/to_v): "
+                "use lora_fuse=True or fuse_qkv='auto'"
+            )
         if separate_lora and resolve_quantize(self.quantize) is not None:
-            raise ValueError("a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
-                             "use lora_fuse=True to merge it first")  # fmt: skip
+            raise ValueError(
+                "a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
+                "use lora_fuse=True to merge it first"
+            )
         context_parallel, ring_degree = resolve_context_parallel(self.context_parallel, self.ring_degree)
         if context_parallel > 1:
             scope = self.compile_scope if compile else None
@@ -277,8 +312,12 @@ def _check_context_parallel(
             f"ring attention): use ring_degree=1 with it, or attention='sdpa' for ring_degree={ring_degree}"
         )
     if memory in ("offload-model", "offload-group"):
-        raise ValueError(f"memory={memory!r} cannot split an image over processes (each process holds the whole "
-                         "transformer on its GPU): use memory='gpu' with context_parallel")  # fmt: skip
+        raise ValueError(
+            f"memory={memory!r} cannot split an image over processes (each process holds the whole "
+            "transformer on its GPU): use memory='gpu' with context_parallel"
+        )
     if compile_scope == "full":
-        raise ValueError("compile_scope='full' does not run with context_parallel (diffusers splits the inputs "
-                         "with hooks around the transformer): use compile_scope='regional'")  # fmt: skip
+        raise ValueError(
+            "compile_scope='full' does not run with context_parallel (diffusers splits the inputs "
+            "with hooks around the transformer): use compile_scope='regional'"
+        )

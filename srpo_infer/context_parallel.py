@@ -308,14 +308,25 @@ def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None
     if key_padding is not None:
         q, k, v = pad_keys(q, k, v, key_padding)
     out = _templated_context_parallel_attention(
-        q, k, v, None, 0.0, False, 1.0 / math.sqrt(head_dim), False, False,
-        forward_op=_attention_op, backward_op=_no_backward, _parallel_config=parallel_config,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        None,
+        0.0,
+        False,
+        1.0 / math.sqrt(head_dim),
+        False,
+        False,
+        forward_op=_attention_op,
+        backward_op=_no_backward,
+        _parallel_config=parallel_config,
+    )
     return out[..., :head_dim]
 
 
-def split_attention(inputs, parallel_config, backend: str, token_counts, rope, key_padding,
-                    design: str = "auto") -> torch.Tensor:  # fmt: skip
+def split_attention(
+    inputs, parallel_config, backend: str, token_counts, rope, key_padding, design: str = "auto"
+) -> torch.Tensor:
     """The attention of this rank's tokens (:class:`~srpo_infer.attention.AttentionInputs`, every head)
     over the whole image's: Ulysses (:func:`ulysses_attention`) when the split is Ulysses only, else
     diffusers' ring / ring × Ulysses around the prologue (:func:`sharded_attention`, sdpa only)."""
@@ -325,8 +336,9 @@ def split_attention(inputs, parallel_config, backend: str, token_counts, rope, k
     return sharded_attention(q, k, v, parallel_config, key_padding).flatten(2)
 
 
-def ulysses_attention(inputs, parallel_config, token_counts: tuple[int, int], rope, backend: str,
-                      design: str = "auto") -> torch.Tensor:  # fmt: skip
+def ulysses_attention(
+    inputs, parallel_config, token_counts: tuple[int, int], rope, backend: str, design: str = "auto"
+) -> torch.Tensor:
     """Ulysses that moves the projections, before RMSNorm and RoPE: each rank then runs ``backend`` (our
     fused kernels, or the reference math) over the whole sequence, in its own order and without the
     padding, for ``heads / ulysses`` heads — exactly what one process computes for those heads (the
@@ -380,9 +392,19 @@ def _waited(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_op(
-    ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-    return_lse=False, _save_ctx=True, _parallel_config=None,
-):  # fmt: skip
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
     """One shard's attention for diffusers' templates, ``[B, S, H, D]`` in and out; with ``return_lse``
     also the log-sum-exp ``[B, S, H]`` (float32) that ring attention merges shards with."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))

@@ -114,8 +114,9 @@ def diffusers_pipeline(
     check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
     refuse_ours_only(options)
     threshold = cache_threshold_for(acceleration, cache_threshold)
-    config = PipelineConfig(model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress,
-                            **options).resolved()  # fmt: skip
+    config = PipelineConfig(
+        model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress, **options
+    ).resolved()
     config, components, lora_state = _load(config)
     flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)
@@ -158,8 +159,10 @@ def _choose_memory(config: PipelineConfig) -> PipelineConfig:
         return replace(config, memory="gpu")
     plan = plan_memory("auto", config.device, estimate_component_bytes(config))
     if plan.mode != "gpu" and config.context_parallel > 1:
-        raise ValueError(f"the pipeline does not fit {config.device} ({plan.reason}) and context_parallel holds the "
-                         "whole transformer on every GPU: use GPUs with more memory, or quantize='fp8'")  # fmt: skip
+        raise ValueError(
+            f"the pipeline does not fit {config.device} ({plan.reason}) and context_parallel holds the "
+            "whole transformer on every GPU: use GPUs with more memory, or quantize='fp8'"
+        )
     if plan.mode != "gpu" and (config.compile or config.quantize == "fp8"):
         raise ValueError(
             f"the pipeline does not fit {config.device} ({plan.reason}) and compile / quantize='fp8' need the "

@@ -82,8 +82,9 @@ def max_rank(state_dict: dict[str, torch.Tensor]) -> int:
     return max(ranks)
 
 
-def apply_lora(flux, state_dict: dict[str, torch.Tensor], scale: float = 1.0, fuse: bool = True,
-               hotswap: bool = False) -> None:  # fmt: skip
+def apply_lora(
+    flux, state_dict: dict[str, torch.Tensor], scale: float = 1.0, fuse: bool = True, hotswap: bool = False
+) -> None:
     """Load ``state_dict`` into ``flux`` (a diffusers ``FluxPipeline``) as our adapter at ``scale``;
     ``fuse`` merges it into the weights; ``hotswap`` replaces the adapter already loaded in place."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -95,13 +96,16 @@ def apply_lora(flux, state_dict: dict[str, torch.Tensor], scale: float = 1.0, fu
     except (RuntimeError, ValueError, KeyError) as exc:
         _remove(flux, hotswap)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise LoraError(f"this LoRA does not fit the transformer (another model's, or a rank/shape mismatch): "
-                        f"{first}") from exc  # fmt: skip
+        raise LoraError(
+            f"this LoRA does not fit the transformer (another model's, or a rank/shape mismatch): {first}"
+        ) from exc
     if not has_adapter(transformer):
         _remove(flux, hotswap)
-        raise LoraError("no key of this LoRA matches a layer of the Flux transformer: is it a LoRA for another "
-                        "model? (Flux LoRAs name transformer_blocks / single_transformer_blocks or "
-                        "double_blocks / single_blocks)")  # fmt: skip
+        raise LoraError(
+            "no key of this LoRA matches a layer of the Flux transformer: is it a LoRA for another "
+            "model? (Flux LoRAs name transformer_blocks / single_transformer_blocks or "
+            "double_blocks / single_blocks)"
+        )
     flux.set_adapters([ADAPTER], [float(scale)])
     if fuse:
         flux.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[ADAPTER])
@@ -131,12 +135,15 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         converted = flux_pipeline_class().lora_state_dict(dict(state_dict))
     except Exception as exc:  # the converter's own sentence for a file it cannot read as a Flux LoRA
         said = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise LoraError(f"this file is not a LoRA diffusers can read for Flux (a LoRA for another model?): "
-                        f"{said}") from exc  # fmt: skip
+        raise LoraError(
+            f"this file is not a LoRA diffusers can read for Flux (a LoRA for another model?): {said}"
+        ) from exc
     converted = converted[0] if isinstance(converted, tuple) else converted
     if not any(k.startswith("transformer.") for k in converted):
-        raise LoraError("no key of this LoRA names a Flux transformer layer: is it a LoRA for another model? "
-                        "(Flux LoRAs name transformer_blocks or double_blocks / single_blocks)")  # fmt: skip
+        raise LoraError(
+            "no key of this LoRA names a Flux transformer layer: is it a LoRA for another model? "
+            "(Flux LoRAs name transformer_blocks or double_blocks / single_blocks)"
+        )
     other = sorted(k for k in converted if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if other:
         raise LoraError(f"this LoRA holds keys other than lora_A/B pairs ({other[0]!r}…): not usable per request")
@@ -149,8 +156,11 @@ def merge_loras(adapters: list[tuple[dict[str, torch.Tensor], float]]) -> dict[s
     merged: dict[str, torch.Tensor] = {}
     layers = dict.fromkeys(k[: -len(".lora_A.weight")] for state, _ in adapters for k in state if ".lora_A." in k)
     for layer in layers:
-        parts = [(s[f"{layer}.lora_A.weight"], s[f"{layer}.lora_B.weight"] * scale)
-                 for s, scale in adapters if f"{layer}.lora_A.weight" in s]  # fmt: skip
+        parts = [
+            (s[f"{layer}.lora_A.weight"], s[f"{layer}.lora_B.weight"] * scale)
+            for s, scale in adapters
+            if f"{layer}.lora_A.weight" in s
+        ]
         merged[f"{layer}.lora_A.weight"] = torch.cat([a for a, _ in parts], dim=0)
         merged[f"{layer}.lora_B.weight"] = torch.cat([b for _, b in parts], dim=1)
     return merged
@@ -203,13 +213,17 @@ def check_fits(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
         try:
             module = transformer.get_submodule(layer.removeprefix("transformer."))
         except AttributeError:
-            raise LoraError(f"this LoRA targets {layer!r}, which this Flux transformer does not have: is it a LoRA "
-                            "for another model?") from None  # fmt: skip
+            raise LoraError(
+                f"this LoRA targets {layer!r}, which this Flux transformer does not have: is it a LoRA "
+                "for another model?"
+            ) from None
         up = state[f"{layer}.lora_B.weight"]
         width = (getattr(module, "in_features", None), getattr(module, "out_features", None))
         if width != (tensor.shape[1], up.shape[0]):
-            raise LoraError(f"this LoRA does not fit the transformer (another model's?): {layer!r} takes {width[0]} "
-                            f"→ {width[1]} features, the file has {tensor.shape[1]} → {up.shape[0]}")  # fmt: skip
+            raise LoraError(
+                f"this LoRA does not fit the transformer (another model's?): {layer!r} takes {width[0]} "
+                f"→ {width[1]} features, the file has {tensor.shape[1]} → {up.shape[0]}"
+            )
         layers.append(layer)
     return layers
 
@@ -266,11 +280,15 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     rank, transformer = max_rank(merged), pipe.transformer
     swap = has_adapter(transformer) and pipe.optimized.compiled
     if swap and rank > slot_rank(transformer):
-        raise LoraError(f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
-                        f"{slot_rank(transformer)}: use fewer or smaller adapters")  # fmt: skip
+        raise LoraError(
+            f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
+            f"{slot_rank(transformer)}: use fewer or smaller adapters"
+        )
     if not swap and (pipe.optimized.compiled or pipe.config.fuse_qkv):
-        raise LoraError("loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora=FILE, "
-                        "lora_fuse=False, lora_max_rank=R (serve --lora-dir does)")  # fmt: skip
+        raise LoraError(
+            "loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora=FILE, "
+            "lora_fuse=False, lora_max_rank=R (serve --lora-dir does)"
+        )
     if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
         pipe.flux.delete_adapters(ADAPTER)
     try:

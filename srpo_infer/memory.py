@@ -141,8 +141,13 @@ def place(components: dict, mode: str, device: torch.device) -> None:
         # blocks directly) finds its weights on the device. Streams overlap the copies with compute.
         stream = device.type == "cuda"
         for name in ("transformer", "text_encoder", "text_encoder_2"):
-            apply_group_offloading(components[name], onload_device=device, offload_device="cpu",
-                                   offload_type="leaf_level", use_stream=stream)  # fmt: skip
+            apply_group_offloading(
+                components[name],
+                onload_device=device,
+                offload_device="cpu",
+                offload_type="leaf_level",
+                use_stream=stream,
+            )
     else:
         raise ValueError(f"memory mode must be one of gpu, offload-model, offload-group, got {mode!r}")
 

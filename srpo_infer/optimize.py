@@ -53,8 +53,10 @@ def check_available(config: PipelineConfig) -> None:
         import importlib.util
 
         if importlib.util.find_spec("accelerate") is None:
-            raise ValueError(f"memory={config.memory!r} offloads with diffusers' hooks, which need accelerate (a "
-                             "dependency of srpo-infer that is missing here): pip install accelerate")  # fmt: skip
+            raise ValueError(
+                f"memory={config.memory!r} offloads with diffusers' hooks, which need accelerate (a "
+                "dependency of srpo-infer that is missing here): pip install accelerate"
+            )
     if config.quantize_text_encoder:
         try:
             check_quantize_available("fp8-weight", config.device)
@@ -63,9 +65,14 @@ def check_available(config: PipelineConfig) -> None:
 
 
 def apply_optimizations(
-    flux, config: PipelineConfig, *, lora_state: dict | None = None, cache_threshold: float | None = None,
-    stock: bool = False, place: bool = True,
-) -> Optimized:  # fmt: skip
+    flux,
+    config: PipelineConfig,
+    *,
+    lora_state: dict | None = None,
+    cache_threshold: float | None = None,
+    stock: bool = False,
+    place: bool = True,
+) -> Optimized:
     """The one ordered function: apply ``config`` to ``flux`` (a diffusers ``FluxPipeline``) in place.
 
     LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
@@ -130,8 +137,18 @@ def apply_optimizations(
         steps.append(f"memory:{memory_plan.mode}")
     log.info("optimizations: %s", " → ".join(steps))
     scope = config.compile_scope if config.compile else None
-    return Optimized(transformer_fn, decode_fn, stages, bool(config.compile), steps, cache_file, scope,
-                     context_parallel, memory_plan, residency)  # fmt: skip
+    return Optimized(
+        transformer_fn,
+        decode_fn,
+        stages,
+        bool(config.compile),
+        steps,
+        cache_file,
+        scope,
+        context_parallel,
+        memory_plan,
+        residency,
+    )
 
 
 def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
@@ -139,11 +156,19 @@ def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
     if config.cache_dir is None:
         return None
     key = cache_key(
-        dict(model=dict(transformer.config), dtype=str(config.dtype), device=str(config.device),
-             attention=config.attention, quantize=config.quantize, backend=config.compile_backend,
-             scope=config.compile_scope, mode=config.compile_mode, context_parallel=config.context_parallel,
-             ring_degree=str(config.ring_degree))
-    )  # fmt: skip
+        dict(
+            model=dict(transformer.config),
+            dtype=str(config.dtype),
+            device=str(config.device),
+            attention=config.attention,
+            quantize=config.quantize,
+            backend=config.compile_backend,
+            scope=config.compile_scope,
+            mode=config.compile_mode,
+            context_parallel=config.context_parallel,
+            ring_degree=str(config.ring_degree),
+        )
+    )
     cache_file = config.cache_dir / f"{key}.bin"
     load_artifacts(cache_file)
     return cache_file
@@ -167,14 +192,23 @@ def _place(flux, config: PipelineConfig, stock: bool):
 # --------------------------------------------------------------------------- any diffusers Flux pipeline
 
 OURS_ONLY = {
-    "compile_scope": ("regional", "compile_scope='full' compiles the stages of srpo_infer's own denoising loop: on a "
-                      "stock pipeline use compile_scope='regional' (the default), or srpo_infer.load_pipeline(..., "
-                      "compile_scope='full')"),
-    "context_parallel": (1, "context parallelism with padding runs in srpo_infer's own loop: use "
-                         "srpo_infer.load_pipeline(..., context_parallel=N) under torchrun"),
-    "ring_degree": ("auto", "ring_degree goes with context_parallel, which runs in srpo_infer's own loop: use "
-                    "srpo_infer.load_pipeline(..., context_parallel=N, ring_degree=R) under torchrun"),
-}  # fmt: skip
+    "compile_scope": (
+        "regional",
+        "compile_scope='full' compiles the stages of srpo_infer's own denoising loop: on a "
+        "stock pipeline use compile_scope='regional' (the default), or srpo_infer.load_pipeline(..., "
+        "compile_scope='full')",
+    ),
+    "context_parallel": (
+        1,
+        "context parallelism with padding runs in srpo_infer's own loop: use "
+        "srpo_infer.load_pipeline(..., context_parallel=N) under torchrun",
+    ),
+    "ring_degree": (
+        "auto",
+        "ring_degree goes with context_parallel, which runs in srpo_infer's own loop: use "
+        "srpo_infer.load_pipeline(..., context_parallel=N, ring_degree=R) under torchrun",
+    ),
+}
 
 
 def optimize(
@@ -216,15 +250,36 @@ def optimize(
     refuse_ours_only(options)
     for name in OURS_ONLY:
         options.pop(name, None)
-    check_keywords(optimize, options, extra=["quantize_skip", "quantize_text_encoder", "compile_mode",
-                                              "compile_backend", "cache_dir", "lora_max_rank"])  # fmt: skip
+    check_keywords(
+        optimize,
+        options,
+        extra=[
+            "quantize_skip",
+            "quantize_text_encoder",
+            "compile_mode",
+            "compile_backend",
+            "cache_dir",
+            "lora_max_rank",
+        ],
+    )
     threshold = cache_threshold_for(acceleration, cache_threshold)
     param = next(transformer.parameters())
     config = PipelineConfig(
-        model="(a diffusers pipeline)", base="(a diffusers pipeline)", device=param.device, dtype=param.dtype,
-        attention=attention, quantize=quantize, compile=compile, memory=memory or "gpu", lora=lora,
-        lora_scale=lora_scale, lora_fuse=lora_fuse, fuse_qkv=fuse_qkv, progress=False, **options,
-    ).resolved()  # fmt: skip
+        model="(a diffusers pipeline)",
+        base="(a diffusers pipeline)",
+        device=param.device,
+        dtype=param.dtype,
+        attention=attention,
+        quantize=quantize,
+        compile=compile,
+        memory=memory or "gpu",
+        lora=lora,
+        lora_scale=lora_scale,
+        lora_fuse=lora_fuse,
+        fuse_qkv=fuse_qkv,
+        progress=False,
+        **options,
+    ).resolved()
     check_available(config)
     optimized = apply_optimizations(pipe, config, cache_threshold=threshold, stock=True, place=memory is not None)
     mark_optimized(transformer, optimized.steps)
@@ -253,9 +308,13 @@ def _flux_transformer(pipe):
         raise ValueError("an SRPOPipeline is optimized when it loads: pass the options to srpo_infer.load_pipeline")
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, FluxTransformer2DModel):
-        raise ValueError(f"optimize() takes a diffusers pipeline whose transformer is a FluxTransformer2DModel; "
-                         f"this {type(pipe).__name__}'s is {type(transformer).__name__}")  # fmt: skip
+        raise ValueError(
+            f"optimize() takes a diffusers pipeline whose transformer is a FluxTransformer2DModel; "
+            f"this {type(pipe).__name__}'s is {type(transformer).__name__}"
+        )
     if getattr(transformer, "_srpo_optimized", None) is not None:
-        raise ValueError(f"this pipeline is optimized already ({' → '.join(transformer._srpo_optimized)}): "
-                         "build a fresh one to optimize it differently")  # fmt: skip
+        raise ValueError(
+            f"this pipeline is optimized already ({' → '.join(transformer._srpo_optimized)}): "
+            "build a fresh one to optimize it differently"
+        )
     return transformer

@@ -303,8 +303,16 @@ class SRPOPipeline:
         for width, height in sizes:
             for level in accelerations:
                 t0 = time.perf_counter()
-                self.generate("warm-up", width=width, height=height, seed=0, num_inference_steps=2,
-                              num_images=num_images, acceleration=level, progress=False)  # fmt: skip
+                self.generate(
+                    "warm-up",
+                    width=width,
+                    height=height,
+                    seed=0,
+                    num_inference_steps=2,
+                    num_images=num_images,
+                    acceleration=level,
+                    progress=False,
+                )
                 timings[f"{width}x{height}:{level}"] = time.perf_counter() - t0
         if self.optimized.marks_inputs:  # the VAE decoder is compiled too
             for side in (MIN_SIDE, MAX_SIDE):
@@ -382,9 +390,20 @@ class SRPOPipeline:
             noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
             with self._stage("transformer"):
                 latents, evaluations = self.denoise(
-                    noise, prompt_embeds, pooled, text_ids, req.width, req.height, req.num_inference_steps,
-                    req.guidance_scale, progress, cache_threshold, should_stop, on_step, preview,
-                )  # fmt: skip
+                    noise,
+                    prompt_embeds,
+                    pooled,
+                    text_ids,
+                    req.width,
+                    req.height,
+                    req.num_inference_steps,
+                    req.guidance_scale,
+                    progress,
+                    cache_threshold,
+                    should_stop,
+                    on_step,
+                    preview,
+                )
             timings["denoise"] = self._elapsed(t0)
         return DenoiseResult(latents, timings, text_tokens, evaluations)
 
@@ -503,9 +522,14 @@ class SRPOPipeline:
             if marks:
                 mark_dynamic(latents, img_ids)
             inputs = dict(
-                hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
-            )  # fmt: skip
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=img_ids,
+            )
             if cp is not None:
                 padded = {**inputs, **fixed, "hidden_states": cp.pad_latents(latents)}
                 noise_pred = run(**padded, return_dict=False)[0][:, : latents.shape[1]]

@@ -75,8 +75,10 @@ def emulate(
     True
     """
     if qk not in QK_FORMATS or pv not in PV_FORMATS or accumulation not in ACCUMULATIONS:
-        raise ValueError(f"qk in {QK_FORMATS}, pv in {PV_FORMATS}, accumulation in {ACCUMULATIONS}; "
-                         f"got {qk!r}, {pv!r}, {accumulation!r}")  # fmt: skip
+        raise ValueError(
+            f"qk in {QK_FORMATS}, pv in {PV_FORMATS}, accumulation in {ACCUMULATIONS}; "
+            f"got {qk!r}, {pv!r}, {accumulation!r}"
+        )
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     if smooth_k and qk != "exact":
         k = k - k.mean(-2, keepdim=True)  # shifts each query's scores by a constant: softmax-invariant

@@ -192,23 +192,40 @@ class GenerationRequest:
     """
 
     prompt: str = _field(rule=_check_prompt, help="what to draw (1 to 4000 characters)")
-    width: int = _field(DEFAULT_WIDTH, flag="--width", help="512–1536, multiple of 32 [default: 1024]", type=int,
-                        flag_default=None)  # fmt: skip
-    height: int = _field(DEFAULT_HEIGHT, flag="--height", help="512–1536, multiple of 32 [default: 768]", type=int,
-                         flag_default=None)  # fmt: skip
-    seed: int | None = _field(None, _check_seed, "--seed", "noise seed, 0 to 2**63-1 [default: a random one, "
-                              "printed in the JSON]", type=int)  # fmt: skip
-    num_inference_steps: int = _field(DEFAULT_STEPS, functools.partial(_check_int, "num_inference_steps", MIN_STEPS,
-                                      MAX_STEPS), "--steps", "denoising steps, 1–50", type=int)  # fmt: skip
-    guidance_scale: float = _field(DEFAULT_GUIDANCE, _check_guidance, "--guidance", "guidance scale, 1–20",
-                                   type=float)  # fmt: skip
-    num_images: int = _field(DEFAULT_IMAGES, functools.partial(_check_int, "num_images", MIN_IMAGES, MAX_IMAGES),
-                             "--num-images", "1–4; image i uses seed + i", type=int)  # fmt: skip
-    acceleration: str = _field("none", _check_acceleration, "--acceleration", "first-block step caching: none is "
-                               "exact; regular/high skip work on steps that change little",
-                               choices=list(ACCELERATIONS))  # fmt: skip
-    loras: tuple[tuple[str, float], ...] = _field((), _check_loras, None, "LoRA adapters for this request: "
-                                                  "(path, scale) pairs, at most 3, |scale| <= 4")  # fmt: skip
+    width: int = _field(
+        DEFAULT_WIDTH, flag="--width", help="512–1536, multiple of 32 [default: 1024]", type=int, flag_default=None
+    )
+    height: int = _field(
+        DEFAULT_HEIGHT, flag="--height", help="512–1536, multiple of 32 [default: 768]", type=int, flag_default=None
+    )
+    seed: int | None = _field(
+        None, _check_seed, "--seed", "noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]", type=int
+    )
+    num_inference_steps: int = _field(
+        DEFAULT_STEPS,
+        functools.partial(_check_int, "num_inference_steps", MIN_STEPS, MAX_STEPS),
+        "--steps",
+        "denoising steps, 1–50",
+        type=int,
+    )
+    guidance_scale: float = _field(DEFAULT_GUIDANCE, _check_guidance, "--guidance", "guidance scale, 1–20", type=float)
+    num_images: int = _field(
+        DEFAULT_IMAGES,
+        functools.partial(_check_int, "num_images", MIN_IMAGES, MAX_IMAGES),
+        "--num-images",
+        "1–4; image i uses seed + i",
+        type=int,
+    )
+    acceleration: str = _field(
+        "none",
+        _check_acceleration,
+        "--acceleration",
+        "first-block step caching: none is exact; regular/high skip work on steps that change little",
+        choices=list(ACCELERATIONS),
+    )
+    loras: tuple[tuple[str, float], ...] = _field(
+        (), _check_loras, None, "LoRA adapters for this request: (path, scale) pairs, at most 3, |scale| <= 4"
+    )
 
     @property
     def image_tokens(self) -> int:
@@ -248,8 +265,13 @@ def takes_request_fields(fn: Callable) -> Callable:
     own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
     sides = {"width": None, "height": None}  # None: from image_size, else the default size
-    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=sides.get(f.name, f.default),
-                               annotation=f.type) for f in fields(GenerationRequest) if f.name != "prompt"]  # fmt: skip
+    added = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=sides.get(f.name, f.default), annotation=f.type
+        )
+        for f in fields(GenerationRequest)
+        if f.name != "prompt"
+    ]
     fn.__signature__ = signature.replace(parameters=[*own[:at], *added, *own[at:]])
     return suggest_keywords(fn)
 

@@ -134,8 +134,12 @@ def check_image_file_name(target: str | Path, output_format: str) -> None:
     if not suffix:
         return
     if suffix not in IMAGE_SUFFIXES:
-        raise ValueError(f"output file {str(target)!r} must end in .jpg, .jpeg or .png (or name a folder): images "
-                         "are written as jpeg or png")  # fmt: skip
+        raise ValueError(
+            f"output file {str(target)!r} must end in .jpg, .jpeg or .png (or name a folder): images "
+            "are written as jpeg or png"
+        )
     if IMAGE_SUFFIXES[suffix] != check_output_format(output_format):
-        raise ValueError(f"output file {str(target)!r} and output format {output_format!r} disagree: name a "
-                         f"{'.png' if output_format == 'png' else '.jpg'} file or drop the format")  # fmt: skip
+        raise ValueError(
+            f"output file {str(target)!r} and output format {output_format!r} disagree: name a "
+            f"{'.png' if output_format == 'png' else '.jpg'} file or drop the format"
+        )

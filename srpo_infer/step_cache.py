@@ -76,14 +76,18 @@ class FluxStages(torch.nn.Module):
         rope = (rope_cos, rope_sin)
         for block in list(t.transformer_blocks)[1:]:
             encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                temb=temb,
                 image_rotary_emb=rope,
-            )  # fmt: skip
+            )
         for block in t.single_transformer_blocks:
             encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                temb=temb,
                 image_rotary_emb=rope,
-            )  # fmt: skip
+            )
         return hidden_states
 
     def head(self, hidden_states, temb):

@@ -34,8 +34,9 @@ def warm_start_report(
     for width, height in check_sizes:
         t1 = time.perf_counter()
         for level in accelerations:
-            pipe.generate("check", width=width, height=height, seed=1, num_inference_steps=2, acceleration=level,
-                          progress=False)  # fmt: skip
+            pipe.generate(
+                "check", width=width, height=height, seed=1, num_inference_steps=2, acceleration=level, progress=False
+            )
         check[f"{width}x{height}"] = time.perf_counter() - t1
     return {
         "config": pipe.config.describe(),

@@ -33,11 +33,16 @@ def pipeline(out: Path, cases: list[str]) -> None:
         reference = srpo_infer.load_pipeline("tiny-random", **options) if rank == 0 else None
         if "triton" in how:
             kernel_as_reference_math()
-        pipe = srpo_infer.load_pipeline("tiny-random", **options, context_parallel=world,
-                                        ring_degree=ring if ring == "auto" else int(ring),
-                                        attention="triton" if "triton" in how else "sdpa")  # fmt: skip
-        request = srpo_infer.validate_request("a T-Rex on a beach", width=width, height=height, seed=11,
-                                              num_inference_steps=STEPS)  # fmt: skip
+        pipe = srpo_infer.load_pipeline(
+            "tiny-random",
+            **options,
+            context_parallel=world,
+            ring_degree=ring if ring == "auto" else int(ring),
+            attention="triton" if "triton" in how else "sdpa",
+        )
+        request = srpo_infer.validate_request(
+            "a T-Rex on a beach", width=width, height=height, seed=11, num_inference_steps=STEPS
+        )
         split = pipe.generate_latents(request)
         try:  # refused on every rank alike, before any collective
             pipe.generate("a cat", width=512, height=512, seed=1, acceleration="regular")
@@ -45,8 +50,9 @@ def pipeline(out: Path, cases: list[str]) -> None:
         except ValueError as exc:
             refusal = str(exc)
         if rank == 0:
-            results[case] = dict(split=split, whole=reference.generate_latents(request),
-                                 how=pipe.optimized.steps[-1], refusal=refusal)  # fmt: skip
+            results[case] = dict(
+                split=split, whole=reference.generate_latents(request), how=pipe.optimized.steps[-1], refusal=refusal
+            )
     if rank == 0:
         torch.save(results, out)
 
@@ -88,8 +94,11 @@ def attention(out: Path, backends: list[str]) -> None:
     def local(x):
         rope = [torch.cat([mine(t[:n_txt], n_txt), mine(t[n_txt:], n_img)]) for t in (x.rope_cos, x.rope_sin)]
         if x.txt_q is not None:
-            streams = {f"{s}_{n}": mine(getattr(x, f"{s}_{n}"), n_txt if s == "txt" else n_img)
-                       for s in ("txt", "img") for n in "qkv"}  # fmt: skip
+            streams = {
+                f"{s}_{n}": mine(getattr(x, f"{s}_{n}"), n_txt if s == "txt" else n_img)
+                for s in ("txt", "img")
+                for n in "qkv"
+            }
         else:  # one stream: each rank holds [its text, its image]
             streams = {}
             for n in "qkv":

@@ -22,8 +22,15 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         app = app if make_app is None else make_app(self.url)
         # The protocol `srpo-infer serve` runs: uvicorn's, with our connection limits.
-        config = uvicorn_config(app, host="127.0.0.1", port=self.port, limits=limits or ConnectionLimits(), http=http,
-                                log_level="warning", lifespan="off")  # fmt: skip
+        config = uvicorn_config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            limits=limits or ConnectionLimits(),
+            http=http,
+            log_level="warning",
+            lifespan="off",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -51,13 +51,23 @@ def stock():
 
 
 # Fused QKV changes only how the kernels read q/k/v (strided column slices), the same in every mode.
-CASES = [("sdpa", False), ("sdpa", True), ("triton", False), ("triton", True), ("triton-int8", True),
-         ("triton-int8-fp8", False)]  # fmt: skip
+CASES = [
+    ("sdpa", False),
+    ("sdpa", True),
+    ("triton", False),
+    ("triton", True),
+    ("triton-int8", True),
+    ("triton-int8-fp8", False),
+]
 
 
-@pytest.mark.parametrize("backend, fused", [pytest.param(b, f, marks=[needs_kernels] if b != "sdpa" else [],
-                                                          id=f"{b}-{'fused' if f else 'unfused'}-qkv")
-                                            for b, f in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, fused",
+    [
+        pytest.param(b, f, marks=[needs_kernels] if b != "sdpa" else [], id=f"{b}-{'fused' if f else 'unfused'}-qkv")
+        for b, f in CASES
+    ],
+)
 def test_backend_matches_stock_processor(stock, backend, fused):
     model, inputs, ref = stock
     ours = copy.deepcopy(model)

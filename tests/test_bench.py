@@ -17,9 +17,29 @@ ORDER = ["diffusers", "+compile", "ours-eager", "+fp8-weight", "+cache-high"]  #
 
 def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--model", "tiny-random", "--device", "cpu", "--sizes", "512x512", "640x512", "--steps", "2",
-                 "--no-official", "--repeats", "1", "--compile-backend", "eager", "--out", str(out),
-                 "--configs", *ORDER])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--sizes",
+            "512x512",
+            "640x512",
+            "--steps",
+            "2",
+            "--no-official",
+            "--repeats",
+            "1",
+            "--compile-backend",
+            "eager",
+            "--out",
+            str(out),
+            "--configs",
+            *ORDER,
+        ]
+    )
     assert code == 0
 
     def strict(constant):  # what JSON.parse and other strict parsers refuse
@@ -36,8 +56,15 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     assert set(rows) == {(c, s) for c in ORDER for s in ("512x512@2", "640x512@2")}
     for (config, _), r in rows.items():
         assert "error" not in r, r
-        for key in ("seconds_per_image", "ms_per_step", "transformer_tflops", "first_call_seconds",
-                    "speedup_vs_baseline", "latent_rel_err_vs_baseline", "psnr_vs_baseline_db"):  # fmt: skip
+        for key in (
+            "seconds_per_image",
+            "ms_per_step",
+            "transformer_tflops",
+            "first_call_seconds",
+            "speedup_vs_baseline",
+            "latent_rel_err_vs_baseline",
+            "psnr_vs_baseline_db",
+        ):
             if key == "psnr_vs_baseline_db" and r["latent_rel_err_vs_baseline"] == 0:
                 assert r[key] is None  # identical images: an infinite PSNR, null in strict JSON
                 continue
@@ -77,8 +104,14 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
     monkeypatch.setattr(bench._Baseline, "run", canned)
     monkeypatch.setattr(bench, "_count_flops", lambda *_: 1)
     seen = []
-    args = bench.BenchArgs(model="tiny-random", device="cpu", settings=[bench.Setting(512, 512, 1)], repeats=1,
-                           configs=["ours-eager", "diffusers"], config_timeout=3)  # fmt: skip
+    args = bench.BenchArgs(
+        model="tiny-random",
+        device="cpu",
+        settings=[bench.Setting(512, 512, 1)],
+        repeats=1,
+        configs=["ours-eager", "diffusers"],
+        config_timeout=3,
+    )
     result = bench.run_benchmark(args, on_row=lambda row, record: seen.append(len(record["rows"])))
     assert interrupted == [True]  # the hour-long call was cut by the box, not waited for
     stuck_row, baseline_row = result["rows"]
@@ -102,9 +135,16 @@ def test_flop_count_matches_the_design_cost_model():
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-        inputs = dict(hidden_states=torch.empty(1, 4096, 64), encoder_hidden_states=torch.empty(1, 512, 4096),
-                      pooled_projections=torch.empty(1, 768), timestep=torch.empty(1), guidance=torch.empty(1),
-                      img_ids=torch.empty(4096, 3), txt_ids=torch.empty(512, 3), return_dict=False)  # fmt: skip
+        inputs = dict(
+            hidden_states=torch.empty(1, 4096, 64),
+            encoder_hidden_states=torch.empty(1, 512, 4096),
+            pooled_projections=torch.empty(1, 768),
+            timestep=torch.empty(1),
+            guidance=torch.empty(1),
+            img_ids=torch.empty(4096, 3),
+            txt_ids=torch.empty(512, 3),
+            return_dict=False,
+        )
         flops = transformer_flops(model, inputs)
     assert flops["linear"] / 1e12 == pytest.approx(59.5, rel=0.01)
     assert flops["attention"] == 57 * 4 * 4608**2 * 3072  # 14.9 TFLOP
@@ -134,8 +174,9 @@ def test_the_default_table_leaves_out_what_cannot_run_here_and_says_why(monkeypa
     monkeypatch.setattr("srpo_infer.quantize._require", missing)
     cpu = torch.device("cpu")
     assert "+fp8-weight" not in [c.name for c in bench.select_configs(None, cpu)]
-    assert bench.skipped_configs(None, cpu) == {"+fp8-weight": "quantize='fp8-weight' needs optimum-quanto: pip "
-                                                               "install 'srpo-infer[fp8-weight]'"}  # fmt: skip
+    assert bench.skipped_configs(None, cpu) == {
+        "+fp8-weight": "quantize='fp8-weight' needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'"
+    }
     assert bench.skipped_configs(["+fp8-weight"], cpu) == {}  # asked for by name: it runs, or errors saying why
     monkeypatch.setattr(bench, "run_benchmark", lambda args, on_row: {"rows": [], "skipped": {}, "model": "m"})
     monkeypatch.setattr(bench, "write_reports", lambda result, out: {})

@@ -18,8 +18,13 @@ def test_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "attention.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = ROOT / "benchmarks" / "bench_attention.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--sweep", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--sweep", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["benchmark"] == "attention" and result["versions"]["torch"]

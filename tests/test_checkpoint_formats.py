@@ -79,9 +79,18 @@ def test_loading_keeps_peak_host_memory_near_the_model_size(tmp_path, kind):
     from diffusers import FluxTransformer2DModel
     from test_checkpoint import _MEASURE
 
-    cfg = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
-               num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
-               axes_dims_rope=(16, 56, 56))  # fmt: skip
+    cfg = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=512,
+        pooled_projection_dim=256,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
     sd = FluxTransformer2DModel(**cfg).state_dict()
     path = write_gguf(sd, tmp_path / "m.gguf") if kind == "gguf" else write_fp8(sd, tmp_path / "m.safetensors", True)
     fp32_bytes = sum(t.numel() * 4 for t in sd.values())
@@ -105,8 +114,12 @@ def test_bad_files_are_refused_before_any_weight_loads(tmp_path, files):
     sd = build_tiny_transformer().state_dict()
     # A quantization type we do not dequantize (IQ2_XXS: 256 values in 66 bytes per block).
     writer = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "flux")
-    writer.add_tensor("img_in.weight", np.zeros((64, 66), dtype=np.uint8), raw_shape=(64, 66),
-                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)  # fmt: skip
+    writer.add_tensor(
+        "img_in.weight",
+        np.zeros((64, 66), dtype=np.uint8),
+        raw_shape=(64, 66),
+        raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS,
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -124,8 +124,18 @@ def test_every_load_option_of_the_library_is_a_flag_on_every_loading_command(com
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = capsys.readouterr().out
-    for flag in ("--compile", "--quantize", "--attention", "--memory", "--lora", "--lora-scale", "--dtype", "--device",
-                 "--compile-scope", "--quantize-text-encoder"):  # fmt: skip
+    for flag in (
+        "--compile",
+        "--quantize",
+        "--attention",
+        "--memory",
+        "--lora",
+        "--lora-scale",
+        "--dtype",
+        "--device",
+        "--compile-scope",
+        "--quantize-text-encoder",
+    ):
         assert f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text, flag
     for f in fields(PipelineConfig):
         if f.metadata.get("cli"):
@@ -142,9 +152,31 @@ def test_generate_flags_reach_load_pipeline(monkeypatch, tmp_path, capsys):
         raise ValueError("stop here")
 
     monkeypatch.setattr(srpo_infer.loading, "load_pipeline", fake_load)
-    code = main(["generate", "a cat", "--model", "tiny-random", "--compile", "on", "--quantize", "none",
-                 "--attention", "triton-int8", "--memory", "gpu", "--lora", "x.safetensors", "--lora-scale", "0.5",
-                 "--no-lora-fuse", "--dtype", "float32", "-o", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "a cat",
+            "--model",
+            "tiny-random",
+            "--compile",
+            "on",
+            "--quantize",
+            "none",
+            "--attention",
+            "triton-int8",
+            "--memory",
+            "gpu",
+            "--lora",
+            "x.safetensors",
+            "--lora-scale",
+            "0.5",
+            "--no-lora-fuse",
+            "--dtype",
+            "float32",
+            "-o",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "stop here" in capsys.readouterr().err
     assert seen["compile"] is True and seen["quantize"] is None and seen["attention"] == "triton-int8"
     assert seen["memory"] == "gpu" and seen["lora"] == "x.safetensors" and seen["lora_scale"] == 0.5

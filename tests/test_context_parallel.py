@@ -22,8 +22,12 @@ WORKER = Path(__file__).parent / "context_parallel_worker.py"
 
 def torchrun(processes: int, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N ARGS``, as a user launches it (a free port each time)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", **(env or {})}  # fmt: skip
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -39,8 +43,11 @@ def split_runs(tmp_path: Path, processes: int, *cases: str) -> dict:
 @pytest.mark.slow  # two processes, ~35 s: CI's slow step
 def test_two_processes_give_one_process_latents_with_ulysses_and_ring(tmp_path):
     results = split_runs(tmp_path, 2, "1440x512:1", "1440x512:2", "1440x512:1:triton")
-    for case, how in (("1440x512:1", "context_parallel:ulysses 2"), ("1440x512:2", "context_parallel:ring 2"),
-                      ("1440x512:1:triton", "context_parallel:ulysses 2")):  # fmt: skip
+    for case, how in (
+        ("1440x512:1", "context_parallel:ulysses 2"),
+        ("1440x512:2", "context_parallel:ring 2"),
+        ("1440x512:1:triton", "context_parallel:ulysses 2"),
+    ):
         r = results[case]
         assert r["how"] == how
         assert r["split"].shape == r["whole"].shape == (1, 90 * 32, 16)
@@ -58,8 +65,17 @@ def test_ulysses_runs_our_kernels_over_the_whole_sequence(tmp_path, processes):
     # 7 text and 13 image tokens (padded to a multiple of the processes), 6 heads, both block layouts,
     # every backend under the Triton interpreter: equal to one process's output bit for bit.
     out = tmp_path / "attention.pt"
-    torchrun(processes, str(WORKER), "attention", str(out), "sdpa", "triton", "triton-int8", "triton-int8-fp8",
-             env={"TRITON_INTERPRET": "1"})  # fmt: skip
+    torchrun(
+        processes,
+        str(WORKER),
+        "attention",
+        str(out),
+        "sdpa",
+        "triton",
+        "triton-int8",
+        "triton-int8-fp8",
+        env={"TRITON_INTERPRET": "1"},
+    )
     diffs = torch.load(out)
     assert len(diffs) == 4 * 2 * processes
     assert all(d == 0 for d in diffs.values()), diffs
@@ -195,13 +211,36 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
 
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "srpo_infer",
-           "serve", "--model", "tiny-random", "--device", "cpu", "--context-parallel", "2", "--port", str(port),
-           "--output-dir", str(tmp_path / "split")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "srpo_infer",
+        "serve",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--context-parallel",
+        "2",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(tmp_path / "split"),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    body = {"prompt": "a lighthouse", "image_size": {"width": 1440, "height": 512}, "seed": 9,
-            "num_inference_steps": 4, "response_format": "b64_json", "output_format": "png"}  # fmt: skip
+    body = {
+        "prompt": "a lighthouse",
+        "image_size": {"width": 1440, "height": 512},
+        "seed": 9,
+        "num_inference_steps": 4,
+        "response_format": "b64_json",
+        "output_format": "png",
+    }
 
     def image(base: str) -> np.ndarray:
         r = httpx.post(f"{base}/v1/images/generations", json=body, timeout=600)
@@ -230,11 +269,31 @@ def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
     import httpx
 
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "srpo_infer", "serve", "--model", "tiny-random", "--device", "cpu",
-           "--context-parallel", "2", "--port", str(port), "--output-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "srpo_infer",
+        "serve",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--context-parallel",
+        "2",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(tmp_path),
+    ]
 
     def rank(r: int) -> subprocess.Popen:
         env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
@@ -266,8 +325,23 @@ def test_bench_splits_every_configuration_but_the_baseline(tmp_path):
     import json
 
     configs = ["--configs", "diffusers", "ours-eager", "+cache-high"]
-    torchrun(2, "-m", "srpo_infer", "bench", "--context-parallel", "2", "--sizes", "512x512", "--steps", "2",
-             "--repeats", "1", *configs, "--out", str(tmp_path))  # fmt: skip
+    torchrun(
+        2,
+        "-m",
+        "srpo_infer",
+        "bench",
+        "--context-parallel",
+        "2",
+        "--sizes",
+        "512x512",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        *configs,
+        "--out",
+        str(tmp_path),
+    )
     rows = {r["config"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert "context_parallel" not in rows["diffusers"]
     assert rows["ours-eager"]["context_parallel"] == "ulysses 2"
@@ -280,12 +354,16 @@ def test_bench_splits_every_configuration_but_the_baseline(tmp_path):
     "argv, message",
     [
         (["generate", "a cat", "--model", "tiny-random", "--context-parallel", "2"], "launch it with torchrun"),
-        (["serve", "--model", "tiny-random", "--context-parallel", "2", "--replicas", "2"],
-         "--context-parallel does not run on Ray Serve replicas yet"),
-        (["serve", "--model", "tiny-random", "--context-parallel", "2", "--default-acceleration", "regular"],
-         "--default-acceleration regular (first-block caching) does not run with context parallelism"),
+        (
+            ["serve", "--model", "tiny-random", "--context-parallel", "2", "--replicas", "2"],
+            "--context-parallel does not run on Ray Serve replicas yet",
+        ),
+        (
+            ["serve", "--model", "tiny-random", "--context-parallel", "2", "--default-acceleration", "regular"],
+            "--default-acceleration regular (first-block caching) does not run with context parallelism",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_command_line_says_what_cannot_run_in_one_line(monkeypatch, capsys, argv, message):
     from srpo_infer.cli import main
 

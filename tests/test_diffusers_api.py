@@ -21,8 +21,15 @@ def stock():
 
 def _image(pipe, width=640, height=512, steps=2, seed=5, text_tokens=64):
     seeded = torch.Generator().manual_seed(seed)
-    out = pipe("a lighthouse at dusk", width=width, height=height, num_inference_steps=steps, generator=seeded,
-               max_sequence_length=text_tokens, output_type="np")  # fmt: skip
+    out = pipe(
+        "a lighthouse at dusk",
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        generator=seeded,
+        max_sequence_length=text_tokens,
+        output_type="np",
+    )
     return out.images[0]
 
 
@@ -68,7 +75,8 @@ def test_first_block_cache_on_a_stock_pipeline_skips_blocks_and_none_runs_them_a
     fresh = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
     calls = _count_full_evaluations(fresh)
     assert srpo_infer.optimize(fresh, acceleration="regular", cache_threshold=THRESHOLD_THAT_SKIPS)[-1] == (
-        f"cache:first-block({THRESHOLD_THAT_SKIPS:g})")  # fmt: skip
+        f"cache:first-block({THRESHOLD_THAT_SKIPS:g})"
+    )
     _image(fresh, steps=STEPS)
     assert 1 <= calls[0] < STEPS
 
@@ -86,8 +94,15 @@ def test_diffusers_hook_makes_the_same_skip_decisions_as_our_cache(tiny_pipe):
     calls = _count_full_evaluations(hooked)  # before the hooks, so a skipped block is not counted
     srpo_infer.optimize(hooked, cache_threshold=THRESHOLD_THAT_SKIPS)
     with torch.inference_mode():
-        latents = hooked(req.prompt, width=640, height=512, num_inference_steps=STEPS, guidance_scale=4.5,
-                         latents=tiny_pipe.prepare_noise([11], 640, 512), output_type="latent").images  # fmt: skip
+        latents = hooked(
+            req.prompt,
+            width=640,
+            height=512,
+            num_inference_steps=STEPS,
+            guidance_scale=4.5,
+            latents=tiny_pipe.prepare_noise([11], 640, 512),
+            output_type="latent",
+        ).images
     assert calls[0] == ours.transformer_evaluations
     torch.testing.assert_close(latents, ours.latents, rtol=1e-4, atol=1e-4)
 

@@ -11,8 +11,11 @@ import srpo_infer
 
 
 def test_a_misspelled_keyword_names_the_real_one(tiny_pipe):
-    with pytest.raises(TypeError, match=r"generate\(\): unknown keyword argument 'num_inferance_steps': did you "
-                       r"mean 'num_inference_steps'\?"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"generate\(\): unknown keyword argument 'num_inferance_steps': did you "
+        r"mean 'num_inference_steps'\?",
+    ):
         tiny_pipe.generate("x", num_inferance_steps=2)
     with pytest.raises(TypeError, match=r"unknown keyword arguments 'guidence' \(did you mean 'guidance_scale'\?\)"):
         tiny_pipe.generate("x", guidence=3, seeed=1)
@@ -34,14 +37,20 @@ def test_load_pipeline_names_the_nearest_option():
 @pytest.mark.parametrize(
     "blocked, options, words",
     [
-        ("optimum", dict(quantize="fp8-weight"), "quantize='fp8-weight' needs optimum-quanto: pip install "
-         "'srpo-infer[fp8-weight]'"),
-        ("optimum", dict(quantize_text_encoder=True), "quantize_text_encoder=True needs optimum-quanto: pip install "
-         "'srpo-infer[fp8-weight]'"),
+        (
+            "optimum",
+            dict(quantize="fp8-weight"),
+            "quantize='fp8-weight' needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'",
+        ),
+        (
+            "optimum",
+            dict(quantize_text_encoder=True),
+            "quantize_text_encoder=True needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'",
+        ),
         ("accelerate", dict(memory="offload-group"), "need accelerate"),
         ("accelerate", dict(memory="offload-model"), "need accelerate"),
     ],
-)  # fmt: skip
+)
 def test_a_missing_extra_is_named_before_any_weight_loads(monkeypatch, blocked, options, words):
     from srpo_infer import components
 
@@ -73,8 +82,10 @@ def test_an_unreachable_hub_is_named_instead_of_retried(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    for kwargs, what in ((dict(model="someone/not-cached-srpo"), "model"),
-                         (dict(model="tiny-random", base="someone/not-cached-flux"), "base")):  # fmt: skip
+    for kwargs, what in (
+        (dict(model="someone/not-cached-srpo"), "model"),
+        (dict(model="tiny-random", base="someone/not-cached-flux"), "base"),
+    ):
         with pytest.raises(ValueError) as refused:
             srpo_infer.load_pipeline(device="cpu", progress=False, **kwargs)
         message = str(refused.value)

@@ -54,8 +54,14 @@ def test_quantize_skip_and_text_encoder_are_configurable():
     pytest.importorskip("optimum.quanto")
     from optimum.quanto import QLinear
 
-    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, quantize="fp8-weight",
-                                    quantize_skip=("transformer_blocks.*",), quantize_text_encoder=True)  # fmt: skip
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random",
+        device="cpu",
+        progress=False,
+        quantize="fp8-weight",
+        quantize_skip=("transformer_blocks.*",),
+        quantize_text_encoder=True,
+    )
     t = pipe.transformer
     assert type(t.transformer_blocks[0].attn.to_q) is torch.nn.Linear
     assert isinstance(t.proj_out, QLinear)  # no longer skipped
@@ -68,8 +74,16 @@ def test_every_flag_does_what_it_says():
     pytest.importorskip("optimum.quanto")
     from optimum.quanto import QLinear
 
-    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, compile=True, compile_backend="eager",
-                                    fuse_qkv=False, quantize_text_encoder=True, cache_dir=None)  # fmt: skip
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random",
+        device="cpu",
+        progress=False,
+        compile=True,
+        compile_backend="eager",
+        fuse_qkv=False,
+        quantize_text_encoder=True,
+        cache_dir=None,
+    )
     assert "fuse_qkv" not in pipe.optimized.steps
     assert not pipe.transformer.transformer_blocks[0].attn.fused_projections
     assert "quantize:t5:fp8-weight" in pipe.optimized.steps and pipe.config.quantize is None
@@ -103,8 +117,15 @@ AFTER_WARMUP = [(1024, 1024), (1440, 512), (768, 1024), (512, 1536), (1536, 1536
 def test_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents, scope):
     """Backend "eager": the same dynamo capture (and graph count) as Inductor, without a C++ build."""
     torch._dynamo.reset()
-    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, compile=True, compile_scope=scope,
-                                    compile_backend="eager", cache_dir=None)  # fmt: skip
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random",
+        device="cpu",
+        progress=False,
+        compile=True,
+        compile_scope=scope,
+        compile_backend="eager",
+        cache_dir=None,
+    )
     assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == f"compile:eager:{scope}:default"
     before = pipe.compiled_graphs()  # a process-wide counter
     got = pipe.generate_latents(REQ)
@@ -147,9 +168,24 @@ def _warmup_process(tmp_path, run: int) -> dict:
     out = tmp_path / f"report-{run}.json"
     # A fresh Inductor cache per process: the second one can only be warm through our saved artifacts.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
-    cmd = [sys.executable, "-m", "srpo_infer.cli", "warmup", "--model", "tiny-random", "--device", "cpu",
-           "--sizes", "512x512", "--check-sizes", "640x512", "--cache-dir", str(tmp_path / "cache"),
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "srpo_infer.cli",
+        "warmup",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--sizes",
+        "512x512",
+        "--check-sizes",
+        "640x512",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())

@@ -37,13 +37,25 @@ def test_torchao_fp8_quantizes_all_but_the_skip_list(eager):
 
 @pytest.mark.parametrize(
     ("scope", "mode", "quantize"),
-    [("regional", "default", None), ("full", "default", None), ("regional", "max-autotune", None),
-     pytest.param("regional", "default", "fp8", marks=pytest.mark.skipif(not FP8, reason="needs fp8 tensor cores"))],
-)  # fmt: skip
+    [
+        ("regional", "default", None),
+        ("full", "default", None),
+        ("regional", "max-autotune", None),
+        pytest.param("regional", "default", "fp8", marks=pytest.mark.skipif(not FP8, reason="needs fp8 tensor cores")),
+    ],
+)
 def test_inductor_matches_eager_and_compiles_nothing_after_warmup(eager, scope, mode, quantize):
     torch._dynamo.reset()
-    pipe = srpo_infer.load_pipeline("tiny-random", device="cuda", progress=False, compile=True, compile_scope=scope,
-                                    compile_mode=mode, quantize=quantize, cache_dir=None)  # fmt: skip
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random",
+        device="cuda",
+        progress=False,
+        compile=True,
+        compile_scope=scope,
+        compile_mode=mode,
+        quantize=quantize,
+        cache_dir=None,
+    )
     err = relative_error(pipe.generate_latents(REQ), eager[1])
     assert err < (1e-3 if quantize is None else 0.15), err  # bf16 with other kernels; fp8 as above
     pipe.warmup([(512, 512)], accelerations=("none", "high"))

@@ -42,8 +42,12 @@ print(json.dumps(rows))
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for row in rows:
         assert row["compiled"], row
-        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(tmp_path / row["cubin"])],
-                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        dump = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", str(tmp_path / row["cubin"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         (regs,) = re.findall(r"Function _attention_kernel:\s+REG:(\d+)", dump)
         assert row["regs"] == int(regs) == row["ptxas_regs"], (row, dump)
         assert row["spill_bytes"] == 0 and row["local_instructions"] == 0 and row["problems"] == [], row

@@ -105,8 +105,11 @@ EMULATION_PV = {"int8": "float16", "int8-fp8": "e4m3"}
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-fp8"])
-@pytest.mark.parametrize("case, design", [((1, 2, 32, 7, 37), "pointer"), ((1, 2, 64, 16, 50), "tma"),
-                                          ((2, 1, 128, 0, 45), "pointer")], ids=str)  # fmt: skip
+@pytest.mark.parametrize(
+    "case, design",
+    [((1, 2, 32, 7, 37), "pointer"), ((1, 2, 64, 16, 50), "tma"), ((2, 1, 128, 0, 45), "pointer")],
+    ids=str,
+)
 def test_8bit_modes_match_their_emulation(case, mode, design):
     """The kernel does what the emulation models: ≤ 1e-2 apart (relative L1). The interpreter's fp8
     dot is exact, so the emulation's accumulation is exact here (Hopper's is checked on a GPU)."""

@@ -22,8 +22,11 @@ WIDTH, BLOCKS, RANK = 64, 2, 4  # the tiny transformer: 2 heads × 32, 2 double 
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     factors = lora_factors(WIDTH, BLOCKS, RANK, seed=1)
-    paths = {"diffusers": folder / "a-diffusers.safetensors", "kohya": folder / "a-kohya.safetensors",
-             "other": folder / "b-diffusers.safetensors"}  # fmt: skip
+    paths = {
+        "diffusers": folder / "a-diffusers.safetensors",
+        "kohya": folder / "a-kohya.safetensors",
+        "other": folder / "b-diffusers.safetensors",
+    }
     save_file(diffusers_lora(factors), paths["diffusers"])
     save_file(kohya_lora(factors), paths["kohya"])
     save_file(diffusers_lora(lora_factors(WIDTH, BLOCKS, RANK, seed=2)), paths["other"])
@@ -101,8 +104,10 @@ def _no_adapter_left(pipe) -> bool:
 
 def test_bad_loras_are_refused_clearly_and_leave_nothing_behind(tmp_path, plain):
     pipe = load()
-    other_model = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}  # fmt: skip
+    other_model = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+    }
     save_file(other_model, tmp_path / "sdxl.safetensors")
     with pytest.raises(LoraError, match="another model"):
         pipe.load_lora(tmp_path / "sdxl.safetensors")

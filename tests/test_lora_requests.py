@@ -29,8 +29,15 @@ from srpo_infer.server.loras import LoraLibrary
 
 WIDTH, BLOCKS = 64, 2  # the tiny transformer
 KW = {"width": 512, "height": 512, "seed": 3, "num_inference_steps": 2, "acceleration": "none"}
-BODY = {"prompt": "a red fox in snow", "image_size": "square", "seed": 3, "num_inference_steps": 2,
-        "acceleration": "none", "response_format": "b64_json", "output_format": "png"}  # fmt: skip
+BODY = {
+    "prompt": "a red fox in snow",
+    "image_size": "square",
+    "seed": 3,
+    "num_inference_steps": 2,
+    "acceleration": "none",
+    "response_format": "b64_json",
+    "output_format": "png",
+}
 SCALE = 0.7
 
 
@@ -49,9 +56,13 @@ def folder(tmp_path_factory):
     save_file(kohya_lora(lora_factors(WIDTH, BLOCKS, 8, seed=2)), d / "b.safetensors")
     save_file(diffusers_lora(lora_factors(WIDTH, BLOCKS, 160, seed=3)), d / "huge.safetensors")  # rank > 128
     save_file(diffusers_lora(lora_factors(WIDTH * 2, BLOCKS, 4, seed=4)), d / "wide.safetensors")  # other widths
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)},
-              d / "sdxl.safetensors")  # fmt: skip
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        },
+        d / "sdxl.safetensors",
+    )
     (d / "junk.safetensors").write_bytes(b"not a safetensors file")
     (d / "sub").mkdir()
     save_file(diffusers_lora(lora_factors(WIDTH, BLOCKS, 4, seed=1)), d / "sub" / "hidden.safetensors")
@@ -82,8 +93,11 @@ def test_a_request_lora_gives_the_loaded_lora_image_and_leaves_nothing(tiny_pipe
 
 
 def test_the_library_refuses_bad_adapters_and_leaves_nothing(tiny_pipe, folder, reference):
-    for name, words in (("wide", "does not fit"), ("sdxl", "a LoRA for another model?"),
-                        ("junk", "not a readable safetensors file")):  # fmt: skip
+    for name, words in (
+        ("wide", "does not fit"),
+        ("sdxl", "a LoRA for another model?"),
+        ("junk", "not a readable safetensors file"),
+    ):
         with pytest.raises(LoraError, match=re.escape(words)):
             tiny_pipe.generate("a red fox in snow", loras=[(str(folder / f"{name}.safetensors"), 1.0)], **KW)
         assert not has_adapter(tiny_pipe.transformer)
@@ -144,8 +158,14 @@ def library_file(server, name):
 def test_the_folder_is_listed_with_rank_and_target(compiled_server):
     listing = httpx.get(f"{compiled_server.url}/v1/loras").json()
     rows = {row["name"]: row for row in listing["data"]}
-    assert set(rows) == {"a.safetensors", "b.safetensors", "huge.safetensors", "wide.safetensors",
-                         "sdxl.safetensors", "junk.safetensors"}  # fmt: skip
+    assert set(rows) == {
+        "a.safetensors",
+        "b.safetensors",
+        "huge.safetensors",
+        "wide.safetensors",
+        "sdxl.safetensors",
+        "junk.safetensors",
+    }
     assert (rows["a.safetensors"]["rank"], rows["a.safetensors"]["target_model"]) == (4, "FLUX.1 transformer")
     assert rows["b.safetensors"]["rank"] == 8 and "problem" in rows["wide.safetensors"]
     assert "junk.safetensors" in rows["junk.safetensors"]["problem"] and str(compiled_server.folder) not in str(rows)

@@ -32,8 +32,11 @@ def test_kernels_are_a_leaf():
     for path in sorted((ROOT / "kernels").glob("*.py")):
         for module, level in _imports(path):
             assert level <= 1, (path.name, module, "reaches above kernels/")
-            assert level == 1 or not (module == "srpo_infer" or module.startswith("srpo_infer.")) or (
-                module.startswith("srpo_infer.kernels")), (path.name, module)  # fmt: skip
+            assert (
+                level == 1
+                or not (module == "srpo_infer" or module.startswith("srpo_infer."))
+                or (module.startswith("srpo_infer.kernels"))
+            ), (path.name, module)
 
 
 def test_the_library_has_no_import_cycle():
@@ -64,8 +67,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module_files() -> dict[str, Path]:
-    files = {f"srpo_infer.{p.relative_to(ROOT / 'srpo_infer').with_suffix('').as_posix().replace('/', '.')}": p
-             for p in (ROOT / "srpo_infer").rglob("*.py")}  # fmt: skip
+    files = {
+        f"srpo_infer.{p.relative_to(ROOT / 'srpo_infer').with_suffix('').as_posix().replace('/', '.')}": p
+        for p in (ROOT / "srpo_infer").rglob("*.py")
+    }
     files |= {f"srpo_infer.kernels.{p.stem}": p for p in (ROOT / "kernels").glob("*.py")}
     return {name.removesuffix(".__init__"): path for name, path in files.items()}
 

@@ -185,8 +185,13 @@ def test_on_step_sees_every_step_and_a_long_prompt_says_so_once(tiny_pipe, caplo
     steps = []
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
-        tiny_pipe.generate(" ".join(["word"] * 700), image_size="square", num_inference_steps=3, seed=1,
-                           on_step=lambda i, latents: steps.append((i, tuple(latents.shape))))  # fmt: skip
+        tiny_pipe.generate(
+            " ".join(["word"] * 700),
+            image_size="square",
+            num_inference_steps=3,
+            seed=1,
+            on_step=lambda i, latents: steps.append((i, tuple(latents.shape))),
+        )
     c = tiny_pipe.transformer.config.in_channels
     assert steps == [(0, (1, 1024, c)), (1, (1, 1024, c)), (2, (1, 1024, c))]
     assert [w.category for w in caught] == [PromptTruncatedWarning]

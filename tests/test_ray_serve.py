@@ -23,8 +23,12 @@ pytest.importorskip("fastapi")
 from srpo_infer.server.ray_serve import APP_NAME, MODEL_DEPLOYMENT, build_application  # noqa: E402
 
 # The hosted API's example body, at 4 steps: 16 of them at its 28 steps took over 5 minutes on a busy 2-core box.
-SEED_BODY = {"model": "flux/srpo", "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing "
-             "sunglasses.", "image_size": {"width": 1440, "height": 512}, "num_inference_steps": 4}  # fmt: skip
+SEED_BODY = {
+    "model": "flux/srpo",
+    "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing sunglasses.",
+    "image_size": {"width": 1440, "height": 512},
+    "num_inference_steps": 4,
+}
 
 
 def _port() -> int:
@@ -42,9 +46,14 @@ def cluster(tmp_path_factory):
     port = _port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_application("tiny-random", replicas=2, use_gpu=False, pipeline_options={"device": "cpu"},
-                                app_options={"output_dir": str(tmp_path_factory.mktemp("ray-out"))},
-                                warmup_sizes=[(512, 512)])  # fmt: skip
+        app = build_application(
+            "tiny-random",
+            replicas=2,
+            use_gpu=False,
+            pipeline_options={"device": "cpu"},
+            app_options={"output_dir": str(tmp_path_factory.mktemp("ray-out"))},
+            warmup_sizes=[(512, 512)],
+        )
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -84,8 +93,13 @@ def test_sixteen_concurrent_seed_requests_are_all_answered_by_both_replicas(clus
 def test_bad_requests_get_the_same_422_as_the_single_process_server(cluster):
     r = post(cluster, {"prompt": "a cat", "num_inferance_steps": 1})
     assert r.status_code == 422
-    assert r.json() == {"error": {"message": "unknown field 'num_inferance_steps': did you mean "
-                                  "'num_inference_steps'?", "field": "num_inferance_steps", "status": 422}}  # fmt: skip
+    assert r.json() == {
+        "error": {
+            "message": "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?",
+            "field": "num_inferance_steps",
+            "status": 422,
+        }
+    }
     r = post(cluster, {"prompt": "a cat", "seed": True})
     assert r.status_code == 422 and r.json()["error"]["field"] == "seed"
 

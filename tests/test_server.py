@@ -38,8 +38,12 @@ def post(server, body, **kw):
 
 
 def test_seed_example_body(server):
-    body = {"model": "flux/srpo", "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing "
-            "sunglasses.", "image_size": {"width": 1440, "height": 512}, "num_inference_steps": 3}  # fmt: skip
+    body = {
+        "model": "flux/srpo",
+        "prompt": "A T-Rex relaxing on a beach, lying on a sun lounger and wearing sunglasses.",
+        "image_size": {"width": 1440, "height": 512},
+        "num_inference_steps": 3,
+    }
     r = post(server, body)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -101,8 +105,9 @@ def test_invalid_fields(server, change, status, field):
     assert field.split(".")[-1] in error["message"] or field.split(".")[-1] in error.get("field", "")
 
 
-@pytest.mark.parametrize("preset, size", [("square_hd", (1024, 1024)), ("portrait_16_9", (576, 1024)),
-                                          ("landscape_16_9", (1024, 576))])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset, size", [("square_hd", (1024, 1024)), ("portrait_16_9", (576, 1024)), ("landscape_16_9", (1024, 576))]
+)
 def test_presets(server, preset, size):
     r = post(server, {"prompt": "a cat", "num_inference_steps": 1, "image_size": preset})
     assert r.status_code == 200, r.text
@@ -110,8 +115,9 @@ def test_presets(server, preset, size):
 
 
 def test_sync_mode_returns_data_uris_and_png(server):
-    r = post(server, {"prompt": "a cat", **FAST, "sync_mode": True, "output_format": "png", "num_images": 2,
-                      "seed": 77})  # fmt: skip
+    r = post(
+        server, {"prompt": "a cat", **FAST, "sync_mode": True, "output_format": "png", "num_images": 2, "seed": 77}
+    )
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["seed"] == 77 and len(data["images"]) == 2
@@ -122,8 +128,9 @@ def test_sync_mode_returns_data_uris_and_png(server):
 
 
 def test_malformed_json_and_non_object_bodies(server):
-    r = httpx.post(f"{server.url}/v1/images/generations", content=b"{not json",
-                   headers={"content-type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{server.url}/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/v1/images/generations", json=[1, 2])
     assert r.status_code == 400
@@ -139,8 +146,9 @@ def test_oversized_bodies_get_413(server):
         for _ in range(100):
             yield b"x" * 1024
 
-    r = httpx.post(f"{server.url}/v1/images/generations", content=chunks(),
-                   headers={"content-type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{server.url}/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 
@@ -157,10 +165,19 @@ def test_twenty_concurrent_clients_all_answered(server):
     assert len(names) == 20 and all((server.out / n).is_file() for n in names)
 
 
-@pytest.mark.parametrize("path", [
-    "/files/..%2fsecret.txt", "/files/%2e%2e%2fsecret.txt", "/files/../secret.txt", "/files/..%5csecret.txt",
-    "/files/secret.txt", "/files/%2fetc%2fpasswd", "/files/" + "0" * 32 + ".png", "/files/.",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/..%2fsecret.txt",
+        "/files/%2e%2e%2fsecret.txt",
+        "/files/../secret.txt",
+        "/files/..%5csecret.txt",
+        "/files/secret.txt",
+        "/files/%2fetc%2fpasswd",
+        "/files/" + "0" * 32 + ".png",
+        "/files/.",
+    ],
+)
 def test_no_path_outside_the_output_folder(server, path):
     r = httpx.get(server.url + path)
     assert r.status_code == 404
@@ -171,8 +188,12 @@ def test_health_metrics_and_playground(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     post(server, {"prompt": "a cat", **FAST})
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("srpo_queue_depth", "srpo_images_served_total", "srpo_generation_seconds_bucket",
-                 'srpo_responses_total{code="200"}'):  # fmt: skip
+    for name in (
+        "srpo_queue_depth",
+        "srpo_images_served_total",
+        "srpo_generation_seconds_bucket",
+        'srpo_responses_total{code="200"}',
+    ):
         assert name in text
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "v1/images/generations" in page.text and 'id="prompt"' in page.text
@@ -312,9 +333,13 @@ def test_serve_command_end_to_end(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "SRPO_API_KEY": "k3y", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([exe, "serve", "--model", "tiny-random", "--port", str(port), "--output-dir",
-                             str(tmp_path), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [exe, "serve", "--model", "tiny-random", "--port", str(port), "--output-dir", str(tmp_path), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         statuses = []
@@ -347,14 +372,16 @@ def test_the_openai_sdk_gets_images(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     steps = {"num_inference_steps": 2}  # flux/srpo's own fields ride along as extra_body
-    r = client.images.generate(model="flux/srpo", prompt="a lighthouse", size="1024x768", n=2,
-                               response_format="b64_json", extra_body=steps)  # fmt: skip
+    r = client.images.generate(
+        model="flux/srpo", prompt="a lighthouse", size="1024x768", n=2, response_format="b64_json", extra_body=steps
+    )
     assert isinstance(r.created, int) and r.created > 0 and len(r.data) == 2
     for item in r.data:
         assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (1024, 768)
         assert item.url is None
-    r = client.images.generate(model="flux/srpo", prompt="a lighthouse", size="1024x768", response_format="url",
-                               extra_body=steps)  # fmt: skip
+    r = client.images.generate(
+        model="flux/srpo", prompt="a lighthouse", size="1024x768", response_format="url", extra_body=steps
+    )
     assert r.data[0].url.startswith(f"{server.url}/files/")
     assert Image.open(io.BytesIO(httpx.get(r.data[0].url).content)).size == (1024, 768)
     with pytest.raises(openai.UnprocessableEntityError) as refused:
@@ -380,8 +407,17 @@ def test_openai_fields_and_their_flux_twins(server, change, words):
 
 
 def test_openai_defaults_and_agreeing_twins_are_accepted(server):
-    body = {"prompt": "a cat", "num_inference_steps": 2, "size": "512x512", "image_size": "square", "n": 1,
-            "num_images": 1, "quality": "auto", "user": "someone", "response_format": "url"}  # fmt: skip
+    body = {
+        "prompt": "a cat",
+        "num_inference_steps": 2,
+        "size": "512x512",
+        "image_size": "square",
+        "n": 1,
+        "num_images": 1,
+        "quality": "auto",
+        "user": "someone",
+        "response_format": "url",
+    }
     r = post(server, body)
     assert r.status_code == 200, r.text
     assert (r.json()["images"][0]["width"], r.json()["images"][0]["height"]) == (512, 512)
@@ -398,8 +434,12 @@ def test_every_unknown_field_is_named_at_once(server):
 
 def test_nan_and_infinity_are_not_numbers_here(server):
     for raw in ("NaN", "Infinity"):
-        r = httpx.post(f"{server.url}/v1/images/generations", timeout=60, headers={"content-type": "application/json"},
-                       content=f'{{"prompt": "a cat", "guidance_scale": {raw}}}')  # fmt: skip
+        r = httpx.post(
+            f"{server.url}/v1/images/generations",
+            timeout=60,
+            headers={"content-type": "application/json"},
+            content=f'{{"prompt": "a cat", "guidance_scale": {raw}}}',
+        )
         assert r.status_code == 422 and "must be a finite number" in r.json()["error"]["message"], r.text
 
 

@@ -29,12 +29,18 @@ class EchoPipeline:
         req = validate_request(**dataclasses.asdict(request))  # the server hands over one typed request
         seed = 0 if req.seed is None else req.seed
         return GenerationResult(
-            images=[Image.new("RGB", (req.width, req.height)) for _ in range(req.num_images)], seed=seed,
-            prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, timings={"inference": 0.0},
-            seeds=[seed + i for i in range(req.num_images)], has_nsfw_concepts=[None] * req.num_images,
+            images=[Image.new("RGB", (req.width, req.height)) for _ in range(req.num_images)],
+            seed=seed,
+            prompt=req.prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            timings={"inference": 0.0},
+            seeds=[seed + i for i in range(req.num_images)],
+            has_nsfw_concepts=[None] * req.num_images,
             tokens_used=req.image_tokens,
-        )  # fmt: skip
+        )
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,15 @@ pytest.importorskip("fastapi")
 from srpo_infer.server import create_app
 from srpo_infer.server.limits import ConnectionLimits, quiet_loop_errors
 
-PARSERS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("httptools"), reason="httptools not installed"))]  # fmt: skip
+PARSERS = [
+    "h11",
+    pytest.param(
+        "httptools",
+        marks=pytest.mark.skipif(
+            not __import__("importlib").util.find_spec("httptools"), reason="httptools not installed"
+        ),
+    ),
+]
 WAIT_S = 60  # how long a socket read may wait for the server: far past every limit under test
 
 
@@ -56,8 +63,11 @@ def parser(request) -> str:
 
 
 def _live(tmp_path, parser: str, **limits) -> LiveServer:
-    return LiveServer(create_app(None, output_dir=tmp_path, body_timeout=limits.pop("body_timeout", 30.0)),
-                      limits=ConnectionLimits(**limits), http=parser)  # fmt: skip
+    return LiveServer(
+        create_app(None, output_dir=tmp_path, body_timeout=limits.pop("body_timeout", 30.0)),
+        limits=ConnectionLimits(**limits),
+        http=parser,
+    )
 
 
 HEAD = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -143,8 +153,12 @@ def test_a_resource_shortage_is_logged_once_per_interval(caplog):
         quiet_loop_errors(loop)
         with caplog.at_level(logging.WARNING, logger="srpo_infer.server.limits"):
             for _ in range(1000):  # what a loop says on every failed accept() once descriptors run out
-                loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                             "exception": OSError(errno.EMFILE, "Too many open files")})  # fmt: skip
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    }
+                )
     finally:
         loop.close()
     lines = [r for r in caplog.records if "accept() failed" in r.getMessage()]
@@ -154,9 +168,20 @@ def test_a_resource_shortage_is_logged_once_per_interval(caplog):
 # ----------------------------------------------------------------------------- what a client sees
 
 HEX = "0123456789abcdef0123456789abcdef"
-ODD_PATHS = [f"/files/{HEX}.jpeg%0A", f"/files/{HEX}.jpeg\n", "/files/%00", "/files/..%2f..%2fetc%2fpasswd",
-             "/files/" + "a" * 5000, "/files/x.jpeg/", "/health/", "/v1/images/generations/", "/%ff%fe",
-             "/files/%c0%ae%c0%ae/", "/files/ＡＢＣ.png", "//files//x"]  # fmt: skip
+ODD_PATHS = [
+    f"/files/{HEX}.jpeg%0A",
+    f"/files/{HEX}.jpeg\n",
+    "/files/%00",
+    "/files/..%2f..%2fetc%2fpasswd",
+    "/files/" + "a" * 5000,
+    "/files/x.jpeg/",
+    "/health/",
+    "/v1/images/generations/",
+    "/%ff%fe",
+    "/files/%c0%ae%c0%ae/",
+    "/files/ＡＢＣ.png",
+    "//files//x",
+]
 
 
 @pytest.mark.parametrize("path", ODD_PATHS)
@@ -213,12 +238,15 @@ def test_a_lost_context_parallel_peer_reaches_clients_without_internals(tmp_path
         assert "10.1.2.3" not in text and "pair.cc" not in text and "context-parallel group failed or is gone" in text
 
 
-@pytest.mark.parametrize(("change", "status", "words"), [
-    ({"size": "５１２x５１２"}, 422, "size"),
-    ({"size": "1" * 5000 + "x512"}, 422, "size"),
-    ({"prompt": "\ufeff"}, 422, "non-empty"),
-    ({"prompt": "\u200b \u200d"}, 422, "non-empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "status", "words"),
+    [
+        ({"size": "５１２x５１２"}, 422, "size"),
+        ({"size": "1" * 5000 + "x512"}, 422, "size"),
+        ({"prompt": "\ufeff"}, 422, "non-empty"),
+        ({"prompt": "\u200b \u200d"}, 422, "non-empty"),
+    ],
+)
 def test_odd_values_are_refused_briefly(tmp_path, change, status, words):
     with LiveServer(create_app(None, output_dir=tmp_path)) as live:
         r = httpx.post(f"{live.url}/v1/images/generations", json={"prompt": "a cat", **change})

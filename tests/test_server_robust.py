@@ -58,11 +58,17 @@ class SlowPipeline:
             time.sleep(self.step_s)
         self.finished.append(prompt)
         return GenerationResult(
-            images=[Image.new("RGB", (req.width, req.height))] * req.num_images, seed=req.seed or 0, prompt=prompt,
-            width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, timings={"inference": 0.0}, seeds=[0] * req.num_images,
+            images=[Image.new("RGB", (req.width, req.height))] * req.num_images,
+            seed=req.seed or 0,
+            prompt=prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            timings={"inference": 0.0},
+            seeds=[0] * req.num_images,
             has_nsfw_concepts=[None] * req.num_images,
-        )  # fmt: skip
+        )
 
 
 def _wait(predicate, timeout: float = 20.0) -> None:
@@ -96,10 +102,22 @@ def _free_port() -> int:
 
 def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "srpo_infer.cli", "serve", "--port", str(port), "--output-dir", str(tmp_path / "out"),
-           "--device", "cpu", *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "srpo_infer.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -175,8 +193,11 @@ def live(tmp_path_factory):
 def test_unknown_fields_are_refused_with_the_nearest_name(live):
     r = post(live.url, {"prompt": "a cat", "num_inferance_steps": 1})
     assert r.status_code == 422
-    assert r.json()["error"] == {"message": "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?",
-                                 "field": "num_inferance_steps", "status": 422}  # fmt: skip
+    assert r.json()["error"] == {
+        "message": "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?",
+        "field": "num_inferance_steps",
+        "status": 422,
+    }
     r = post(live.url, {"prompt": "a cat", "zzz": 1})
     assert r.status_code == 422 and "known fields: model, prompt" in r.json()["error"]["message"]
 
@@ -187,8 +208,15 @@ def test_unknown_fields_can_be_allowed(tmp_path):
 
 
 # (field, value): refused by the server (422 naming the field) and by the library (ValueError naming it).
-WRONG_TYPES = [("seed", True), ("seed", "7"), ("num_inference_steps", "2"), ("num_inference_steps", 2.0),
-               ("num_images", True), ("guidance_scale", "4.5"), ("guidance_scale", True)]  # fmt: skip
+WRONG_TYPES = [
+    ("seed", True),
+    ("seed", "7"),
+    ("num_inference_steps", "2"),
+    ("num_inference_steps", 2.0),
+    ("num_images", True),
+    ("guidance_scale", "4.5"),
+    ("guidance_scale", True),
+]
 
 
 @pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
@@ -200,9 +228,19 @@ def test_types_are_strict_and_the_same_in_server_and_library(live, field, value)
     assert r.json()["error"]["message"] == str(refused.value)  # one voice: the same words, from the same code
 
 
-@pytest.mark.parametrize("change", [{"num_inference_steps": 0}, {"guidance_scale": 25.0}, {"num_images": 9},
-                                    {"image_size": {"width": 500, "height": 512}}, {"image_size": "huge"},
-                                    {"seed": -1}, {"acceleration": "fast"}, {"output_format": "gif"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_inference_steps": 0},
+        {"guidance_scale": 25.0},
+        {"num_images": 9},
+        {"image_size": {"width": 500, "height": 512}},
+        {"image_size": "huge"},
+        {"seed": -1},
+        {"acceleration": "fast"},
+        {"output_format": "gif"},
+    ],
+)
 def test_range_errors_are_the_librarys_words(live, change):
     r = post(live.url, {"prompt": "a cat", **FAST, **change})
     assert r.status_code == 422, r.text
@@ -258,8 +296,10 @@ def _send_raw(port: int, body: dict) -> socket.socket:
     """A POST sent on a socket the test closes when it wants the client to hang up."""
     data = json.dumps(body).encode()
     conn = socket.create_connection(("127.0.0.1", port), timeout=30)
-    conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+    conn.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
     return conn
 
 

@@ -96,8 +96,15 @@ def test_compiled_stages_match_the_exact_path():
     """The whole-model compile splits the step cache into three compiled stages; threshold 0 runs them
     all every step, so the result equals the eager pipeline's (sizes and recompiles: test_fast_path)."""
     torch._dynamo.reset()
-    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, compile=True, compile_scope="full",
-                                    compile_backend="eager", cache_dir=None)  # fmt: skip
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random",
+        device="cpu",
+        progress=False,
+        compile=True,
+        compile_scope="full",
+        compile_backend="eager",
+        cache_dir=None,
+    )
     exact = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False)
     got = pipe.generate_latents(REQ, cache_threshold=0.0)
     assert torch.allclose(got, exact.generate_latents(REQ), rtol=1e-5, atol=1e-5)

@@ -64,22 +64,30 @@ def test_the_openai_sdk_streams_two_previews_then_the_image(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     extra = {"num_inference_steps": 4, "seed": 11, "acceleration": "none"}
-    events = list(client.images.generate(model="flux/srpo", prompt="a lighthouse", size="512x768", stream=True,
-                                         partial_images=2, extra_body=extra))  # fmt: skip
+    events = list(
+        client.images.generate(
+            model="flux/srpo", prompt="a lighthouse", size="512x768", stream=True, partial_images=2, extra_body=extra
+        )
+    )
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     for event in events:
         assert pixels(event.b64_json).shape == (768, 512, 3) and event.size == "512x768"
         assert event.output_format == "jpeg" and isinstance(event.created_at, int)
     assert events[-1].usage.output_tokens == 512 * 768 // 256
-    plain = client.images.generate(model="flux/srpo", prompt="a lighthouse", size="512x768",
-                                   response_format="b64_json", extra_body=extra)  # fmt: skip
+    plain = client.images.generate(
+        model="flux/srpo", prompt="a lighthouse", size="512x768", response_format="b64_json", extra_body=extra
+    )
     assert np.array_equal(pixels(events[-1].b64_json), pixels(plain.data[0].b64_json))
 
 
 def test_partial_images_zero_sends_only_the_completed_event(server):
-    with httpx.stream("POST", f"{server.url}/v1/images/generations", timeout=120,
-                      json={"prompt": "a cat", "stream": True, "partial_images": 0, **FOUR}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/images/generations",
+        timeout=120,
+        json={"prompt": "a cat", "stream": True, "partial_images": 0, **FOUR},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
     assert events == ["image_generation.completed"]
@@ -136,10 +144,17 @@ class GatedPipeline:
                 image = Image.new("RGB", (req.width, req.height), (step * 20, 0, 0))
                 on_preview(Preview(steps.index(step), step + 1, req.num_inference_steps, [image]))
         return GenerationResult(
-            images=[Image.new("RGB", (req.width, req.height))], seed=req.seed or 0, prompt=req.prompt,
-            width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, timings={"inference": 0.0}, seeds=[0], has_nsfw_concepts=[None],
-        )  # fmt: skip
+            images=[Image.new("RGB", (req.width, req.height))],
+            seed=req.seed or 0,
+            prompt=req.prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale,
+            timings={"inference": 0.0},
+            seeds=[0],
+            has_nsfw_concepts=[None],
+        )
 
 
 def _wait(predicate, timeout: float = 30.0) -> None:

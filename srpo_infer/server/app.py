@@ -65,8 +65,10 @@ log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("flux/srpo",)
 MAX_BODY_BYTES = 64 * 1024  # a 4000-character prompt is at most 16 KB of UTF-8
-BROKEN_GROUP = ("this server's context-parallel group failed or is gone (a process was lost): it cannot generate until "
-                "you restart the server")  # fmt: skip
+BROKEN_GROUP = (
+    "this server's context-parallel group failed or is gone (a process was lost): it cannot generate until "
+    "you restart the server"
+)
 MAX_UNKNOWN_NAMED = 10  # a 422 names at most this many unknown fields (nearest-name hints cost time each)
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted in /metrics, read by nobody
 DISCONNECT_POLL_S = 0.25
@@ -161,16 +163,18 @@ class GenerationBody(BaseModel):
             value = getattr(self, name)
             if value is not None and value != accepted:
                 also = f" (only {accepted!r} is accepted)" if accepted else ""
-                raise ApiError(422, f"{name} is an OpenAI image-API option flux/srpo has no equivalent for{also}: "
-                               f"{instead}", name)  # fmt: skip
+                raise ApiError(
+                    422, f"{name} is an OpenAI image-API option flux/srpo has no equivalent for{also}: {instead}", name
+                )
         given = self.model_fields_set
         if "n" in given and "num_images" in given and self.n != self.num_images:
             raise ApiError(422, f"n ({self.n}) and num_images ({self.num_images}) disagree: send one of them", "n")
         size = resolve_image_size(self.size) if self.size is not None else None
         own = resolve_image_size(self._image_size())
         if size is not None and "image_size" in given and size != own:
-            raise ApiError(422, f"size ({self.size}) and image_size ({own[0]}x{own[1]}) disagree: send one of them",
-                           "size")  # fmt: skip
+            raise ApiError(
+                422, f"size ({self.size}) and image_size ({own[0]}x{own[1]}) disagree: send one of them", "size"
+            )
         request = {name: getattr(self, name) for name in REQUEST_FIELDS if name in type(self).model_fields}
         request["width"], request["height"] = size or own
         request["num_images"] = self.n if self.n is not None else self.num_images
@@ -300,8 +304,9 @@ def create_app(
     app.state.worker, app.state.metrics, app.state.store, app.state.server = worker, metrics, store, state
     if backend is None:
         set_pipeline(pipeline)
-    app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes,
-                       body_timeout=body_timeout)  # fmt: skip
+    app.add_middleware(
+        Guard, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout
+    )
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError):
@@ -335,8 +340,11 @@ def create_app(
             job = worker.submit(req, cost, **previews.submit) if previews else worker.submit(req, cost=cost)
         except QueueFull:
             wait = max(1, math.ceil(worker.expected_wait()))
-            raise ApiError(429, f"the queue is full (about {wait} s of work ahead); retry later",
-                           headers={"Retry-After": str(wait)}) from None  # fmt: skip
+            raise ApiError(
+                429,
+                f"the queue is full (about {wait} s of work ahead); retry later",
+                headers={"Retry-After": str(wait)},
+            ) from None
         except ShuttingDown:
             state.check_can_serve()
             raise
@@ -479,9 +487,13 @@ def _check_body(
         raise ApiError(422, str(exc), _field_of(str(exc))) from None
     cost = job_cost(req.width, req.height, req.num_inference_steps, req.num_images)
     if max_cost is not None and cost > max_cost:
-        raise ApiError(422, f"this request costs {cost:.1f} megapixel-steps (width × height × steps × "
-                       f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
-                       "smaller images", "num_inference_steps")  # fmt: skip
+        raise ApiError(
+            422,
+            f"this request costs {cost:.1f} megapixel-steps (width × height × steps × "
+            f"images / 10⁶); this server allows at most {max_cost:g}: ask for fewer steps, fewer or "
+            "smaller images",
+            "num_inference_steps",
+        )
     return req
 
 
@@ -504,8 +516,14 @@ async def _image_entries(images: list, body: GenerationBody, store: ImageStore, 
     for image in images:
         data = await asyncio.to_thread(encode_image, image, body.output_format)
         if body.response_format == "b64_json":
-            entries.append({"b64_json": base64.b64encode(data).decode("ascii"), "width": image.width,
-                            "height": image.height, "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
+            entries.append(
+                {
+                    "b64_json": base64.b64encode(data).decode("ascii"),
+                    "width": image.width,
+                    "height": image.height,
+                    "content_type": CONTENT_TYPES[body.output_format],
+                }
+            )
             continue
         if body.sync_mode:
             url = data_uri(data, body.output_format)
@@ -514,11 +532,20 @@ async def _image_entries(images: list, body: GenerationBody, store: ImageStore, 
                 name = await asyncio.to_thread(store.save, data, body.output_format)
             except OSError as exc:
                 log.error("cannot store an image: %s", exc)
-                raise ApiError(503, "the server cannot store images right now; retry with sync_mode: true "
-                               "to get data URIs", headers={"Retry-After": "30"}) from None  # fmt: skip
+                raise ApiError(
+                    503,
+                    "the server cannot store images right now; retry with sync_mode: true to get data URIs",
+                    headers={"Retry-After": "30"},
+                ) from None
             url = f"{base_url}/files/{name}"
-        entries.append({"url": url, "width": image.width, "height": image.height,
-                        "content_type": CONTENT_TYPES[body.output_format]})  # fmt: skip
+        entries.append(
+            {
+                "url": url,
+                "width": image.width,
+                "height": image.height,
+                "content_type": CONTENT_TYPES[body.output_format],
+            }
+        )
     return entries
 
 
@@ -552,8 +579,11 @@ def _outcome(future: asyncio.Future, state: ServerState):
         raise ApiError(422, str(exc), _field_of(str(exc))) from None
     except (GenerationCancelled, ShuttingDown):
         if state.draining:
-            raise ApiError(503, "the server shut down before this request finished; retry on another instance",
-                           headers={"Retry-After": "5"}) from None  # fmt: skip
+            raise ApiError(
+                503,
+                "the server shut down before this request finished; retry on another instance",
+                headers={"Retry-After": "5"},
+            ) from None
         raise ApiError(CLIENT_CLOSED, "client closed the request; its job was cancelled") from None
     except ContextParallelError as exc:  # a peer process is gone: no generation can run again here
         # The details (source paths, a peer's address) are for the operator's log, not for clients.
@@ -563,8 +593,11 @@ def _outcome(future: asyncio.Future, state: ServerState):
     except Exception as exc:
         if _is_oom(exc):
             log.warning("out of GPU memory on one request: %s", exc)
-            raise ApiError(503, "the GPU ran out of memory on this request; try fewer or smaller images",
-                           headers={"Retry-After": "5"}) from None  # fmt: skip
+            raise ApiError(
+                503,
+                "the GPU ran out of memory on this request; try fewer or smaller images",
+                headers={"Retry-After": "5"},
+            ) from None
         raise
 
 

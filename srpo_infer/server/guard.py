@@ -40,8 +40,11 @@ class Guard:
             return
         t0 = time.perf_counter()
         # Paths relative to where the app is mounted, so a mounted app guards its /v1/ routes too.
-        path = scope["path"][len(scope.get("root_path", "")) :] if scope["path"].startswith(
-            scope.get("root_path", "")) else scope["path"]  # fmt: skip
+        path = (
+            scope["path"][len(scope.get("root_path", "")) :]
+            if scope["path"].startswith(scope.get("root_path", ""))
+            else scope["path"]
+        )
         status = [500]
 
         async def counted_send(message):
@@ -72,8 +75,9 @@ class Guard:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
             except TimeoutError:
-                await _json_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
-                                  close=True)  # fmt: skip
+                await _json_error(
+                    send, 408, f"the request body did not arrive within {self.body_timeout:g} s", close=True
+                )
                 return
             if body is None:  # the client hung up
                 return
@@ -85,8 +89,12 @@ class Guard:
             sent = headers.get("authorization", "")
             token = sent[7:] if sent.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                await _json_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  [(b"www-authenticate", b"Bearer")])  # fmt: skip
+                await _json_error(
+                    send,
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
         started = [False]
         head = scope["method"] == "HEAD"
@@ -133,7 +141,15 @@ async def _json_error(send, status: int, message: str, headers: list | None = No
     """``close``: the connection ends after this answer (a body left unread cannot be skipped safely)."""
     body = json.dumps({"error": {"message": message, "status": status}}).encode()
     headers = [*(headers or []), *([(b"connection", b"close")] if close else [])]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -93,8 +93,9 @@ class _Limited:
         if not waiting:
             return False
         oldest = min(waiting, key=lambda c: c._waiting_since)
-        _shortage.note("connection cap (%d) reached: closing the oldest connections still sending headers",
-                       self.limits.connections)  # fmt: skip
+        _shortage.note(
+            "connection cap (%d) reached: closing the oldest connections still sending headers", self.limits.connections
+        )
         oldest._close_waiting()
         return True
 

@@ -70,18 +70,31 @@ class LoraLibrary:
             add_slot(pipe, layers)
 
     def listing(self) -> dict:
-        data = [{"name": a.name, "rank": a.rank, "target_model": "FLUX.1 transformer" if a.target else None,
-                 "bytes": a.bytes, **({"problem": a.problem} if a.problem else {})}
-                for a in self.adapters.values()]  # fmt: skip
-        return {"object": "list", "data": data, "max_loras": MAX_LORAS, "max_scale": MAX_LORA_SCALE,
-                "max_rank": MAX_REQUEST_RANK}  # fmt: skip
+        data = [
+            {
+                "name": a.name,
+                "rank": a.rank,
+                "target_model": "FLUX.1 transformer" if a.target else None,
+                "bytes": a.bytes,
+                **({"problem": a.problem} if a.problem else {}),
+            }
+            for a in self.adapters.values()
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "max_loras": MAX_LORAS,
+            "max_scale": MAX_LORA_SCALE,
+            "max_rank": MAX_REQUEST_RANK,
+        }
 
     def resolve(self, name: str) -> Adapter:
         """The adapter a request names, or a ValueError naming the rule it breaks."""
         shown = repr(name[:100])
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name):
-            raise ValueError(f"loras path {shown} is a URL: name an adapter in this server's LoRA folder "
-                             "(GET /v1/loras)")  # fmt: skip
+            raise ValueError(
+                f"loras path {shown} is a URL: name an adapter in this server's LoRA folder (GET /v1/loras)"
+            )
         if name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name):
             raise ValueError(f"loras path {shown} is an absolute path: name an adapter in this server's LoRA folder")
         if ".." in re.split(r"[/\\]", name):
@@ -100,6 +113,8 @@ class LoraLibrary:
         adapters = [(self.resolve(name), scale) for name, scale in req.loras]
         rank = sum(a.rank for a, _ in adapters)
         if rank > MAX_REQUEST_RANK:
-            raise ValueError(f"loras rank {rank} (summed over the request's adapters) is over this server's maximum, "
-                             f"{MAX_REQUEST_RANK}: use fewer or smaller adapters")  # fmt: skip
+            raise ValueError(
+                f"loras rank {rank} (summed over the request's adapters) is over this server's maximum, "
+                f"{MAX_REQUEST_RANK}: use fewer or smaller adapters"
+            )
         return dataclasses.replace(req, loras=tuple((str(a.path), scale) for a, scale in adapters))

@@ -238,29 +238,32 @@ def build_application(
         raise ValueError(f"--replicas must be >= 1 and --max-replicas >= --replicas, got {replicas}, {max_replicas}")
     scaling: dict = {"num_replicas": replicas}
     if max_replicas is not None and max_replicas > replicas:
-        scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas,
-                                          "target_ongoing_requests": 1}}  # fmt: skip
+        scaling = {
+            "autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": 1}
+        }
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    model_deployment = serve.deployment(SRPOModel, name=MODEL_DEPLOYMENT, ray_actor_options=resources,
-                                        max_ongoing_requests=2, **scaling)  # fmt: skip
+    model_deployment = serve.deployment(
+        SRPOModel, name=MODEL_DEPLOYMENT, ray_actor_options=resources, max_ongoing_requests=2, **scaling
+    )
     options = dict(app_options or {})
     max_queue = options.pop("max_queue", 64)
 
     def build_ingress():
         from .app import create_app
 
-        return create_app(backend=RayBackend(max_queue=max_queue), default_acceleration=default_acceleration,
-                          **options)  # fmt: skip
+        return create_app(backend=RayBackend(max_queue=max_queue), default_acceleration=default_acceleration, **options)
 
-    ingress = serve.deployment(serve.ingress(build_ingress)(_Ingress), name="SRPOIngress", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0})  # fmt: skip
+    ingress = serve.deployment(
+        serve.ingress(build_ingress)(_Ingress), name="SRPOIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    )
     accelerations = tuple(dict.fromkeys(("none", default_acceleration)))
     model_app = model_deployment.bind(model, dict(pipeline_options or {}), warmup_sizes or [(1024, 768)], accelerations)
     return ingress.bind(model_app)
 
 
-def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
-                   **build_options) -> int:  # fmt: skip
+def serve_replicas(
+    model: str, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None, **build_options
+) -> int:
     """Run the application on a local Ray instance (or the cluster at ``ray_address``) until SIGTERM
     or SIGINT; returns the exit code."""
     import signal

@@ -79,15 +79,23 @@ def serve(
         from .loras import LoraLibrary
 
         if pipeline_options.get("lora") is not None:
-            raise ValueError("--lora and --lora-dir do not go together: put the LoRA in the folder and name it "
-                             "in requests")  # fmt: skip
+            raise ValueError(
+                "--lora and --lora-dir do not go together: put the LoRA in the folder and name it in requests"
+            )
         library = LoraLibrary(lora_dir)
         pipeline_options["fuse_qkv"] = False  # the adapters sit on to_q / to_k / to_v
     app = create_app(
-        None, loras=library, api_key=api_key, output_dir=output_dir, public_url=public_url, max_queue=max_queue,
-        safety_checker=checker, default_acceleration=default_acceleration, body_timeout=limits.body_timeout,
+        None,
+        loras=library,
+        api_key=api_key,
+        output_dir=output_dir,
+        public_url=public_url,
+        max_queue=max_queue,
+        safety_checker=checker,
+        default_acceleration=default_acceleration,
+        body_timeout=limits.body_timeout,
         **(app_options or {}),
-    )  # fmt: skip
+    )
 
     class Server(uvicorn.Server):
         exit_code = 0
@@ -107,8 +115,9 @@ def serve(
             threading.Thread(target=app.state.drain, args=(drain_timeout,), name="srpo-drain").start()
             self.should_exit = True
 
-    config = uvicorn_config(app, host=host, port=port, limits=limits, log_level="info",
-                            timeout_graceful_shutdown=drain_timeout + 10)  # fmt: skip
+    config = uvicorn_config(
+        app, host=host, port=port, limits=limits, log_level="info", timeout_graceful_shutdown=drain_timeout + 10
+    )
     server = Server(config)
 
     def load() -> None:
@@ -152,8 +161,10 @@ def resolve_default_acceleration(chosen: str | None, context_parallel: bool = Fa
     if chosen is None:
         return "none" if context_parallel else "regular"
     if context_parallel and chosen != "none":
-        raise ValueError(f"--default-acceleration {chosen} (first-block caching) does not run with context "
-                         "parallelism yet: use --default-acceleration none")  # fmt: skip
+        raise ValueError(
+            f"--default-acceleration {chosen} (first-block caching) does not run with context "
+            "parallelism yet: use --default-acceleration none"
+        )
     return chosen
 
 

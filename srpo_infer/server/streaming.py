@@ -38,8 +38,10 @@ def stream_refusal(body, streams: bool, checks_safety: bool) -> tuple[str, str] 
             return f"partial_images ({body.partial_images}) needs stream: true", "partial_images"
         return None
     if not streams:
-        return ("stream is not supported by this server's backend (Ray Serve replicas, --replicas): send "
-                "stream: false", "stream")  # fmt: skip
+        return (
+            "stream is not supported by this server's backend (Ray Serve replicas, --replicas): send stream: false",
+            "stream",
+        )
     images = body.n if body.n is not None else body.num_images
     if images != 1:
         return f"stream: true makes one image; n/num_images must be 1, got {images}", "n"
@@ -48,8 +50,11 @@ def stream_refusal(body, streams: bool, checks_safety: bool) -> tuple[str, str] 
     if body.sync_mode:
         return "stream: true returns the image inline: sync_mode must be false", "sync_mode"
     if body.partial_images and checks_safety and body.enable_safety_checker:
-        return ("partial_images > 0 with the safety checker on: previews are not checked; send partial_images 0 "
-                "or enable_safety_checker: false", "partial_images")  # fmt: skip
+        return (
+            "partial_images > 0 with the safety checker on: previews are not checked; send partial_images 0 "
+            "or enable_safety_checker: false",
+            "partial_images",
+        )
     return None
 
 
@@ -59,8 +64,13 @@ def sse(event: str, data: dict) -> bytes:
 
 
 def _common(body, width: int, height: int) -> dict:
-    return {"background": "opaque", "created_at": int(time.time()), "output_format": body.output_format,
-            "quality": body.quality or "auto", "size": f"{width}x{height}"}  # fmt: skip
+    return {
+        "background": "opaque",
+        "created_at": int(time.time()),
+        "output_format": body.output_format,
+        "quality": body.quality or "auto",
+        "size": f"{width}x{height}",
+    }
 
 
 async def _b64(image, output_format: str) -> str:
@@ -70,19 +80,33 @@ async def _b64(image, output_format: str) -> str:
 
 async def partial_event(body, preview) -> bytes:
     image = preview.images[0]
-    data = {"type": "image_generation.partial_image", "b64_json": await _b64(image, body.output_format),
-            "partial_image_index": preview.index, **_common(body, image.width, image.height)}  # fmt: skip
+    data = {
+        "type": "image_generation.partial_image",
+        "b64_json": await _b64(image, body.output_format),
+        "partial_image_index": preview.index,
+        **_common(body, image.width, image.height),
+    }
     return sse(data["type"], data)
 
 
 async def completed_event(body, result, image, flag) -> bytes:
     image_tokens = result.tokens_used and result.width * result.height // 256
     text_tokens = max(0, result.tokens_used - image_tokens)
-    usage = {"input_tokens": text_tokens, "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
-             "output_tokens": image_tokens, "total_tokens": text_tokens + image_tokens}  # fmt: skip
-    data = {"type": "image_generation.completed", "b64_json": await _b64(image, body.output_format), "usage": usage,
-            **_common(body, image.width, image.height), "seed": result.seed, "timings": result.timings,
-            "has_nsfw_concepts": [flag]}  # fmt: skip
+    usage = {
+        "input_tokens": text_tokens,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+        "output_tokens": image_tokens,
+        "total_tokens": text_tokens + image_tokens,
+    }
+    data = {
+        "type": "image_generation.completed",
+        "b64_json": await _b64(image, body.output_format),
+        "usage": usage,
+        **_common(body, image.width, image.height),
+        "seed": result.seed,
+        "timings": result.timings,
+        "has_nsfw_concepts": [flag],
+    }
     return sse(data["type"], data)
 
 
@@ -165,8 +189,11 @@ class EventStream(Response):
         self.events, self.on_disconnect = events, on_disconnect
 
     async def __call__(self, scope, receive, send) -> None:
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                   (b"x-accel-buffering", b"no")]  # fmt: skip
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
         async def pump() -> None:

@@ -141,8 +141,13 @@ class Worker:
         """A job is running."""
         return self._running is not None
 
-    def submit(self, request: GenerationRequest, cost: float = 0.0, previews: int = 0,
-               on_preview: Callable[[Any], None] | None = None) -> Job:  # fmt: skip
+    def submit(
+        self,
+        request: GenerationRequest,
+        cost: float = 0.0,
+        previews: int = 0,
+        on_preview: Callable[[Any], None] | None = None,
+    ) -> Job:
         """Queue a job; raises :class:`QueueFull` at once when there is no room, :class:`ShuttingDown`
         once :meth:`stop` has begun. ``previews``/``on_preview`` go to ``pipeline.generate``."""
         with self._changed:
