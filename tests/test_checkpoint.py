@@ -15,14 +15,9 @@ from checkpoints import diffusers_to_bfl, write_checkpoint
 from safetensors.torch import save_file
 
 import srpo_infer
-from srpo_infer.checkpoint import (
-    BFL_PREFIX,
-    CheckpointError,
-    convert_bfl_state_dict,
-    detect_format,
-    infer_transformer_config,
-    load_transformer,
-)
+from srpo_infer.checkpoint import CheckpointError, load_transformer
+from srpo_infer.checkpoint.keys import BFL_PREFIX, convert_bfl_state_dict, detect_format
+from srpo_infer.checkpoint.transformer_config import infer_transformer_config
 from srpo_infer.tiny import TINY_TRANSFORMER_CONFIG
 
 
