@@ -1,6 +1,6 @@
 """The 8-bit attention schemes' error at Flux's shape, emulated in float64 on the CPU.
 
-For each input family of :mod:`srpo_infer.quantised_attention` (``random``: the benchmark's inputs
+For each input family of :mod:`srpo_infer.bench.quantised_attention` (``random``: the benchmark's inputs
 through the stock prologue; ``outliers``: the same with a shared key offset and 4 large q/k channels)
 and each seed, it reports the relative L1 error (Σ|O−O′|/Σ|O|, the 8-bit attention papers' measure),
 the relative L2 error and the cosine similarity against exact float64 attention of:
@@ -30,7 +30,7 @@ import platform
 import sys
 from pathlib import Path
 
-SCHEMES = {  # name → keyword arguments of srpo_infer.quantised_attention.emulate (None: stock bf16)
+SCHEMES = {  # name → keyword arguments of srpo_infer.bench.quantised_attention.emulate (None: stock bf16)
     "stock bf16": None,
     "e4m3 q·kᵀ + e4m3 p·v (retired triton-fp8)": dict(qk="e4m3", pv="e4m3", smooth_k=False, accumulation="exact"),
     "int8 q·kᵀ smoothed + exact p·v": dict(qk="int8", pv="exact"),
@@ -50,8 +50,8 @@ BOUNDS = {
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from srpo_infer.deviation import cosine_similarity, relative_error, relative_l1
-    from srpo_infer.quantised_attention import FAMILIES, attention_family, emulate, exact_attention
+    from srpo_infer.bench.deviation import cosine_similarity, relative_error, relative_l1
+    from srpo_infer.bench.quantised_attention import FAMILIES, attention_family, emulate, exact_attention
 
     rows = []
     for family in FAMILIES:

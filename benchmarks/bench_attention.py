@@ -196,8 +196,9 @@ def run(args: argparse.Namespace, on_update=None) -> dict:
     import triton
     from srpo_infer.kernels.launch import tuned_configs
 
-    from srpo_infer.attention import attention_flops, flux_attention_reference, random_attention_inputs
-    from srpo_infer.deviation import cosine_similarity, relative_error, relative_l1
+    from srpo_infer.attention import flux_attention_reference, random_attention_inputs
+    from srpo_infer.bench.deviation import cosine_similarity, relative_error, relative_l1
+    from srpo_infer.bench.flops import attention_flops
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:

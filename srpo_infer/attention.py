@@ -162,11 +162,6 @@ def random_attention_inputs(
     return x
 
 
-def attention_flops(batch: int, heads: int, head_dim: int, tokens: int) -> int:
-    """Matmul FLOPs of one non-causal attention: q·kᵀ and p·v, 2·S²·D each, per head."""
-    return 4 * batch * heads * head_dim * tokens * tokens
-
-
 class FluxAttentionProcessor:
     """Attention processor for diffusers' ``FluxAttention`` (double and single blocks, fused or unfused
     QKV) that runs the chosen backend.

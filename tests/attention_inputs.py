@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from srpo_infer.attention import random_attention_inputs as make_inputs
-from srpo_infer.deviation import relative_error as rel_err
+from srpo_infer.bench.deviation import relative_error as rel_err
 
 __all__ = ["as_float64", "make_inputs", "rel_err"]
 

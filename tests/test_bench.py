@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from srpo_infer.bench import transformer_flops
+from srpo_infer.bench.flops import transformer_flops
 from srpo_infer.cli import main
 
 ORDER = ["diffusers", "+compile", "ours-eager", "+fp8-weight", "+cache-high"]  # not the table's order
@@ -86,13 +86,15 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
     from PIL import Image
 
     from srpo_infer import bench
+    from srpo_infer.bench import run
+    from srpo_infer.bench.timebox import ConfigTimeout
 
     interrupted = []
 
     def stuck(*_args, **_kwargs):
         try:
             time.sleep(3600)
-        except bench.ConfigTimeout:
+        except ConfigTimeout:
             interrupted.append(True)
             raise
 
@@ -100,9 +102,9 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
         latents = torch.zeros(1, (setting.width // 16) * (setting.height // 16), 64)
         return latents, Image.new("RGB", (setting.width, setting.height)), 0.5, 0.4
 
-    monkeypatch.setattr(bench, "_ours_run", stuck)
-    monkeypatch.setattr(bench._Baseline, "run", canned)
-    monkeypatch.setattr(bench, "_count_flops", lambda *_: 1)
+    monkeypatch.setattr(run, "time_ours", stuck)
+    monkeypatch.setattr(run.Baseline, "run", canned)
+    monkeypatch.setattr(run, "count_flops", lambda *_: 1)
     seen = []
     args = bench.BenchArgs(
         model="tiny-random",
@@ -121,7 +123,7 @@ def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_run
 
 
 def test_unknown_configuration_names_are_refused():
-    from srpo_infer.bench import select_configs
+    from srpo_infer.bench.configs import select_configs
 
     with pytest.raises(ValueError, match=r"unknown configuration\(s\) \['\+compile\+fp9'\]"):
         select_configs(["diffusers", "+compile+fp9"], torch.device("cpu"))
@@ -164,6 +166,7 @@ def test_the_default_table_leaves_out_what_cannot_run_here_and_says_why(monkeypa
     """The quick-start install has no optimum-quanto: the default CPU table then runs without +fp8-weight
     and says so in one line, instead of error rows."""
     import srpo_infer.bench as bench
+    from srpo_infer.bench.configs import select_configs
     from srpo_infer.quantize import _require
 
     def missing(module, extra):
@@ -173,7 +176,7 @@ def test_the_default_table_leaves_out_what_cannot_run_here_and_says_why(monkeypa
 
     monkeypatch.setattr("srpo_infer.quantize._require", missing)
     cpu = torch.device("cpu")
-    assert "+fp8-weight" not in [c.name for c in bench.select_configs(None, cpu)]
+    assert "+fp8-weight" not in [c.name for c in select_configs(None, cpu)]
     assert bench.skipped_configs(None, cpu) == {
         "+fp8-weight": "quantize='fp8-weight' needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'"
     }

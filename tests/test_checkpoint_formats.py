@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import srpo_infer
 from srpo_infer import CheckpointError, GenerationRequest
+from srpo_infer.bench.deviation import psnr, relative_error
 from srpo_infer.checkpoint import load_transformer
-from srpo_infer.deviation import psnr, relative_error
 from srpo_infer.tiny import build_tiny_transformer
 
 pytest.importorskip("gguf")

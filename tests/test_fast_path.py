@@ -12,7 +12,7 @@ import torch
 
 import srpo_infer
 from srpo_infer import GenerationRequest
-from srpo_infer.deviation import relative_error
+from srpo_infer.bench.deviation import relative_error
 from srpo_infer.quantize import weight_bytes
 
 REQ = GenerationRequest("a red fox in snow", 512, 512, seed=3, num_inference_steps=2)

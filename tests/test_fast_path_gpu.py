@@ -10,7 +10,7 @@ import torch
 
 import srpo_infer
 from srpo_infer import GenerationRequest
-from srpo_infer.deviation import relative_error
+from srpo_infer.bench.deviation import relative_error
 
 CUDA = torch.cuda.is_available()
 FP8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)

@@ -1,5 +1,5 @@
 """Triton Flux attention under the interpreter (CPU) against an fp64 reference of the unfused math,
-and the 8-bit modes against their float64 emulation (``srpo_infer.quantised_attention``).
+and the 8-bit modes against their float64 emulation (``srpo_infer.bench.quantised_attention``).
 
 bf16 ``tl.dot`` is wrong in the interpreter, so CPU runs use fp16/fp32; INT8 dots are exact there
 (int32 sums, checked against the emulation below). bf16 and the 8-bit modes at real Flux shapes are
@@ -17,8 +17,8 @@ from attention_inputs import as_float64, make_inputs, rel_err
 from srpo_infer.kernels import launch
 
 from srpo_infer.attention import attention_prologue, flux_attention_reference
-from srpo_infer.deviation import relative_l1
-from srpo_infer.quantised_attention import emulate
+from srpo_infer.bench.deviation import relative_l1
+from srpo_infer.bench.quantised_attention import emulate
 
 pytestmark = pytest.mark.skipif(
     not launch.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"

@@ -64,7 +64,7 @@ def test_8bit_real_shapes(shape, design, mode):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import flux_attention_reference
-    from srpo_infer.deviation import relative_l1
+    from srpo_infer.bench.deviation import relative_l1
 
     kw = _inputs(*shape)
     ref = flux_attention_reference(as_float64(kw))
@@ -80,8 +80,8 @@ def test_8bit_matches_the_emulation_on_the_gpu(mode):
     from srpo_infer.kernels.launch import flux_attention
 
     from srpo_infer.attention import attention_prologue
-    from srpo_infer.deviation import relative_l1
-    from srpo_infer.quantised_attention import emulate
+    from srpo_infer.bench.deviation import relative_l1
+    from srpo_infer.bench.quantised_attention import emulate
 
     kw = make_inputs(1, 2, 128, 512, 4096, torch.bfloat16, "cuda", seed=3)
     out = flux_attention(kw, mode=mode).cpu()

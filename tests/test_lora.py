@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import srpo_infer
 from srpo_infer import GenerationRequest
-from srpo_infer.deviation import relative_error
+from srpo_infer.bench.deviation import relative_error
 from srpo_infer.lora import LoraError, has_adapter
 
 pytest.importorskip("peft")

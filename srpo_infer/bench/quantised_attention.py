@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .attention import attention_prologue, random_attention_inputs
+from ..attention import attention_prologue, random_attention_inputs
 
 QK_FORMATS = ("exact", "int8", "e4m3")
 PV_FORMATS = ("exact", "bfloat16", "float16", "e4m3")
