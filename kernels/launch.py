@@ -244,9 +244,7 @@ def plan(
     GPU that is not here: ``benchmarks/kernel_static.py`` compiles the result for that target."""
     for_target = capability is not None and not interpreting()
     s_txt, s, head_dim = _check_inputs(x, mode, for_target)
-    img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
-    txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps = x[8:]
-    flags = MODES[mode]
+    img_q, heads = x[0], x[7]
     tma = resolve_design(design, img_q.device) == "tma"
     batch, width, dev = img_q.shape[0], img_q.shape[2], img_q.device
     if out is None:
@@ -258,18 +256,36 @@ def plan(
     if config is not None and not isinstance(config, KernelConfig):
         raise ValueError(f"config must be a KernelConfig, got {config!r}")
     capability = capability or device_capability(dev)
-
     # 1. Pre-pass: normalised, rotated q and k and the values, head-major and padded (8-bit: quantised).
     pad = padding([config] if config else candidates(mode, capability))
-    s_pad = triton.cdiv(s, pad) * pad
-    bh = batch * heads
-    has_txt = txt_q is not None
-    tq, tk, tv = (txt_q, txt_k, txt_v) if has_txt else (img_q, img_k, img_v)  # unused when s_txt == 0
-    wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
-    streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
-    rope = [rope_cos, rope_sin, rope_cos.stride(0)]
-    rows = min(pad, INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS)
-    warps = 1 if interpreting() else PROLOGUE_WARPS
+    buffers = _prepass_buffers(img_q, MODES[mode], batch * heads, triton.cdiv(s, pad) * pad, head_dim)
+    launches = _prepass_launches(x, MODES[mode], buffers, min(pad, _prepass_rows()), s_txt, s, head_dim)
+    # 2. Attention over the padded buffers.
+    launches.append(_attention_launch(buffers, out, mode, tma, config, capability))
+    return launches, out.view(batch, s, width)
+
+
+class _Buffers(NamedTuple):
+    """What the pre-pass writes and the attention pass reads: q, k and v head-major with ``s_pad`` rows
+    per head, and (8-bit modes) the per-token scales and the stats pass's per-head partials."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qs: torch.Tensor
+    ks: torch.Tensor
+    k_sum: torch.Tensor
+    v_amax: torch.Tensor
+    s_pad: int
+    chunks: int
+
+
+def _prepass_rows() -> int:
+    return INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS
+
+
+def _prepass_buffers(img_q: torch.Tensor, flags: Mode, bh: int, s_pad: int, head_dim: int) -> _Buffers:
+    dev = img_q.device
     chunks = 2 if interpreting() else STATS_CHUNKS
     qk_dtype = torch.int8 if flags.qk_int8 else img_q.dtype
     q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=qk_dtype)
@@ -284,88 +300,73 @@ def plan(
     ks = torch.empty(bh * s_pad, **f32) if flags.qk_int8 else unused
     k_sum = torch.empty(bh, chunks, head_dim, **f32) if flags.qk_int8 else unused
     v_amax = torch.empty(bh, chunks, head_dim, **f32) if flags.pv_fp8 else unused
+    return _Buffers(q, k, v, qs, ks, k_sum, v_amax, s_pad, chunks)
+
+
+def _prepass_launches(
+    x: Sequence, flags: Mode, b: _Buffers, rows: int, s_txt: int, s: int, head_dim: int
+) -> list[Launch]:
+    """The stats pass (8-bit modes: each head's mean key, each value channel's max) and the pre-pass."""
+    img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
+    txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, eps = x[8:]
+    bh = img_q.shape[0] * heads
+    has_txt = txt_q is not None
+    tq, tk, tv = (txt_q, txt_k, txt_v) if has_txt else (img_q, img_k, img_v)  # unused when s_txt == 0
+    wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
+    streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
+    rope = [rope_cos, rope_sin, rope_cos.stride(0)]
+    warps = 1 if interpreting() else PROLOGUE_WARPS
     launches = []
     if flags.qk_int8 or flags.pv_fp8:
         launches.append(
             Launch(
                 "stats",
                 K._stats_kernel,
-                (chunks, bh),
-                [*streams[8:], wk_t, img_norm_k, *rope, k_sum, v_amax, s_txt, s, heads, eps],
-                dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=chunks, PV_FP8=flags.pv_fp8, num_warps=warps),
+                (b.chunks, bh),
+                [*streams[8:], wk_t, img_norm_k, *rope, b.k_sum, b.v_amax, s_txt, s, heads, eps],
+                dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=b.chunks, PV_FP8=flags.pv_fp8, num_warps=warps),
             )
         )
+    norms = [wq_t, wk_t, img_norm_q, img_norm_k]
+    outputs = [b.q, b.k, b.v, b.qs, b.ks, b.k_sum, b.v_amax]
+    meta = dict(HEAD_DIM=head_dim, BLOCK=rows, CHUNKS=b.chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8)
     launches.append(
         Launch(
             "prologue",
             K._prologue_kernel,
-            (s_pad // rows, bh),
-            [
-                *streams,
-                wq_t,
-                wk_t,
-                img_norm_q,
-                img_norm_k,
-                *rope,
-                q,
-                k,
-                v,
-                qs,
-                ks,
-                k_sum,
-                v_amax,
-                s_txt,
-                s,
-                s_pad,
-                heads,
-                eps,
-            ],
-            dict(
-                HEAD_DIM=head_dim,
-                BLOCK=rows,
-                CHUNKS=chunks,
-                QK_INT8=flags.qk_int8,
-                PV_FP8=flags.pv_fp8,
-                ROUND_FP8=interpreting(),
-                num_warps=warps,
-            ),
+            (b.s_pad // rows, bh),
+            [*streams, *norms, *rope, *outputs, s_txt, s, b.s_pad, heads, eps],
+            dict(**meta, ROUND_FP8=interpreting(), num_warps=warps),
         )
     )
+    return launches
 
-    # 2. Attention over the padded buffers; TMA descriptors get their tile shapes from the config.
+
+def _attention_launch(
+    b: _Buffers, out: torch.Tensor, mode: str, tma: bool, config: KernelConfig | None, capability: tuple[int, int]
+) -> Launch:
+    """The flash attention pass: autotuned per sequence bucket, or at ``config``; TMA descriptors get
+    their tile shapes from the config."""
+    flags = MODES[mode]
+    batch, s, heads, head_dim = out.shape
+    bh = batch * heads
+    q, k, v = b.q, b.k, b.v
     if tma:
         first = config or candidates(mode, capability)[0]  # the autotuner's pre-hook resets the tiles per config
         tiles = _tiles(first.block_m, first.block_n, head_dim, flags.pv_fp8)
         q, k, v = (TensorDescriptor.from_tensor(t, tile) for t, tile in zip((q, k, v), tiles, strict=True))
-    args = [
-        q,
-        k,
-        v,
-        qs,
-        ks,
-        v_amax,
-        out,
-        out.stride(0),
-        out.stride(2),
-        out.stride(1),
-        s,
-        s_pad,
-        seq_bucket(s),
-        heads,
-        LOG2E / math.sqrt(head_dim),
-    ]
-    meta = dict(
-        HEAD_DIM=head_dim, CHUNKS=chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8, ROUND_FP8=interpreting(), TMA=tma
-    )
+    strides = [out.stride(0), out.stride(2), out.stride(1)]
+    scale = LOG2E / math.sqrt(head_dim)
+    args = [q, k, v, b.qs, b.ks, b.v_amax, out, *strides, s, b.s_pad, seq_bucket(s), heads, scale]
+    meta = dict(HEAD_DIM=head_dim, CHUNKS=b.chunks, QK_INT8=flags.qk_int8, PV_FP8=flags.pv_fp8)
+    meta |= dict(ROUND_FP8=interpreting(), TMA=tma)
     if config is None:
         grid = lambda m: (triton.cdiv(s, m["BLOCK_M"]), bh)  # noqa: E731
-        launches.append(Launch("attention", _tuned_attention(mode, tma, capability), grid, args, meta))
-    else:
-        meta |= dict(
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages
-        )
-        launches.append(Launch("attention", K._attention_kernel, (triton.cdiv(s, config.block_m), bh), args, meta))
-    return launches, out.view(batch, s, width)
+        return Launch("attention", _tuned_attention(mode, tma, capability), grid, args, meta)
+    meta |= dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages
+    )
+    return Launch("attention", K._attention_kernel, (triton.cdiv(s, config.block_m), bh), args, meta)
 
 
 def flux_attention(
