@@ -48,19 +48,24 @@ def inductor_options(device: torch.device, mode: str = "default") -> dict:
     return options
 
 
-def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default"):
-    """``torch.compile(fn, fullgraph=True)`` with our Inductor options (other backends take none); the
-    size-varying dims are marked dynamic on the inputs (:func:`mark_dynamic`)."""
+def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default", fullgraph: bool = True):
+    """``torch.compile(fn)`` with our Inductor options (other backends take none); the size-varying
+    dims are marked dynamic on the inputs (:func:`mark_dynamic`)."""
     options = inductor_options(device, mode) if backend == "inductor" else None
-    return torch.compile(fn, fullgraph=True, backend=backend, options=options)
+    return torch.compile(fn, fullgraph=fullgraph, backend=backend, options=options)
 
 
 def compile_regions(
-    transformer: torch.nn.Module, device: torch.device, backend: str = "inductor", mode: str = "default"
+    transformer: torch.nn.Module,
+    device: torch.device,
+    backend: str = "inductor",
+    mode: str = "default",
+    fullgraph: bool = True,
 ) -> None:
-    """Compile the transformer's repeated blocks in place (diffusers' regional compilation)."""
+    """Compile the transformer's repeated blocks in place (diffusers' regional compilation);
+    ``fullgraph=False`` when step-cache hooks sit on the blocks (their skip decision is a graph break)."""
     options = inductor_options(device, mode) if backend == "inductor" else None
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend, options=options)
+    transformer.compile_repeated_blocks(fullgraph=fullgraph, dynamic=True, backend=backend, options=options)
 
 
 def mark_dynamic(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> None:
@@ -68,14 +73,6 @@ def mark_dynamic(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> None:
     torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
     torch._dynamo.maybe_mark_dynamic(img_ids, 0)
     torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
-
-
-def mark_stage_dynamic(hidden_states: torch.Tensor, *rope: torch.Tensor) -> None:
-    """The same for the step cache's later stages: image tokens (and batch), rotary tables' rows."""
-    torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
-    torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
-    for table in rope:
-        torch._dynamo.maybe_mark_dynamic(table, 0)
 
 
 def compiled_graphs() -> int:

@@ -16,18 +16,18 @@ from .attention import check_backend_available, set_attention_backend
 from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
 from .quantize import check_quantize_available, quantize_module
-from .step_cache import FluxStages
+from .step_cache import RequestCache
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Optimized:
-    """What the pipeline calls: the transformer (maybe compiled) and the VAE decoder."""
+    """What the pipeline calls: the transformer (maybe compiled), the VAE decoder and the step cache."""
 
     transformer: Any
     vae_decode: Any
-    stages: tuple[Any, Any, Any]  # front, rest, head of the first-block cache (each compiled separately)
+    step_cache: RequestCache | None  # our loop's per-request first-block cache (None: context parallel, stock)
     compiled: bool = False
     steps: list[str] = field(default_factory=list)
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
@@ -37,7 +37,7 @@ class Optimized:
     residency: Any = None  # a srpo_infer.memory.Residency with memory="offload-model" in our loop
 
     @property
-    def marks_inputs(self) -> bool:
+    def needs_dynamic_marks(self) -> bool:
         """Whole-graph compiles need their inputs' size-varying dims marked dynamic on every call;
         regions compile with ``dynamic=True`` and need nothing."""
         return self.compiled and self.scope == "full"
@@ -76,11 +76,12 @@ def apply_optimizations(
     """The one ordered function: apply ``config`` to ``flux`` (a diffusers ``FluxPipeline``) in place.
 
     LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
-    memory placement. LoRA first: its keys name the unfused projections. The step cache (``stock``: diffusers'
-    first-block cache hooks; our own loop caches per request instead) goes before compile, which
-    then traces the hooked blocks. Memory last: the weights it moves are the final ones.
+    memory placement. LoRA first: its keys name the unfused projections. The step cache (diffusers'
+    first-block cache hooks: at ``cache_threshold`` on a ``stock`` pipeline, per request in our loop)
+    goes before compile, which then traces the hooked blocks. Memory last: the weights it moves are
+    the final ones.
     """
-    transformer, vae = flux.transformer, flux.vae
+    transformer = flux.transformer
     steps = []
     if config.lora is not None:
         from .lora import apply_lora, max_rank, read_lora
@@ -111,27 +112,18 @@ def apply_optimizations(
         degrees = plan_degrees(config.context_parallel, config.ring_degree, transformer.config.num_attention_heads)
         context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
+    step_cache = None
     if stock and cache_threshold is not None:
         from diffusers.hooks import FirstBlockCacheConfig
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
         steps.append(f"cache:first-block({cache_threshold:g})")
-    transformer_fn, decode_fn, cache_file = transformer, vae.decode, None
-    split = FluxStages(transformer)
-    stages = (split.front, split.rest, split.head)
-    if config.compile:
-        cache_file = _compile_cache_file(transformer, config)
-        how = dict(device=config.device, backend=config.compile_backend, mode=config.compile_mode)
-        if config.compile_scope == "regional":
-            # The blocks are compiled in place, so the eager transformer and the step cache's eager
-            # stages both run the compiled regions; the VAE decodes once per image and stays eager.
-            compile_regions(transformer, **how)
-        else:
-            transformer_fn = compile_module(transformer, **how)
-            decode_fn = compile_module(vae.decode, **how)
-            # Step caching decides between the stages in Python, so each stage is its own full graph.
-            stages = tuple(compile_module(fn, **how) for fn in stages)
-        steps.append(f"compile:{config.compile_backend}:{config.compile_scope}:{config.compile_mode}")
+    elif not stock and context_parallel is None and not _whole_model_compile(config):
+        # Left out split over processes (each would decide on its own tokens) and under the whole-model
+        # compile (its one graph would break at the skip decision, and recompile per size after it).
+        step_cache = RequestCache(transformer)
+    hooked = step_cache is not None or transformer.is_cache_enabled
+    transformer_fn, decode_fn, cache_file = _compile(flux, config, hooked, steps)
     memory_plan, residency = _place(flux, config, stock) if place else (None, None)
     if memory_plan is not None and memory_plan.mode != "gpu":
         steps.append(f"memory:{memory_plan.mode}")
@@ -140,7 +132,7 @@ def apply_optimizations(
     return Optimized(
         transformer_fn,
         decode_fn,
-        stages,
+        step_cache,
         bool(config.compile),
         steps,
         cache_file,
@@ -149,6 +141,30 @@ def apply_optimizations(
         memory_plan,
         residency,
     )
+
+
+def _whole_model_compile(config: PipelineConfig) -> bool:
+    return bool(config.compile) and config.compile_scope == "full"
+
+
+def _compile(flux, config: PipelineConfig, hooked: bool, steps: list[str]):
+    """Compile in place (``regional``: the blocks, which the eager transformer then runs) or wrap the
+    whole transformer and the VAE decoder (``full``). Returns what to call and the artifacts file."""
+    transformer, vae = flux.transformer, flux.vae
+    if not config.compile:
+        return transformer, vae.decode, None
+    cache_file = _compile_cache_file(transformer, config)
+    how = dict(device=config.device, backend=config.compile_backend, mode=config.compile_mode)
+    if config.compile_scope == "regional":
+        # The VAE decodes once per image and stays eager. The step cache's skip decision (in the first
+        # block's hook) is a graph break, so hooked blocks may break there.
+        compile_regions(transformer, **how, fullgraph=not hooked)
+        transformer_fn, decode_fn = transformer, vae.decode
+    else:
+        transformer_fn = compile_module(transformer, **how)
+        decode_fn = compile_module(vae.decode, **how)
+    steps.append(f"compile:{config.compile_backend}:{config.compile_scope}:{config.compile_mode}")
+    return transformer_fn, decode_fn, cache_file
 
 
 def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:

@@ -17,18 +17,19 @@ import time
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .attention import KERNEL_MODES
-from .compile import compiled_graphs, mark_dynamic, mark_stage_dynamic, save_artifacts
+from .compile import compiled_graphs, mark_dynamic, save_artifacts
 from .components import flux_pipeline_class
 from .config import PipelineConfig
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
-from .request import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
+from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
-from .step_cache import FirstBlockCache, cache_threshold_for
+from .step_cache import cache_threshold_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,41 @@ class PromptTruncatedWarning(UserWarning):
 
 class GenerationCancelled(Exception):
     """``should_stop()`` turned true: the generation stopped before its next denoising step."""
+
+
+class EncodedPrompt(NamedTuple):
+    """The text side of a request: T5 sequence and CLIP pooled embeddings (one row per image), the
+    text tokens' position ids, and how many T5 tokens the prompt used."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    text_tokens: int
+
+
+@dataclass(frozen=True)
+class DenoiseInputs:
+    """What the loop starts from, prepared once from a request (BFL's ``prepare``): the request itself
+    (size, steps, guidance travel with it), its packed noise, its encoded prompt and the image tokens'
+    position ids."""
+
+    request: GenerationRequest
+    noise: torch.Tensor
+    text: EncodedPrompt
+    img_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How to run the loop, beside the request: a progress bar, the first-block cache's threshold
+    (``None``: exact), ``should_stop()`` asked before every step, ``on_step(step, latents)`` after it,
+    ``preview = (steps, fn)``: ``fn(step, x0)`` after those steps with the clean-latent estimate."""
+
+    progress: bool = False
+    cache_threshold: float | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_step: Callable[[int, torch.Tensor], None] | None = None
+    preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None
 
 
 @dataclass
@@ -227,39 +263,38 @@ class SRPOPipeline:
         >>> r.images[0].size, r.seed                                                        # doctest: +SKIP
         ((1440, 512), 490733907)
         """
-        if isinstance(prompt, GenerationRequest):
+        if isinstance(prompt, GenerationRequest):  # checked when it was built: trusted as it is
             if request or image_size is not None:
                 raise ValueError("pass either a GenerationRequest or the request's fields, not both")
-            req = validate_request(**dataclasses.asdict(prompt))  # built directly, it skipped the checks
+            req = prompt
         else:
             req = validate_request(prompt, image_size=image_size, **request)
         cp = self.optimized.context_parallel
         if req.seed is None:  # with context parallelism rank 0 draws it for all: every rank needs the same noise
             seed = secrets.randbelow(2**32)
-            req = GenerationRequest(**{**req.__dict__, "seed": seed if cp is None else cp.broadcast(seed)})
-        threshold = cache_threshold_for(req.acceleration, cache_threshold)
-        show = self.config.progress if progress is None else progress
+            req = dataclasses.replace(req, seed=seed if cp is None else cp.broadcast(seed))
+        loop = LoopOptions(
+            self.config.progress if progress is None else progress,
+            cache_threshold_for(req.acceleration, cache_threshold),
+            should_stop,
+            on_step,
+        )
         previews = check_previews(previews, on_preview, MAX_STEPS)
         with self._lock, self._request_loras(req.loras), torch.inference_mode():
-            preview = self._previewer(req, previews, on_preview) if previews else None
-            run = self.run(req, show, threshold, should_stop, on_step, preview)
+            if previews:
+                loop = dataclasses.replace(loop, preview=self._previewer(req, previews, on_preview))
+            denoised = self._run(req, loop)
             t0 = time.perf_counter()
-            images = self.decode(run.latents, req.width, req.height)
-            timings = {**run.timings, "decode": self._elapsed(t0)}
+            images = self.decode(denoised.latents, req.width, req.height)
+            timings = {**denoised.timings, "decode": self._elapsed(t0)}
         timings["inference"] = timings["encode"] + timings["denoise"] + timings["decode"]
         return GenerationResult(
             images=images,
-            seed=req.seed,
-            seeds=[req.seed + i for i in range(req.num_images)],
-            prompt=req.prompt,
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
+            request=req,
             timings=timings,
             has_nsfw_concepts=[None] * req.num_images,
-            tokens_used=req.num_images * req.image_tokens + run.text_tokens,
-            transformer_evaluations=run.transformer_evaluations,
+            tokens_used=req.num_images * req.image_tokens + denoised.text_tokens,
+            transformer_evaluations=denoised.transformer_evaluations,
         )
 
     def preview_decoder(self) -> LinearDecoder:
@@ -314,7 +349,7 @@ class SRPOPipeline:
                     progress=False,
                 )
                 timings[f"{width}x{height}:{level}"] = time.perf_counter() - t0
-        if self.optimized.marks_inputs:  # the VAE decoder is compiled too
+        if self.optimized.needs_dynamic_marks:  # the VAE decoder is compiled too
             for side in (MIN_SIDE, MAX_SIDE):
                 t0 = time.perf_counter()
                 zeros = torch.zeros(num_images, self.latent_tokens(side, side), self.transformer.config.in_channels)
@@ -358,56 +393,52 @@ class SRPOPipeline:
         return time.perf_counter() - t0
 
     def run(
-        self,
-        req: GenerationRequest,
-        progress: bool = False,
-        cache_threshold: float | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-        preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None,
+        self, req: GenerationRequest, progress: bool = False, cache_threshold: float | None = None, **hooks
     ) -> DenoiseResult:
-        """Encode the prompt and denoise: a validated request (seed set) → :class:`DenoiseResult`.
+        """Encode the prompt and denoise: a request with its seed set → :class:`DenoiseResult`.
 
         The public path for benchmarks and numerical checks that time or compare latents; decode them
-        with :meth:`decode`. ``cache_threshold``: the first-block cache threshold (``None``: exact).
+        with :meth:`decode`. ``cache_threshold``: the first-block cache threshold (``None``: exact);
+        ``hooks``: ``should_stop``, ``on_step``, ``preview`` (see :class:`LoopOptions`).
         """
-        if req.seed is None or not 0 <= req.seed < MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {req.seed!r}")
+        return self._run(req, LoopOptions(progress, cache_threshold, **hooks))
+
+    def _run(self, req: GenerationRequest, loop: LoopOptions) -> DenoiseResult:
+        if req.seed is None:
+            raise ValueError("run() needs a request with its seed set (generate() draws one)")
+        if loop.cache_threshold is not None and self.optimized.step_cache is None:
+            raise ValueError(self._no_step_cache(req))
+        with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            with self._stage("text_encoder", "text_encoder_2"):
+                text = self.encode_prompt(req.prompt, req.num_images)
+            encode_s = self._elapsed(t0)
+            t0 = time.perf_counter()
+            with self._stage("transformer"):
+                latents, evaluations = self.denoise(self.prepare(req, text), loop)
+            timings = {"encode": encode_s, "denoise": self._elapsed(t0)}
+        return DenoiseResult(latents, timings, text.text_tokens, evaluations)
+
+    def _no_step_cache(self, req: GenerationRequest) -> str:
+        what = f"acceleration {req.acceleration!r}" if req.acceleration != "none" else "cache_threshold"
         cp = self.optimized.context_parallel
-        if cp is not None and cache_threshold is not None:
-            what = f"acceleration {req.acceleration!r}" if req.acceleration != "none" else "cache_threshold"
-            raise ValueError(
+        if cp is not None:
+            return (
                 f"{what} (first-block caching) does not run with context_parallel={cp.degree} yet: each process "
                 "would decide to skip on its own tokens; use acceleration 'none'"
             )
-        with self._lock, torch.inference_mode():
-            timings: dict[str, float] = {}
-            t0 = time.perf_counter()
-            with self._stage("text_encoder", "text_encoder_2"):
-                prompt_embeds, pooled, text_ids, text_tokens = self.encode_prompt(req.prompt, req.num_images)
-            timings["encode"] = self._elapsed(t0)
-            t0 = time.perf_counter()
-            noise = self.prepare_noise([req.seed + i for i in range(req.num_images)], req.width, req.height)
-            with self._stage("transformer"):
-                latents, evaluations = self.denoise(
-                    noise,
-                    prompt_embeds,
-                    pooled,
-                    text_ids,
-                    req.width,
-                    req.height,
-                    req.num_inference_steps,
-                    req.guidance_scale,
-                    progress,
-                    cache_threshold,
-                    should_stop,
-                    on_step,
-                    preview,
-                )
-            timings["denoise"] = self._elapsed(t0)
-        return DenoiseResult(latents, timings, text_tokens, evaluations)
+        return (
+            f"{what} (first-block caching) does not run under the whole-model compile (compile_scope='full'), "
+            "whose one graph the skip decision would break: use compile_scope='regional' (the default) or "
+            "acceleration 'none'"
+        )
 
-    def encode_prompt(self, prompt: str, num_images: int = 1):
+    def prepare(self, req: GenerationRequest, text: EncodedPrompt) -> DenoiseInputs:
+        """The loop's inputs for a request (seed set) and its encoded prompt: noise and position ids."""
+        noise = self.prepare_noise(req.seeds, req.width, req.height)
+        return DenoiseInputs(req, noise, text, self.latent_image_ids(req.num_images, req.width, req.height))
+
+    def encode_prompt(self, prompt: str, num_images: int = 1) -> EncodedPrompt:
         """CLIP pooled + T5 sequence embeddings, repeated ``num_images`` times, and the T5 token count.
 
         Warns with :class:`PromptTruncatedWarning` when T5 drops tokens past ``max_sequence_length``.
@@ -428,7 +459,7 @@ class SRPOPipeline:
                 num_images_per_prompt=num_images,
                 max_sequence_length=max_len,
             )
-        return prompt_embeds, pooled, text_ids, min(n_tokens, max_len)
+        return EncodedPrompt(prompt_embeds, pooled, text_ids, min(n_tokens, max_len))
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """``(channels, latent_height, latent_width)`` of the unpacked noise for an image size."""
@@ -461,88 +492,90 @@ class SRPOPipeline:
         packed = self.flux._pack_latents(noise, len(seeds), c, h, w)
         return packed.to(device=self.device, dtype=self.dtype)
 
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled: torch.Tensor,
-        text_ids: torch.Tensor,
-        width: int,
-        height: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool = False,
-        cache_threshold: float | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-        preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """Run the flow-matching Euler loop from packed noise to packed latents.
+    def denoise(self, inputs: DenoiseInputs, loop: LoopOptions = LoopOptions()) -> tuple[torch.Tensor, int]:
+        """Run the flow-matching Euler loop from the packed noise to packed latents.
 
-        ``preview = (steps, fn)``: after each of those 0-based steps, ``fn(step, x0)`` gets the estimate of
-        the clean latents, ``x0 = latents - sigma * noise_pred`` (flow matching), before the update.
-
-        Returns the latents and the number of full transformer evaluations (fewer than the steps
-        when ``cache_threshold`` lets the first-block cache skip some). Raises
-        :class:`GenerationCancelled` before a step when ``should_stop()`` is true.
+        With ``loop.preview = (steps, fn)``: after each of those 0-based steps, ``fn(step, x0)`` gets the
+        estimate of the clean latents, ``x0 = latents - sigma * noise_pred`` (flow matching), before the
+        update. Returns the latents and the number of full transformer evaluations (fewer than the steps
+        when the first-block cache skipped some). Raises :class:`GenerationCancelled` before a step when
+        ``loop.should_stop()`` is true.
         """
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
         from tqdm.auto import tqdm
 
-        img_ids = self.latent_image_ids(latents.shape[0], width, height)
-        scheduler = copy.deepcopy(self.flux.scheduler)  # it keeps a step index; never share it across calls
+        scheduler, timesteps = self._schedule(inputs)
+        latents, cache = inputs.noise, self.optimized.step_cache
+        guidance = self._guidance(inputs)
+        cp = self.optimized.context_parallel
+        # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
+        # what stays fixed through the loop, once.
+        fixed = (
+            cp.fixed_inputs(inputs.text.prompt_embeds, inputs.text.text_ids, inputs.img_ids) if cp is not None else None
+        )
+        with cache.request(loop.cache_threshold) if cache is not None else contextlib.nullcontext():
+            bar = tqdm(timesteps, desc="denoising", unit="step", disable=not loop.progress, leave=False)
+            for step, t in enumerate(bar):
+                stop = loop.should_stop is not None and loop.should_stop()
+                if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
+                    stop = cp.agree_stop(stop)
+                if stop:
+                    raise GenerationCancelled("generation cancelled before its next denoising step")
+                noise_pred = self._predict(inputs, latents, t, guidance, fixed)
+                if loop.preview is not None and step in loop.preview[0]:
+                    loop.preview[1](step, latents - float(scheduler.sigmas[step]) * noise_pred)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if loop.on_step is not None:
+                    loop.on_step(step, latents)
+            evaluations = cache.evaluations if cache is not None else len(timesteps)
+        return latents, evaluations
+
+    def _schedule(self, inputs: DenoiseInputs):
+        """A fresh scheduler (it keeps a step index: never shared across calls) and the request's
+        timesteps, shifted for its image size as FLUX.1-dev's pipeline shifts them."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        steps = inputs.request.num_inference_steps
+        scheduler = copy.deepcopy(self.flux.scheduler)
         cfg = scheduler.config
         mu = calculate_shift(
-            latents.shape[1],
+            inputs.noise.shape[1],
             cfg.get("base_image_seq_len", 256),
             cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5),
             cfg.get("max_shift", 1.15),
         )
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([latents.shape[0]], guidance_scale, device=self.device, dtype=torch.float32)
-        run = self.optimized.transformer
-        cache = FirstBlockCache(cache_threshold) if cache_threshold is not None else None
-        marks = self.optimized.marks_inputs
-        cp = self.optimized.context_parallel
-        # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
-        # what stays fixed through the loop, once.
-        fixed = cp.fixed_inputs(prompt_embeds, text_ids, img_ids) if cp is not None else None
-        for step, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
-            stop = should_stop is not None and should_stop()
-            if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
-                stop = cp.agree_stop(stop)
-            if stop:
-                raise GenerationCancelled("generation cancelled before its next denoising step")
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            if marks:
-                mark_dynamic(latents, img_ids)
-            inputs = dict(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=img_ids,
-            )
-            if cp is not None:
-                padded = {**inputs, **fixed, "hidden_states": cp.pad_latents(latents)}
-                noise_pred = run(**padded, return_dict=False)[0][:, : latents.shape[1]]
-            elif cache is None:
-                noise_pred = run(**inputs, return_dict=False)[0]
-            else:
-                noise_pred = cache.step(*self.optimized.stages, mark=mark_stage_dynamic if marks else None, **inputs)
-            if preview is not None and step in preview[0]:
-                preview[1](step, latents - float(scheduler.sigmas[step]) * noise_pred)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(step, latents)
-        return latents, cache.full_evaluations if cache is not None else len(timesteps)
+        return scheduler, timesteps
+
+    def _guidance(self, inputs: DenoiseInputs) -> torch.Tensor | None:
+        """FLUX.1-dev's distilled guidance, one value per image (None for a model without it)."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        batch = inputs.noise.shape[0]
+        return torch.full([batch], inputs.request.guidance_scale, device=self.device, dtype=torch.float32)
+
+    def _predict(self, inputs: DenoiseInputs, latents, t, guidance, fixed: dict | None) -> torch.Tensor:
+        """One transformer evaluation: the noise prediction for ``latents`` at timestep ``t``."""
+        transformer, cache = self.optimized.transformer, self.optimized.step_cache
+        if self.optimized.needs_dynamic_marks:
+            mark_dynamic(latents, inputs.img_ids)
+        text = inputs.text
+        kwargs = dict(
+            hidden_states=latents,
+            timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=text.pooled,
+            encoder_hidden_states=text.prompt_embeds,
+            txt_ids=text.text_ids,
+            img_ids=inputs.img_ids,
+        )
+        if fixed is not None:  # context parallel: both streams padded, the padding cut off the prediction
+            padded = {**kwargs, **fixed, "hidden_states": self.optimized.context_parallel.pad_latents(latents)}
+            return transformer(**padded, return_dict=False)[0][:, : latents.shape[1]]
+        with cache.step() if cache is not None else contextlib.nullcontext():
+            return transformer(**kwargs, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list:
         """Packed latents → PIL images."""
@@ -550,7 +583,7 @@ class SRPOPipeline:
         x = self.flux._unpack_latents(latents, height, width, self.flux.vae_scale_factor)
         x = x / vae.config.scaling_factor + vae.config.shift_factor
         x = x.to(vae.dtype).contiguous()
-        if self.optimized.marks_inputs:
+        if self.optimized.needs_dynamic_marks:
             for dim in (0, 2, 3):
                 torch._dynamo.maybe_mark_dynamic(x, dim)
         with self._stage("vae"):

@@ -174,7 +174,7 @@ def _check_loras(value: object) -> tuple[tuple[str, float], ...]:
 
 
 def _field(default=MISSING, rule: Callable | None = None, flag: str | None = None, help: str = "", **cli):
-    """A request field: its default, the rule that checks it (``None``: checked with another field),
+    """A request field: its default, the rule that checks it (and returns the value in its one form),
     the command-line flag that sets it (``None``: not a flag), that flag's help and its argparse options
     (``cli``; ``flag_default`` is the flag's own default when it differs from the field's)."""
     return field(default=default, metadata={"rule": rule, "flag": flag, "help": help, "cli": cli})
@@ -182,21 +182,40 @@ def _field(default=MISSING, rule: Callable | None = None, flag: str | None = Non
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated generation request: the one definition of the request's fields, their defaults,
-    their rules and their command-line flags. The CLI's flags, :func:`validate_request` and the
-    keywords of :meth:`SRPOPipeline.generate <srpo_infer.SRPOPipeline.generate>` are built from it; the
-    HTTP body (``srpo_infer.server.app.GenerationBody``) is the only other listing, for the API's shape.
+    """One generation request, checked when built: a request that breaks the ``flux/srpo`` rules cannot
+    exist, so whoever receives one (the worker, :meth:`SRPOPipeline.generate
+    <srpo_infer.SRPOPipeline.generate>`, the denoising loop) trusts it. Immutable: change a field with
+    :func:`dataclasses.replace`, which checks again.
 
-    Build it with :func:`validate_request`, which checks every field; constructing it directly skips
-    the checks.
+    The one definition of the request's fields, their defaults, their rules (in the library's
+    sentences, which the CLI and the server repeat) and their command-line flags: the CLI's flags,
+    :func:`validate_request` and ``generate``'s keywords are built from it; the HTTP body
+    (``srpo_infer.server.schema.GenerationBody``) is the only other listing, for the API's shape.
+
+    >>> GenerationRequest("a cat", width=1440, height=512, seed=7).image_tokens
+    2880
+    >>> GenerationRequest("a cat", num_inference_steps=51)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_inference_steps must be in [1, 50], got 51
     """
 
     prompt: str = _field(rule=_check_prompt, help="what to draw (1 to 4000 characters)")
     width: int = _field(
-        DEFAULT_WIDTH, flag="--width", help="512–1536, multiple of 32 [default: 1024]", type=int, flag_default=None
+        DEFAULT_WIDTH,
+        functools.partial(_check_side, "width"),
+        "--width",
+        "512–1536, multiple of 32 [default: 1024]",
+        type=int,
+        flag_default=None,
     )
     height: int = _field(
-        DEFAULT_HEIGHT, flag="--height", help="512–1536, multiple of 32 [default: 768]", type=int, flag_default=None
+        DEFAULT_HEIGHT,
+        functools.partial(_check_side, "height"),
+        "--height",
+        "512–1536, multiple of 32 [default: 768]",
+        type=int,
+        flag_default=None,
     )
     seed: int | None = _field(
         None, _check_seed, "--seed", "noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]", type=int
@@ -227,10 +246,29 @@ class GenerationRequest:
         (), _check_loras, None, "LoRA adapters for this request: (path, scale) pairs, at most 3, |scale| <= 4"
     )
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # each rule returns the value in its one form (a float guidance, a tuple of loras)
+            object.__setattr__(self, f.name, f.metadata["rule"](getattr(self, f.name)))
+
     @property
     def image_tokens(self) -> int:
         """Number of packed latent tokens the transformer sees for one image (16×16 pixels each)."""
         return (self.width // 16) * (self.height // 16)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image ``i``'s seed, ``seed + i`` (empty while the seed is not drawn yet)."""
+        return [] if self.seed is None else [self.seed + i for i in range(self.num_images)]
+
+    @property
+    def cost(self) -> float:
+        """Megapixel-steps, width·height·steps·images / 10⁶: what a server's queue and cost cap count
+        (1024², 28 steps, one image = 29.4).
+
+        >>> round(GenerationRequest("a cat", width=1024, height=1024).cost, 1)
+        29.4
+        """
+        return self.width * self.height * self.num_inference_steps * self.num_images / 1e6
 
 
 REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest))
@@ -240,8 +278,9 @@ def validate_request(prompt: object, *, image_size: str | dict | None = None, **
     """Check every field of a request against the ``flux/srpo`` rules and return it validated.
 
     Keywords: the fields of :class:`GenerationRequest` (``width``, ``height``, ``seed``,
-    ``num_inference_steps``, ``guidance_scale``, ``num_images``, ``acceleration``), or ``image_size``
-    (a preset name, ``"WIDTHxHEIGHT"``, ``"auto"`` or ``{"width", "height"}``) instead of the sides.
+    ``num_inference_steps``, ``guidance_scale``, ``num_images``, ``acceleration``, ``loras``), or
+    ``image_size`` (a preset name, ``"WIDTHxHEIGHT"``, ``"auto"`` or ``{"width", "height"}``) instead of
+    the sides: :class:`GenerationRequest` itself, plus the size forms of the API.
 
     >>> validate_request("a cat", width=1440, height=512, seed=7).image_tokens
     2880
@@ -250,12 +289,8 @@ def validate_request(prompt: object, *, image_size: str | dict | None = None, **
     ...
     ValueError: num_inference_steps must be in [1, 50], got 0
     """
-    values = {"prompt": _check_prompt(prompt)}
-    values["width"], values["height"] = resolve_image_size(image_size, request.get("width"), request.get("height"))
-    for f in fields(GenerationRequest):
-        if f.name not in values:
-            values[f.name] = f.metadata["rule"](request.get(f.name, f.default))
-    return GenerationRequest(**values)
+    width, height = resolve_image_size(image_size, request.pop("width", None), request.pop("height", None))
+    return GenerationRequest(prompt, width=width, height=height, **request)
 
 
 def takes_request_fields(fn: Callable) -> Callable:

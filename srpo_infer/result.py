@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .request import check_output_format
+from .request import GenerationRequest, check_output_format
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 
@@ -36,9 +36,11 @@ def data_uri(image: Image.Image | bytes, output_format: str = "jpeg") -> str:
 
 @dataclass
 class GenerationResult:
-    """Images and facts of one :meth:`SRPOPipeline.generate` call.
+    """Images and facts of one :meth:`SRPOPipeline.generate` call, with the request that made them.
 
-    ``seeds[i]`` is the seed of ``images[i]`` (``seed + i``); ``timings`` holds seconds only: per stage
+    ``request`` is the request as run (its seed drawn when none was given); ``seed``, ``seeds``,
+    ``prompt``, ``width``, ``height``, ``num_inference_steps`` and ``guidance_scale`` read from it
+    (``seeds[i]`` is the seed of ``images[i]``, ``seed + i``). ``timings`` holds seconds only: per stage
     (``encode``, ``denoise``, ``decode``) and ``inference`` (their sum). ``transformer_evaluations``
     counts full transformer evaluations (fewer than the steps when step caching skipped some).
     ``has_nsfw_concepts`` holds ``None`` per image when no safety checker ran:
@@ -46,20 +48,42 @@ class GenerationResult:
     """
 
     images: list[Image.Image]
-    seed: int
-    prompt: str
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
+    request: GenerationRequest
     timings: dict[str, float]
-    seeds: list[int] = field(default_factory=list)
     has_nsfw_concepts: list[bool | None] = field(default_factory=list)
     tokens_used: int = 0
     transformer_evaluations: int = 0
     replica: str | None = None  # which replica made the images, when several serve (Ray Serve)
     urls: list[str] | None = None
     output_format: str = "jpeg"
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def width(self) -> int:
+        return self.request.width
+
+    @property
+    def height(self) -> int:
+        return self.request.height
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.request.num_inference_steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.request.guidance_scale
 
     def save(self, target: str | Path, output_format: str | None = None) -> list[Path]:
         """Write the images and remember their paths as URLs for :meth:`to_dict`.

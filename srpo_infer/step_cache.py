@@ -1,26 +1,32 @@
 """First-block cache: the API's ``acceleration`` levels, by skipping most of the transformer on
-steps where it would change little.
+steps where it would change little, through diffusers' own hooks (``FirstBlockCacheConfig``).
 
 Each step runs the embedders and the first double block. When the first block's residual (its
 output minus its input, image stream) differs from the one of the last fully computed step by less
 than ``threshold`` (mean absolute difference over mean absolute value), the remaining 18 double and
 38 single blocks are skipped and their cached residual from the last full step is added instead. This
-is ParaAttention's First Block Cache (as in xDiT's FBCache and diffusers' FirstBlockCacheConfig).
+is ParaAttention's First Block Cache (as in xDiT's FBCache); diffusers ships it as
+``FirstBlockCacheConfig``, which a stock pipeline gets from :func:`srpo_infer.optimize` and our own
+loop gets from :class:`RequestCache`.
 
 Thresholds: ``regular`` = 0.08, the default ParaAttention documents for FLUX models (diffusers'
 ParaAttention guide); ``high`` = 0.12, the value ParaAttention's "Fastest FLUX inference" recipe
 uses for FLUX.1-dev. Both are to be re-checked on SRPO's real weights with ``srpo-infer bench``:
 random weights do not show how a trained model's residuals evolve.
 
-The transformer is split into three stages (``front``, ``rest``, ``head``) so each compiles as its own
-``fullgraph`` graph; the skip decision is plain Python between them (one host sync per step).
+The hooks sit on the blocks, so regional compile traces them inside the compiled blocks; the skip
+decision is a graph break (diffusers runs it eagerly: one host sync per step while a threshold is set).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 ACCELERATION_THRESHOLDS: dict[str, float | None] = {"none": None, "regular": 0.08, "high": 0.12}
+CACHE_CONTEXT = "srpo"  # diffusers keys the hooks' state by the name of the denoising call
 
 
 def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:
@@ -38,104 +44,60 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     return ACCELERATION_THRESHOLDS[acceleration]
 
 
-class FluxStages(torch.nn.Module):
-    """Diffusers' ``FluxTransformer2DModel.forward`` cut after the first double block.
+class RequestCache:
+    """diffusers' first-block cache hooks on a transformer, with the threshold chosen per request.
 
-    ``front`` + ``rest`` + ``head`` computes exactly what ``transformer(...)`` computes (a test checks
-    bit equality); controlnet and IP-adapter inputs are not supported here.
+    Installed once, before compile (the compiled blocks trace the hooks once). Each request sets its
+    threshold and starts from an empty cache; with ``None`` (``acceleration="none"``) every step runs
+    every block and no skip decision is made, so no host sync. :attr:`evaluations` counts the steps of
+    the current request that ran the remaining blocks. Outside a request the hooks compute every block
+    under a standing cache context, so code that calls the transformer directly works as before.
+
+    >>> cache = RequestCache(transformer)                          # doctest: +SKIP
+    >>> with cache.request(0.08):                                  # doctest: +SKIP
+    ...     for step in steps:
+    ...         with cache.step():
+    ...             noise_pred = transformer(...)
     """
 
     def __init__(self, transformer: torch.nn.Module):
-        super().__init__()
-        self.transformer = transformer
+        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+        from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+        from diffusers.hooks.hooks import CacheContext
 
-    def front(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, txt_ids, img_ids):
-        """Embedders and the first double block. Returns the block's outputs, ``temb``, the rotary
-        tables and the block's residual on the image stream."""
-        t = self.transformer
-        hidden_states = t.x_embedder(hidden_states)
-        timestep = timestep.to(hidden_states.dtype) * 1000
-        if guidance is not None:
-            guidance = guidance.to(hidden_states.dtype) * 1000
-            temb = t.time_text_embed(timestep, guidance, pooled_projections)
-        else:
-            temb = t.time_text_embed(timestep, pooled_projections)
-        encoder_hidden_states = t.context_embedder(encoder_hidden_states)
-        rope_cos, rope_sin = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-        encoder_out, hidden_out = t.transformer_blocks[0](
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            temb=temb,
-            image_rotary_emb=(rope_cos, rope_sin),
-        )
-        return hidden_out, encoder_out, temb, rope_cos, rope_sin, hidden_out - hidden_states
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+        head_registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
+        self.head = next(h for h in head_registry.hooks.values() if isinstance(h, FBCHeadBlockHook))
+        self.state = self.head.state_manager  # one for all the blocks' hooks
+        self.context = CacheContext(CACHE_CONTEXT)
+        decide = self.head._should_compute_remaining_blocks
 
-    def rest(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
-        """Double blocks 1… and all single blocks; returns the image-stream hidden states."""
-        t = self.transformer
-        rope = (rope_cos, rope_sin)
-        for block in list(t.transformer_blocks)[1:]:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                temb=temb,
-                image_rotary_emb=rope,
-            )
-        for block in t.single_transformer_blocks:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                temb=temb,
-                image_rotary_emb=rope,
-            )
-        return hidden_states
+        @torch.compiler.disable
+        def should_compute(residual: torch.Tensor) -> bool:
+            return True if self.head.threshold is None else decide(residual)
 
-    def head(self, hidden_states, temb):
-        """Final modulation and projection to the noise prediction."""
-        t = self.transformer
-        return t.proj_out(t.norm_out(hidden_states, temb))
+        self.head._should_compute_remaining_blocks = should_compute  # no decision (no sync) without a threshold
+        self._clear(None)
+        self.evaluations = 0
 
+    def _clear(self, threshold: float | None) -> None:
+        """An empty cache at ``threshold``, under our context (a stock pipeline's call clears it)."""
+        self.state.reset()
+        self.state.set_context(self.context)
+        self.head.threshold = threshold
 
-def residual_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean |current − previous| / mean |previous| (ParaAttention's measure), as a Python float."""
-    return ((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+    @contextlib.contextmanager
+    def request(self, threshold: float | None) -> Iterator[RequestCache]:
+        """One request's loop: its threshold (``None``: no caching), an empty cache before and after."""
+        self._clear(threshold)
+        self.evaluations = 0
+        try:
+            yield self
+        finally:
+            self._clear(None)
 
-
-class FirstBlockCache:
-    """Per-generation state: the first-block residual and the remaining blocks' residual of the last
-    fully computed step, and how many full evaluations ran."""
-
-    def __init__(self, threshold: float):
-        if threshold < 0:
-            raise ValueError(f"cache threshold must be >= 0, got {threshold}")
-        self.threshold = threshold
-        self.first_residual: torch.Tensor | None = None
-        self.rest_residual: torch.Tensor | None = None
-        self.full_evaluations = 0
-        self.cached_steps = 0
-
-    def step(self, front, rest, head, mark=None, **inputs) -> torch.Tensor:
-        """One transformer evaluation through the cache; ``front/rest/head`` may be compiled stages,
-        and ``mark(hidden, *rope)`` then marks their inputs' size-varying dims dynamic."""
-        hidden, encoder, temb, cos, sin, first_residual = front(**inputs)
-        reuse = (
-            self.first_residual is not None
-            and self.first_residual.shape == first_residual.shape
-            and residual_change(first_residual, self.first_residual) < self.threshold
-        )
-        if reuse:
-            # The reference residual stays the last *computed* one, so slow drift still triggers a
-            # full step instead of being compared step to step.
-            hidden = hidden + self.rest_residual
-            self.cached_steps += 1
-        else:
-            if mark is not None:
-                mark(hidden, cos, sin)
-            full = rest(hidden, encoder, temb, cos, sin)
-            self.rest_residual = full - hidden
-            self.first_residual = first_residual
-            hidden = full
-            self.full_evaluations += 1
-        if mark is not None:
-            mark(hidden)
-        return head(hidden, temb)
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One transformer call of the loop, counted when it ran the remaining blocks."""
+        yield
+        self.evaluations += bool(self.state.get_state().should_compute)

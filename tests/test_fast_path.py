@@ -130,13 +130,15 @@ def test_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents, 
     before = pipe.compiled_graphs()  # a process-wide counter
     got = pipe.generate_latents(REQ)
     assert relative_error(got, eager_latents) < 1e-5
-    pipe.warmup([(512, 512)], accelerations=("none", "high"))
+    accelerations = ("none", "high") if scope == "regional" else ("none",)  # full: one graph, no step cache
+    pipe.warmup([(512, 512)], accelerations=accelerations)
     settled = pipe.compiled_graphs() - before
-    # Regional: one graph per block class, plus one for the single blocks' strided text slice;
-    # full: the transformer, the step cache's 3 stages and the VAE's small/large conv variants.
-    assert 1 <= settled <= (3 if scope == "regional" else 6), settled
+    # Regional: per block class, the block with the step cache's hooks computing (the first block in two
+    # pieces around the skip decision) and skipping, plus the single blocks' strided text slice;
+    # full: the transformer and the VAE's small/large conv variants.
+    assert 1 <= settled <= (6 if scope == "regional" else 3), settled
     for w, h in AFTER_WARMUP:
-        r = pipe.generate("x", width=w, height=h, seed=1, num_inference_steps=1, acceleration="high")
+        r = pipe.generate("x", width=w, height=h, seed=1, num_inference_steps=1, acceleration=accelerations[-1])
         assert r.images[0].size == (w, h)
     assert pipe.compiled_graphs() - before == settled, "a new resolution compiled after warm-up"
     pipe.generate("x", width=512, height=512, seed=1, num_inference_steps=1, num_images=2)
@@ -196,10 +198,12 @@ def test_saved_compile_artifacts_make_the_second_process_hit_the_cache(tmp_path)
     """Cold start compiles the regions with Inductor and saves the mega-cache; a fresh process with an
     empty Inductor cache loads it and compiles nothing: every FX graph is a cache hit."""
     cold = _warmup_process(tmp_path, 0)
-    assert cold["compile_cache"]["fxgraph_cache_miss"] >= 2 and cold["compile_cache"]["fxgraph_cache_hit"] == 0
+    cold_graphs = cold["compile_cache"]["fxgraph_cache_miss"] + cold["compile_cache"]["fxgraph_cache_hit"]
+    # Hits in the cold process: graphs identical to one it built already (the step cache's skipping variants).
+    assert cold["compile_cache"]["fxgraph_cache_miss"] >= 2
     assert os.path.getsize(cold["cache_file"]) > 0
     warm = _warmup_process(tmp_path, 1)
     assert warm["cache_file"] == cold["cache_file"]
     assert warm["compile_cache"]["fxgraph_cache_miss"] == 0, warm["compile_cache"]
-    assert warm["compile_cache"]["fxgraph_cache_hit"] == cold["compile_cache"]["fxgraph_cache_miss"]
+    assert warm["compile_cache"]["fxgraph_cache_hit"] == cold_graphs
     assert cold["graphs_compiled_after_warmup"] == warm["graphs_compiled_after_warmup"] == 0

@@ -17,27 +17,22 @@ schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from srpo_infer.request import validate_request  # noqa: E402
+from srpo_infer.request import GenerationRequest  # noqa: E402
 from srpo_infer.result import GenerationResult  # noqa: E402
 from srpo_infer.server import create_app  # noqa: E402
 
 
 class EchoPipeline:
-    """Validates like SRPOPipeline.generate and answers with black images of the asked size."""
+    """Takes the one typed request the server hands over, as SRPOPipeline.generate does, and answers
+    with black images of the asked size."""
 
     def generate(self, request, *, progress=None, should_stop=None):
-        req = validate_request(**dataclasses.asdict(request))  # the server hands over one typed request
-        seed = 0 if req.seed is None else req.seed
+        assert isinstance(request, GenerationRequest)  # checked when built: a bad one cannot reach here
+        req = request if request.seed is not None else dataclasses.replace(request, seed=0)
         return GenerationResult(
             images=[Image.new("RGB", (req.width, req.height)) for _ in range(req.num_images)],
-            seed=seed,
-            prompt=req.prompt,
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
+            request=req,
             timings={"inference": 0.0},
-            seeds=[seed + i for i in range(req.num_images)],
             has_nsfw_concepts=[None] * req.num_images,
             tokens_used=req.image_tokens,
         )

@@ -38,8 +38,8 @@ def post(url: str, body, timeout: float = 120, **kw) -> httpx.Response:
 
 
 class SlowPipeline:
-    """Validates like the real pipeline, then takes ``step_s`` per step, asking ``should_stop`` before
-    each one as the real denoising loop does; records what ran and what was stopped."""
+    """Takes the server's typed request as the real pipeline does, then ``step_s`` per step, asking
+    ``should_stop`` before each one as the real denoising loop does; records what ran and what was stopped."""
 
     def __init__(self, step_s: float = 0.05):
         self.step_s = step_s
@@ -48,7 +48,7 @@ class SlowPipeline:
         self.finished: list[str] = []
 
     def generate(self, request, *, progress=None, should_stop=None):
-        req = validate_request(**dataclasses.asdict(request))  # the server hands over one typed request
+        req = request if request.seed is not None else dataclasses.replace(request, seed=0)
         prompt = req.prompt
         self.started.append(prompt)
         for _ in range(req.num_inference_steps):
@@ -59,14 +59,8 @@ class SlowPipeline:
         self.finished.append(prompt)
         return GenerationResult(
             images=[Image.new("RGB", (req.width, req.height))] * req.num_images,
-            seed=req.seed or 0,
-            prompt=prompt,
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
+            request=req,
             timings={"inference": 0.0},
-            seeds=[0] * req.num_images,
             has_nsfw_concepts=[None] * req.num_images,
         )
 

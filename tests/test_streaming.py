@@ -20,7 +20,6 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from srpo_infer.pipeline import GenerationCancelled
 from srpo_infer.preview import Preview, preview_steps
-from srpo_infer.request import validate_request
 from srpo_infer.result import GenerationResult
 from srpo_infer.server import create_app
 from srpo_infer.server.app import GenerationBody
@@ -132,7 +131,7 @@ class GatedPipeline:
         self.should_stop = None
 
     def generate(self, request, *, progress=None, should_stop=None, previews=0, on_preview=None):
-        req = validate_request(**dataclasses.asdict(request))
+        req = request
         self.should_stop, steps = should_stop, preview_steps(req.num_inference_steps, previews)
         for step in range(req.num_inference_steps):
             self.gate.acquire()
@@ -145,14 +144,8 @@ class GatedPipeline:
                 on_preview(Preview(steps.index(step), step + 1, req.num_inference_steps, [image]))
         return GenerationResult(
             images=[Image.new("RGB", (req.width, req.height))],
-            seed=req.seed or 0,
-            prompt=req.prompt,
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
+            request=dataclasses.replace(req, seed=req.seed or 0),
             timings={"inference": 0.0},
-            seeds=[0],
             has_nsfw_concepts=[None],
         )
 

@@ -45,7 +45,8 @@ def transformer_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, i
         if isinstance(m, FluxAttention)
     ]
     try:
-        with torch.inference_mode():
+        # Its own cache context: a transformer with step-cache hooks refuses a call outside one.
+        with torch.inference_mode(), transformer.cache_context("flops"):
             transformer(**inputs)
     finally:
         for h in hooks:
