@@ -255,7 +255,7 @@ def test_odd_values_are_refused_briefly(tmp_path, change, status, words):
 
 def test_jpg_is_jpeg_on_the_server_as_in_the_library(tmp_path):
     from srpo_infer.request import check_output_format
-    from srpo_infer.server.app import GenerationBody
+    from srpo_infer.server.schema import GenerationBody
 
     assert check_output_format("jpg") == "jpeg"
     assert GenerationBody(prompt="a cat", output_format="jpg").output_format == "jpeg"

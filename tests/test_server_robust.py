@@ -428,7 +428,7 @@ def test_retry_after_is_within_one_and_a_half_times_the_queues_real_time():
     """Jobs of known cost take known time (a fixed part plus a part per megapixel-step, on a clock the test
     moves): after a few jobs, the Retry-After of a full queue is within 1.5× of the time the queue
     then actually takes to drain."""
-    from srpo_infer.server.worker import Worker, job_cost
+    from srpo_infer.server.worker import Worker
 
     now = [0.0]
     seconds = lambda cost: 4.0 + 0.8 * cost  # noqa: E731  # encode/decode plus the steps
@@ -442,21 +442,21 @@ def test_retry_after_is_within_one_and_a_half_times_the_queues_real_time():
                 gate.wait(60)
             jitter = 1 + 0.15 * math.sin(len(done))  # no job takes exactly what the model says
             done.append(request.prompt)
-            now[0] += seconds(job_cost(request.width, request.height, request.num_inference_steps)) * jitter
+            now[0] += seconds(request.cost) * jitter
 
     worker = Worker(max_queue=3, clock=lambda: now[0])
     worker.pipeline = Timed()
     sizes = [(512, 512, 4), (1024, 1024, 8), (768, 512, 28), (1024, 768, 2)]
     for w, h, steps in sizes:  # what the worker learns from
         worker.submit(
-            GenerationRequest("learn", w, h, num_inference_steps=steps), cost=job_cost(w, h, steps)
+            GenerationRequest("learn", w, h, num_inference_steps=steps)
         ).future.result(30)
     gates["block"] = threading.Event()
     queued = [(1024, 1024, 28), (512, 512, 4), (1536, 640, 16)]
-    jobs = [worker.submit(GenerationRequest("block", 1024, 768, num_inference_steps=28), cost=job_cost(1024, 768, 28))]
+    jobs = [worker.submit(GenerationRequest("block", 1024, 768, num_inference_steps=28))]
     _wait(lambda: worker.busy)
     jobs += [
-        worker.submit(GenerationRequest("q", w, h, num_inference_steps=s), cost=job_cost(w, h, s)) for w, h, s in queued
+        worker.submit(GenerationRequest("q", w, h, num_inference_steps=s)) for w, h, s in queued
     ]
     start = now[0]
     estimate = worker.expected_wait()  # what a 429 would say now
@@ -501,12 +501,12 @@ class _NeverFinishing:
 
         self.job = Job(GenerationRequest("a cat"))
         self.submitted = threading.Event()
-        self.pipeline, self.depth, self.busy = self, 0, False
+        self.ready, self.depth, self.busy = True, 0, False
 
     def expected_wait(self) -> float:
         return 0.0
 
-    def submit(self, request, cost: float = 0.0):
+    def submit(self, request):
         self.submitted.set()
         return self.job
 

@@ -22,7 +22,7 @@ from srpo_infer.pipeline import GenerationCancelled
 from srpo_infer.preview import Preview, preview_steps
 from srpo_infer.result import GenerationResult
 from srpo_infer.server import create_app
-from srpo_infer.server.app import GenerationBody
+from srpo_infer.server.schema import GenerationBody
 from srpo_infer.server.streaming import stream_refusal
 
 FOUR = {"num_inference_steps": 4, "image_size": "square", "acceleration": "none"}

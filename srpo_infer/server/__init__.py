@@ -7,8 +7,9 @@ line reads for its help) still import; the names below then raise an error namin
 """
 
 try:
-    from .app import GenerationBody, create_app
+    from .app import create_app
     from .safety import SafetyChecker
+    from .schema import GenerationBody
     from .serve import serve
 except ImportError as _missing:  # fastapi or uvicorn not installed
     _reason = f"the server needs its extra: pip install 'srpo-infer[server]' ({_missing})"

@@ -98,7 +98,7 @@ class SRPOModel:
 
 class RayBackend:
     """The worker interface of :func:`create_app` (``submit``, ``depth``, ``busy``, ``expected_wait``,
-    ``stop``, ``pipeline``) over a Ray Serve deployment handle. It does not stream previews
+    ``stop``, ``ready``) over a Ray Serve deployment handle. It does not stream previews
     (``stream: true`` is refused in one line): a replica's previews would need a second channel back."""
 
     streams = False
@@ -117,8 +117,8 @@ class RayBackend:
         self._replicas = 0
 
     @property
-    def pipeline(self):
-        """Truthy while at least one model replica is running (asked of Ray at most once a second)."""
+    def ready(self) -> bool:
+        """At least one model replica is running (asked of Ray at most once a second)."""
         if time.monotonic() - self._ready_at > 1.0:
             self._ready_at = time.monotonic()
             try:
@@ -131,7 +131,7 @@ class RayBackend:
             except Exception:  # the controller may be restarting: not ready until it answers
                 log.debug("serve.status failed", exc_info=True)
                 self._ready = False
-        return self if self._ready else None
+        return self._ready
 
     @property
     def depth(self) -> int:
@@ -147,10 +147,10 @@ class RayBackend:
             work = sum(self.times.estimate(j.cost) for j in self._jobs)
         return work / max(1, self._replicas)
 
-    def submit(self, request, cost: float = 0.0) -> Job:
+    def submit(self, request) -> Job:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
-        job = Job(request, cost)
+        job = Job(request)
         with self._lock:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull

@@ -52,50 +52,79 @@ def serve(
 
     With ``context_parallel=N`` every one of the N processes ``torchrun`` starts calls this: rank 0 serves
     HTTP, the others load the same pipeline and run each request with it (:mod:`.parallel`)."""
-    import uvicorn
-
-    from ..config import resolve_device
-    from ..loading import load_pipeline
-    from .parallel import Leader, follow
-    from .safety import SafetyChecker
-
     parallel = pipeline_options.get("context_parallel", 1) > 1
     default_acceleration = resolve_default_acceleration(default_acceleration, parallel)
-    accelerations = tuple(dict.fromkeys(("none", default_acceleration)))
-    limits = limits or ConnectionLimits()
+    warm = (warmup_sizes or [(1024, 768)], tuple(dict.fromkeys(("none", default_acceleration))))
     if parallel and int(os.environ.get("RANK", "0")) != 0:
-        pipe = load_pipeline(model, progress=False, **pipeline_options)
-        pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)  # in step with rank 0's
-        return follow(pipe)
-
+        return _follow(model, pipeline_options, *warm)
+    limits = limits or ConnectionLimits()
     api_key = api_key or os.environ.get("SRPO_API_KEY") or None
-    public_url = public_url or default_public_url(host, port)
-    # The checker is small (CLIP-L vision); it runs where the model runs.
-    checker = (
-        SafetyChecker.load(safety_checker, resolve_device(pipeline_options.get("device"))) if safety_checker else None
-    )
-    library = None
-    if lora_dir is not None:
-        from .loras import LoraLibrary
-
-        if pipeline_options.get("lora") is not None:
-            raise ValueError(
-                "--lora and --lora-dir do not go together: put the LoRA in the folder and name it in requests"
-            )
-        library = LoraLibrary(lora_dir)
-        pipeline_options["fuse_qkv"] = False  # the adapters sit on to_q / to_k / to_v
+    library = _lora_library(lora_dir, pipeline_options)
     app = create_app(
         None,
         loras=library,
         api_key=api_key,
         output_dir=output_dir,
-        public_url=public_url,
+        public_url=public_url or default_public_url(host, port),
         max_queue=max_queue,
-        safety_checker=checker,
+        safety_checker=_safety_checker(safety_checker, pipeline_options),
         default_acceleration=default_acceleration,
         body_timeout=limits.body_timeout,
         **(app_options or {}),
     )
+    config = uvicorn_config(
+        app, host=host, port=port, limits=limits, log_level="info", timeout_graceful_shutdown=drain_timeout + 10
+    )
+    server = _draining_server(config, app, drain_timeout)
+
+    def load() -> None:
+        if _load(app, model, pipeline_options, library, *warm):
+            log.info("model %s loaded and warm; ready on http://%s:%d", model, host, port)
+        else:
+            server.exit_code, server.should_exit = LOAD_FAILED_EXIT_CODE, True
+
+    threading.Thread(target=load, name="srpo-loader", daemon=True).start()
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
+    server.run()
+    return _exit_code(app, server.exit_code)
+
+
+def _follow(model: str, pipeline_options: dict, sizes: list, accelerations: tuple) -> int:
+    """A context-parallel rank other than 0: load, warm up in step with rank 0, then run its requests."""
+    from ..loading import load_pipeline
+    from .parallel import follow
+
+    pipe = load_pipeline(model, progress=False, **pipeline_options)
+    pipe.warmup(sizes, accelerations=accelerations)
+    return follow(pipe)
+
+
+def _safety_checker(name: str | None, pipeline_options: dict):
+    """The checker is small (CLIP-L vision); it runs where the model runs."""
+    if not name:
+        return None
+    from ..config import resolve_device
+    from .safety import SafetyChecker
+
+    return SafetyChecker.load(name, resolve_device(pipeline_options.get("device")))
+
+
+def _lora_library(lora_dir: str | None, pipeline_options: dict):
+    """``--lora-dir``'s adapters; the pipeline then keeps QKV unfused (they sit on to_q / to_k / to_v)."""
+    if lora_dir is None:
+        return None
+    from .loras import LoraLibrary
+
+    if pipeline_options.get("lora") is not None:
+        raise ValueError("--lora and --lora-dir do not go together: put the LoRA in the folder and name it in requests")
+    pipeline_options["fuse_qkv"] = False
+    return LoraLibrary(lora_dir)
+
+
+def _draining_server(config, app, drain_timeout: float):
+    """uvicorn's server, but a signal drains the queue first and the process then exits 0."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         exit_code = 0
@@ -115,40 +144,41 @@ def serve(
             threading.Thread(target=app.state.drain, args=(drain_timeout,), name="srpo-drain").start()
             self.should_exit = True
 
-    config = uvicorn_config(
-        app, host=host, port=port, limits=limits, log_level="info", timeout_graceful_shutdown=drain_timeout + 10
-    )
-    server = Server(config)
+    return Server(config)
 
-    def load() -> None:
-        try:
-            pipe = load_pipeline(model, progress=False, **pipeline_options)
-            if library is not None:
-                library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
-            pipe.warmup(warmup_sizes or [(1024, 768)], accelerations=accelerations)
-            pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
-            if pipe.optimized.context_parallel is not None:
-                pipe = Leader(pipe)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("loading the model %r failed: %s", model, reason)
-            app.state.set_failed(reason)
-            server.exit_code = LOAD_FAILED_EXIT_CODE
-            server.should_exit = True
-            return
-        app.state.set_pipeline(pipe)
-        log.info("model %s loaded and warm; ready on http://%s:%d", model, host, port)
 
-    threading.Thread(target=load, name="srpo-loader", daemon=True).start()
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
-    server.run()
+def _load(app, model: str, pipeline_options: dict, library, sizes: list, accelerations: tuple) -> bool:
+    """Load and warm the pipeline, then hand it to the app; a failure is logged and shown in /health."""
+    from ..loading import load_pipeline
+    from .parallel import Leader
+
+    try:
+        pipe = load_pipeline(model, progress=False, **pipeline_options)
+        if library is not None:
+            library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
+        pipe.warmup(sizes, accelerations=accelerations)
+        pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
+        if pipe.optimized.context_parallel is not None:
+            pipe = Leader(pipe)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("loading the model %r failed: %s", model, reason)
+        app.state.set_failed(reason)
+        return False
+    app.state.set_pipeline(pipe)
+    return True
+
+
+def _exit_code(app, code: int) -> int:
+    """1 after a lost context-parallel peer (a supervisor should restart the group), else the server's."""
+    from .parallel import Leader
+
     leader = app.state.worker.pipeline
     if isinstance(leader, Leader):
         leader.close()
-        if leader.broken is not None:  # served 503s since a peer was lost: a supervisor should restart the group
+        if leader.broken is not None:
             return 1
-    return server.exit_code
+    return code
 
 
 def resolve_default_acceleration(chosen: str | None, context_parallel: bool = False) -> str:

@@ -30,15 +30,6 @@ class ShuttingDown(Exception):
     """The server is draining: no new jobs, and jobs still waiting when the drain time ran out."""
 
 
-def job_cost(width: int, height: int, num_inference_steps: int, num_images: int = 1) -> float:
-    """A request's cost in megapixel-steps: what the transformer's work grows with.
-
-    >>> job_cost(1024, 1024, 28)
-    29.360128
-    """
-    return width * height * num_inference_steps * num_images / 1e6
-
-
 class ServiceTimes:
     """Seconds a job takes, from the last ``window`` finished jobs: a fixed part (text encoding, decoding,
     the per-step overhead a small image still pays) plus a part per megapixel-step, fitted by least
@@ -82,12 +73,16 @@ class Job:
     """One validated request on its way to the pipeline, and how to cancel it."""
 
     request: GenerationRequest
-    cost: float = 0.0
     future: Future = field(default_factory=Future)
     stop: threading.Event = field(default_factory=threading.Event)
     withdraw: Callable[[Job], None] | None = None  # takes a waiting job out of its queue
     previews: int = 0  # stream: true with partial_images: previews sent to on_preview as they form
     on_preview: Callable[[Any], None] | None = None
+
+    @property
+    def cost(self) -> float:
+        """Megapixel-steps (:attr:`GenerationRequest.cost`): what the queue's time estimates scale with."""
+        return self.request.cost
 
     def options(self) -> dict:
         """The keywords ``pipeline.generate`` gets besides the request."""
@@ -131,6 +126,11 @@ class Worker:
         self._thread.start()
 
     @property
+    def ready(self) -> bool:
+        """A pipeline is loaded: jobs can run."""
+        return self.pipeline is not None
+
+    @property
     def depth(self) -> int:
         """Jobs waiting (not counting the one running)."""
         with self._changed:
@@ -144,7 +144,6 @@ class Worker:
     def submit(
         self,
         request: GenerationRequest,
-        cost: float = 0.0,
         previews: int = 0,
         on_preview: Callable[[Any], None] | None = None,
     ) -> Job:
@@ -155,7 +154,7 @@ class Worker:
                 raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull
-            job = Job(request, cost, withdraw=self._withdraw, previews=previews, on_preview=on_preview)
+            job = Job(request, withdraw=self._withdraw, previews=previews, on_preview=on_preview)
             self._waiting.append(job)
             self._changed.notify_all()
         return job
