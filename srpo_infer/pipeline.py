@@ -1,37 +1,42 @@
-"""The SRPO pipeline: prompt encoding, the denoising loop and VAE decoding, with per-stage timings.
-
-The loop is ours (so later layers can time it, cache steps and batch requests) but every piece of
-Flux math comes from diffusers' ``FluxPipeline``: prompt encoding, latent packing, position ids, the
-timestep shift. A test checks that our loop gives the same latents as ``FluxPipeline.__call__``.
-"""
+"""The SRPO pipeline: prompt encoding, noise, the denoising loop (:mod:`srpo_infer.denoise`) and VAE
+decoding, with per-stage timings. Flux math is diffusers' (``FluxPipeline``'s prompt encoding, latent
+packing, position ids); a test checks our latents equal ``FluxPipeline.__call__``'s."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import secrets
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from .attention import KERNEL_MODES
-from .compile import compiled_graphs, mark_dynamic, save_artifacts
+from .compile import compiled_graphs, save_artifacts
 from .components import flux_pipeline_class
 from .config import PipelineConfig
+from .denoise import (
+    DenoiseInputs,
+    DenoiseResult,
+    EncodedPrompt,
+    GenerationCancelled,
+    LoopOptions,
+    denoise,
+    no_step_cache_reason,
+)
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
 from .step_cache import cache_threshold_for
 
 log = logging.getLogger(__name__)
+
+# GenerationCancelled is raised by the loop (denoise.py) and caught by servers as the pipeline's.
+__all__ = ["GenerationCancelled", "PromptTruncatedWarning", "SRPOPipeline", "attention_warmup_sizes"]
 
 
 @contextlib.contextmanager
@@ -51,59 +56,6 @@ def _quiet_truncation_logs():
 
 class PromptTruncatedWarning(UserWarning):
     """The prompt is longer than the T5 encoder's token limit; the tail is ignored."""
-
-
-class GenerationCancelled(Exception):
-    """``should_stop()`` turned true: the generation stopped before its next denoising step."""
-
-
-class EncodedPrompt(NamedTuple):
-    """The text side of a request: T5 sequence and CLIP pooled embeddings (one row per image), the
-    text tokens' position ids, and how many T5 tokens the prompt used."""
-
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    text_ids: torch.Tensor
-    text_tokens: int
-
-
-@dataclass(frozen=True)
-class DenoiseInputs:
-    """What the loop starts from, prepared once from a request (BFL's ``prepare``): the request itself
-    (size, steps, guidance travel with it), its packed noise, its encoded prompt and the image tokens'
-    position ids."""
-
-    request: GenerationRequest
-    noise: torch.Tensor
-    text: EncodedPrompt
-    img_ids: torch.Tensor
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """How to run the loop, beside the request: a progress bar, the first-block cache's threshold
-    (``None``: exact), ``should_stop()`` asked before every step, ``on_step(step, latents)`` after it,
-    ``preview = (steps, fn)``: ``fn(step, x0)`` after those steps with the clean-latent estimate."""
-
-    progress: bool = False
-    cache_threshold: float | None = None
-    should_stop: Callable[[], bool] | None = None
-    on_step: Callable[[int, torch.Tensor], None] | None = None
-    preview: tuple[Collection[int], Callable[[int, torch.Tensor], None]] | None = None
-
-
-@dataclass
-class DenoiseResult:
-    """What :meth:`SRPOPipeline.run` returns: packed latents before decoding, and facts about the run.
-
-    ``timings`` holds seconds only (``encode``, ``denoise``); ``transformer_evaluations`` counts full
-    transformer evaluations (fewer than the steps when step caching skipped some).
-    """
-
-    latents: torch.Tensor
-    timings: dict[str, float]
-    text_tokens: int
-    transformer_evaluations: int
 
 
 # One image size per attention autotuning bucket (srpo_infer.attention.kernel_bucket), with 512 text
@@ -407,7 +359,7 @@ class SRPOPipeline:
         if req.seed is None:
             raise ValueError("run() needs a request with its seed set (generate() draws one)")
         if loop.cache_threshold is not None and self.optimized.step_cache is None:
-            raise ValueError(self._no_step_cache(req))
+            raise ValueError(no_step_cache_reason(self, req))
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             with self._stage("text_encoder", "text_encoder_2"):
@@ -418,20 +370,6 @@ class SRPOPipeline:
                 latents, evaluations = self.denoise(self.prepare(req, text), loop)
             timings = {"encode": encode_s, "denoise": self._elapsed(t0)}
         return DenoiseResult(latents, timings, text.text_tokens, evaluations)
-
-    def _no_step_cache(self, req: GenerationRequest) -> str:
-        what = f"acceleration {req.acceleration!r}" if req.acceleration != "none" else "cache_threshold"
-        cp = self.optimized.context_parallel
-        if cp is not None:
-            return (
-                f"{what} (first-block caching) does not run with context_parallel={cp.degree} yet: each process "
-                "would decide to skip on its own tokens; use acceleration 'none'"
-            )
-        return (
-            f"{what} (first-block caching) does not run under the whole-model compile (compile_scope='full'), "
-            "whose one graph the skip decision would break: use compile_scope='regional' (the default) or "
-            "acceleration 'none'"
-        )
 
     def prepare(self, req: GenerationRequest, text: EncodedPrompt) -> DenoiseInputs:
         """The loop's inputs for a request (seed set) and its encoded prompt: noise and position ids."""
@@ -492,90 +430,10 @@ class SRPOPipeline:
         packed = self.flux._pack_latents(noise, len(seeds), c, h, w)
         return packed.to(device=self.device, dtype=self.dtype)
 
-    def denoise(self, inputs: DenoiseInputs, loop: LoopOptions = LoopOptions()) -> tuple[torch.Tensor, int]:
-        """Run the flow-matching Euler loop from the packed noise to packed latents.
-
-        With ``loop.preview = (steps, fn)``: after each of those 0-based steps, ``fn(step, x0)`` gets the
-        estimate of the clean latents, ``x0 = latents - sigma * noise_pred`` (flow matching), before the
-        update. Returns the latents and the number of full transformer evaluations (fewer than the steps
-        when the first-block cache skipped some). Raises :class:`GenerationCancelled` before a step when
-        ``loop.should_stop()`` is true.
-        """
-        from tqdm.auto import tqdm
-
-        scheduler, timesteps = self._schedule(inputs)
-        latents, cache = inputs.noise, self.optimized.step_cache
-        guidance = self._guidance(inputs)
-        cp = self.optimized.context_parallel
-        # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
-        # what stays fixed through the loop, once.
-        fixed = (
-            cp.fixed_inputs(inputs.text.prompt_embeds, inputs.text.text_ids, inputs.img_ids) if cp is not None else None
-        )
-        with cache.request(loop.cache_threshold) if cache is not None else contextlib.nullcontext():
-            bar = tqdm(timesteps, desc="denoising", unit="step", disable=not loop.progress, leave=False)
-            for step, t in enumerate(bar):
-                stop = loop.should_stop is not None and loop.should_stop()
-                if cp is not None:  # every rank stops before the same step (a server's followers have no should_stop)
-                    stop = cp.agree_stop(stop)
-                if stop:
-                    raise GenerationCancelled("generation cancelled before its next denoising step")
-                noise_pred = self._predict(inputs, latents, t, guidance, fixed)
-                if loop.preview is not None and step in loop.preview[0]:
-                    loop.preview[1](step, latents - float(scheduler.sigmas[step]) * noise_pred)
-                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if loop.on_step is not None:
-                    loop.on_step(step, latents)
-            evaluations = cache.evaluations if cache is not None else len(timesteps)
-        return latents, evaluations
-
-    def _schedule(self, inputs: DenoiseInputs):
-        """A fresh scheduler (it keeps a step index: never shared across calls) and the request's
-        timesteps, shifted for its image size as FLUX.1-dev's pipeline shifts them."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        steps = inputs.request.num_inference_steps
-        scheduler = copy.deepcopy(self.flux.scheduler)
-        cfg = scheduler.config
-        mu = calculate_shift(
-            inputs.noise.shape[1],
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler, timesteps
-
-    def _guidance(self, inputs: DenoiseInputs) -> torch.Tensor | None:
-        """FLUX.1-dev's distilled guidance, one value per image (None for a model without it)."""
-        if not self.transformer.config.guidance_embeds:
-            return None
-        batch = inputs.noise.shape[0]
-        return torch.full([batch], inputs.request.guidance_scale, device=self.device, dtype=torch.float32)
-
-    def _predict(self, inputs: DenoiseInputs, latents, t, guidance, fixed: dict | None) -> torch.Tensor:
-        """One transformer evaluation: the noise prediction for ``latents`` at timestep ``t``."""
-        transformer, cache = self.optimized.transformer, self.optimized.step_cache
-        if self.optimized.needs_dynamic_marks:
-            mark_dynamic(latents, inputs.img_ids)
-        text = inputs.text
-        kwargs = dict(
-            hidden_states=latents,
-            timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=text.pooled,
-            encoder_hidden_states=text.prompt_embeds,
-            txt_ids=text.text_ids,
-            img_ids=inputs.img_ids,
-        )
-        if fixed is not None:  # context parallel: both streams padded, the padding cut off the prediction
-            padded = {**kwargs, **fixed, "hidden_states": self.optimized.context_parallel.pad_latents(latents)}
-            return transformer(**padded, return_dict=False)[0][:, : latents.shape[1]]
-        with cache.step() if cache is not None else contextlib.nullcontext():
-            return transformer(**kwargs, return_dict=False)[0]
+    def denoise(self, inputs: DenoiseInputs, loop: LoopOptions | None = None) -> tuple[torch.Tensor, int]:
+        """The loop from ``inputs`` (see :func:`srpo_infer.denoise.denoise`): packed latents and the
+        number of full transformer evaluations."""
+        return denoise(self, inputs, loop)
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list:
         """Packed latents → PIL images."""
