@@ -1,0 +1,56 @@
+"""The request travels whole from the caller to the denoising loop, so a new request field touches its
+definition (request.py), its place in the HTTP body (server/schema.py) and the stage that uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+import srpo_infer.pipeline
+from srpo_infer import GenerationRequest, GenerationResult
+from srpo_infer.denoise import DenoiseInputs, denoise
+from srpo_infer.request import REQUEST_FIELDS
+from srpo_infer.server.schema import GenerationBody
+
+
+def test_no_loose_request_fields_in_the_loop_or_the_result():
+    """No signature between the request and the loop takes a request field on its own, and the result
+    holds the request instead of copies of its fields: a new field needs none of them changed."""
+    for fn in (denoise, srpo_infer.pipeline.SRPOPipeline.denoise, srpo_infer.pipeline.SRPOPipeline.run):
+        assert not set(inspect.signature(fn).parameters) & set(REQUEST_FIELDS), fn.__qualname__
+    assert "request" in {f.name for f in dataclasses.fields(DenoiseInputs)}
+    assert not {f.name for f in dataclasses.fields(GenerationResult)} & set(REQUEST_FIELDS)
+
+
+def test_every_request_field_has_its_place_in_the_http_body():
+    sides = {"width", "height"}  # the API sends them as image_size (or OpenAI's size)
+    assert set(REQUEST_FIELDS) - sides <= set(GenerationBody.model_fields)
+    assert {"image_size", "size"} <= set(GenerationBody.model_fields)
+
+
+def test_the_loop_receives_the_very_request_generate_was_given(tiny_pipe, monkeypatch):
+    seen = []
+    real = srpo_infer.pipeline.denoise
+
+    def spy(pipe, inputs, loop=None):
+        seen.append(inputs)
+        return real(pipe, inputs, loop)
+
+    monkeypatch.setattr(srpo_infer.pipeline, "denoise", spy)
+    req = GenerationRequest("a fox", width=576, height=512, seed=5, num_inference_steps=2, guidance_scale=3.0)
+    result = tiny_pipe.generate(req)
+    assert seen[0].request is req and result.request is req
+    assert (result.seed, result.width, result.guidance_scale) == (5, 576, 3.0)
+
+
+def test_a_bad_request_cannot_exist_and_replace_checks_again():
+    with pytest.raises(ValueError, match=r"width must be an integer in \[512, 1536\]"):
+        GenerationRequest("a fox", width=500)
+    req = GenerationRequest("a fox")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.seed = 3
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        dataclasses.replace(req, seed=-1)
+    assert dataclasses.replace(req, guidance_scale=3).guidance_scale == 3.0 and req.loras == ()
