@@ -85,6 +85,8 @@ def diffusers_pipeline(
     *,
     acceleration: str = "none",
     cache_threshold: float | None = None,
+    cache: str = "first-block",
+    cache_steps: int = 28,
     progress: bool = False,
     **options,
 ):
@@ -94,7 +96,8 @@ def diffusers_pipeline(
     applied by :func:`srpo_infer.optimize`. Call it as any diffusers pipeline.
 
     ``acceleration`` (``regular``/``high``) or ``cache_threshold`` turn on diffusers' first-block cache
-    for every call. ``compile_scope="full"`` and ``context_parallel`` run only in our loop
+    for every call (``cache="taylorseer"``/``"magcache"``: those instead, see :func:`srpo_infer.optimize`).
+    ``compile_scope="full"`` and ``context_parallel`` run only in our loop
     (:func:`load_pipeline`) and are refused here.
 
     >>> pipe = diffusers_pipeline("tiny-random")
@@ -109,18 +112,18 @@ def diffusers_pipeline(
 
     from .components import flux_pipeline_class
     from .optimize import apply_optimizations, mark_optimized, refuse_ours_only
-    from .step_cache import cache_threshold_for
+    from .step_cache import stock_cache
 
     check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
     refuse_ours_only(options)
-    threshold = cache_threshold_for(acceleration, cache_threshold)
+    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
     config = PipelineConfig(
         model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress, **options
     ).resolved()
     config, components, lora_state = _load(config)
     flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)
-    optimized = apply_optimizations(flux, config, lora_state=lora_state, cache_threshold=threshold, stock=True)
+    optimized = apply_optimizations(flux, config, lora_state=lora_state, stock_cache=cached, stock=True)
     mark_optimized(flux.transformer, optimized.steps)
     return flux
 

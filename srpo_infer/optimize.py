@@ -69,7 +69,7 @@ def apply_optimizations(
     config: PipelineConfig,
     *,
     lora_state: dict | None = None,
-    cache_threshold: float | None = None,
+    stock_cache: tuple[object, str] | None = None,
     stock: bool = False,
     place: bool = True,
 ) -> Optimized:
@@ -77,9 +77,9 @@ def apply_optimizations(
 
     LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
     memory placement. LoRA first: its keys name the unfused projections. The step cache (diffusers'
-    first-block cache hooks: at ``cache_threshold`` on a ``stock`` pipeline, per request in our loop)
-    goes before compile, which then traces the hooked blocks. Memory last: the weights it moves are
-    the final ones.
+    cache hooks: ``stock_cache`` = (config, label) from :func:`~srpo_infer.step_cache.stock_cache` on a
+    ``stock`` pipeline, the first-block cache per request in our loop) goes before compile, which then
+    traces the hooked blocks. Memory last: the weights it moves are the final ones.
     """
     transformer = flux.transformer
     steps = []
@@ -113,11 +113,9 @@ def apply_optimizations(
         context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
     step_cache = None
-    if stock and cache_threshold is not None:
-        from diffusers.hooks import FirstBlockCacheConfig
-
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=cache_threshold))
-        steps.append(f"cache:first-block({cache_threshold:g})")
+    if stock and stock_cache is not None:
+        transformer.enable_cache(stock_cache[0])
+        steps.append(stock_cache[1])
     elif not stock and context_parallel is None and not _whole_model_compile(config):
         # Left out split over processes (each would decide on its own tokens) and under the whole-model
         # compile (its one graph would break at the skip decision, and recompile per size after it).
@@ -235,6 +233,8 @@ def optimize(
     compile: bool = False,
     acceleration: str = "none",
     cache_threshold: float | None = None,
+    cache: str = "first-block",
+    cache_steps: int = 28,
     memory: str | None = None,
     lora: str | None = None,
     lora_scale: float = 1.0,
@@ -249,7 +249,9 @@ def optimize(
     ``attention``: ``sdpa`` or our Triton kernels (``triton``, ``triton-int8``, ``triton-int8-fp8``).
     ``quantize``: ``fp8`` (torchao) or ``fp8-weight``. ``compile``: regional (the repeated blocks,
     every size from one set of graphs). ``acceleration``: ``regular``/``high`` turn on diffusers' first-block
-    cache at 0.08/0.12 (``cache_threshold`` sets it directly), for every call of the pipeline.
+    cache at 0.08/0.12 (``cache_threshold`` sets it directly), for every call of the pipeline;
+    ``cache="taylorseer"`` or ``"magcache"`` (with ``cache_steps``, the calls' step count) take
+    diffusers' TaylorSeer or MagCache instead (:func:`~srpo_infer.step_cache.stock_cache`).
     ``memory``: ``gpu``, ``offload-model`` (diffusers' model offloading), ``offload-group`` (None: leave
     the weights where they are). ``lora``: a LoRA file, folder or repo id. Also ``quantize_skip``,
     ``quantize_text_encoder``, ``compile_mode``, ``compile_backend``, ``cache_dir``, ``lora_max_rank``.
@@ -260,7 +262,7 @@ def optimize(
     """
     from .config import PipelineConfig
     from .request import check_keywords
-    from .step_cache import cache_threshold_for
+    from .step_cache import stock_cache
 
     transformer = _flux_transformer(pipe)
     refuse_ours_only(options)
@@ -278,7 +280,7 @@ def optimize(
             "lora_max_rank",
         ],
     )
-    threshold = cache_threshold_for(acceleration, cache_threshold)
+    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
     param = next(transformer.parameters())
     config = PipelineConfig(
         model="(a diffusers pipeline)",
@@ -297,7 +299,7 @@ def optimize(
         **options,
     ).resolved()
     check_available(config)
-    optimized = apply_optimizations(pipe, config, cache_threshold=threshold, stock=True, place=memory is not None)
+    optimized = apply_optimizations(pipe, config, stock_cache=cached, stock=True, place=memory is not None)
     mark_optimized(transformer, optimized.steps)
     return optimized.steps
 

@@ -44,6 +44,48 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     return ACCELERATION_THRESHOLDS[acceleration]
 
 
+STEP_CACHES = ("first-block", "taylorseer", "magcache")  # diffusers' cache hooks a stock pipeline can take
+
+
+def stock_cache(
+    acceleration: str = "none", cache_threshold: float | None = None, cache: str = "first-block", cache_steps: int = 28
+) -> tuple[object, str] | None:
+    """The diffusers cache config a stock pipeline gets for every call, and its step label; ``None``
+    at ``acceleration="none"`` without a threshold.
+
+    ``first-block``: ParaAttention's cache at the level's threshold. ``taylorseer``: TaylorSeer with
+    diffusers' defaults (a full step every 5, the first 3 always; ``cache_threshold`` does not apply).
+    ``magcache``: MagCache with diffusers' FLUX.1-dev magnitude ratios, interpolated to ``cache_steps``
+    (the pipeline's ``num_inference_steps``), at ``cache_threshold`` or diffusers' default 0.06. The
+    quality of the last two on SRPO is unmeasured.
+
+    >>> stock_cache("regular")[1], stock_cache("high", cache="taylorseer")[1]
+    ('cache:first-block(0.08)', 'cache:taylorseer(interval 5)')
+    """
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if cache not in STEP_CACHES:
+        raise ValueError(f"cache must be one of {list(STEP_CACHES)}, got {cache!r}")
+    threshold = cache_threshold_for(acceleration, cache_threshold)
+    if threshold is None:
+        return None
+    if cache == "first-block":
+        return FirstBlockCacheConfig(threshold=threshold), f"cache:first-block({threshold:g})"
+    if cache == "taylorseer":
+        if cache_threshold is not None:
+            raise ValueError("cache_threshold does not apply to cache='taylorseer' (it refreshes every 5 steps)")
+        config = TaylorSeerCacheConfig()
+        return config, f"cache:taylorseer(interval {config.cache_interval})"
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 2:
+        raise ValueError(f"cache_steps must be the calls' num_inference_steps (an integer >= 2), got {cache_steps!r}")
+    config = MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=cache_steps)
+    if cache_threshold is not None:
+        config.threshold = threshold
+    return config, f"cache:magcache({config.threshold:g}, {cache_steps} steps)"
+
+
 class RequestCache:
     """diffusers' first-block cache hooks on a transformer, with the threshold chosen per request.
 

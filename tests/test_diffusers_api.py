@@ -142,3 +142,48 @@ def test_what_only_our_loop_runs_is_refused_on_a_stock_pipeline_in_one_line(stoc
     srpo_infer.optimize(stock, fuse_qkv=True)
     with pytest.raises(ValueError, match="optimized already \\(fuse_qkv → attention:sdpa\\)"):
         srpo_infer.optimize(stock, fuse_qkv=True)
+
+
+def _count_attention_calls(pipe) -> list[int]:
+    """Calls of the first block's attention that really ran (wrapped before TaylorSeer's hooks)."""
+    calls = [0]
+    attn = pipe.transformer.transformer_blocks[0].attn
+    original = attn.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    attn.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("cache", ["taylorseer", "magcache"])
+def test_taylorseer_and_magcache_run_under_regional_compile_and_skip_work(cache):
+    """diffusers' TaylorSeer (attention outputs predicted between full steps) and MagCache (FLUX.1-dev
+    magnitude ratios) as named options: they skip work, stay close to the uncached image on the tiny
+    model, and after a first size the compiled blocks compile nothing at another."""
+    torch._dynamo.reset()
+    plain = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
+    reference = _image(plain, steps=STEPS)
+    pipe = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
+    calls = (_count_attention_calls if cache == "taylorseer" else _count_full_evaluations)(pipe)
+    steps = srpo_infer.optimize(
+        pipe, acceleration="regular", cache=cache, cache_steps=STEPS, compile=True, compile_backend="eager"
+    )
+    assert steps[-2].startswith(f"cache:{cache}(") and steps[-1] == "compile:eager:regional:default"
+    cached = _image(pipe, steps=STEPS)
+    assert 1 <= calls[0] < STEPS
+    assert 0 < np.abs(cached - reference).mean() < 0.05  # approximated for real, and close
+    graphs = compiled_graphs()
+    _image(pipe, width=768, height=512, steps=STEPS)
+    assert compiled_graphs() == graphs
+
+
+def test_cache_options_are_checked(stock):
+    with pytest.raises(ValueError, match=r"cache must be one of \['first-block', 'taylorseer', 'magcache'\]"):
+        srpo_infer.optimize(stock, acceleration="regular", cache="teacache")
+    with pytest.raises(ValueError, match="cache_threshold does not apply to cache='taylorseer'"):
+        srpo_infer.optimize(stock, cache="taylorseer", cache_threshold=0.1)
+    with pytest.raises(ValueError, match="cache_steps must be the calls' num_inference_steps"):
+        srpo_infer.optimize(stock, acceleration="high", cache="magcache", cache_steps=1)
