@@ -77,6 +77,16 @@ def load_pipeline(
     return pipe
 
 
+def assemble_pipeline(components: dict, config: PipelineConfig) -> SRPOPipeline:
+    """An :class:`SRPOPipeline` over components already loaded, such as a benchmark's shared encoders
+    and VAE around a freshly loaded transformer: the checks :func:`load_pipeline` makes (options
+    available on this machine, the memory mode), none of its loading. ``config`` is resolved."""
+    from .optimize import check_available
+
+    check_available(config)
+    return SRPOPipeline(components, _choose_memory(config))
+
+
 def diffusers_pipeline(
     model: str = DEFAULT_MODEL,
     base: str | None = None,

@@ -170,7 +170,7 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: Shared, box: TimeBo
 def _pipeline(bench: BenchConfig, args: BenchArgs, shared: Shared):
     """The configuration's pipeline: the shared components around a fresh transformer, or (offloading
     moves and hooks the components) a set of its own, the shared one moved off the device."""
-    from ..pipeline import SRPOPipeline
+    from ..loading import assemble_pipeline
 
     if bench.memory == "gpu":
         # Compile wraps vae.decode without changing the VAE, so it is shared as it is.
@@ -194,7 +194,7 @@ def _pipeline(bench: BenchConfig, args: BenchArgs, shared: Shared):
         memory=bench.memory,
         context_parallel=1 if bench.baseline else args.context_parallel,
     ).resolved()
-    return SRPOPipeline(parts, config)
+    return assemble_pipeline(parts, config)
 
 
 class _Graphs:
