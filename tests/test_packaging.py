@@ -3,6 +3,7 @@ and the library's imports have no cycle."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,43 @@ def _import_graph() -> dict[str, set[str]]:
                 edges.add(module)
         graph[name] = edges
     return graph
+
+
+def _diagram() -> str:
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    start = text.index("## The rooms and their arrows")
+    return text[text.index("```", start) + 3 : text.index("```", text.index("```", start) + 3)]
+
+
+def test_the_architecture_diagram_names_every_module_and_its_arrows_are_imports():
+    """ARCHITECTURE.md's diagram, checked against the code: every library module (and server module) is
+    in it, every name in it is a module, and each arrow drawn between two named rooms is an import."""
+    import re
+
+    files = _module_files()
+    diagram = _diagram()
+    words = set(re.findall(r"[a-z_]+", diagram))
+    tops = {name.split(".")[1] for name in files if name.count(".") >= 1} - {"__main__"}
+    servers = {name.split(".")[2] for name in files if name.startswith("srpo_infer.server.")}
+    assert tops - words == set(), "modules missing from the diagram"
+    assert servers - words == set(), "server modules missing from the diagram"
+    graph = _import_graph()
+
+    def imports(room: str, other: str) -> bool:
+        mine = [m for m in graph if m == f"srpo_infer.{room}" or m.startswith(f"srpo_infer.{room}.")]
+        return any(t == f"srpo_infer.{other}" or t.startswith(f"srpo_infer.{other}.") for m in mine for t in graph[m])
+
+    checked = 0
+    for line in diagram.splitlines():
+        parts = line.split("──►")
+        for left, right in itertools.pairwise(parts):
+            left = re.sub(r"\([^)]*\)", "", left)  # what a room's parenthesis says is not a room
+            source = re.findall(r"[a-z_]+", re.split(r"[│├└┬┤]", left)[-1])
+            targets = re.findall(r"[a-z_]+", right.split("(")[0].split("──►")[0].split("│")[0])
+            if not source:
+                continue  # a branch continued from the line above
+            for target in targets:
+                if target in tops:
+                    assert imports(source[-1], target), f"the diagram draws {source[-1]} ──► {target}"
+                    checked += 1
+    assert checked >= 15, checked
