@@ -3,10 +3,9 @@ recompile per resolution, with compiled artifacts persisted across processes.
 
 - Scope. ``regional`` (default) compiles the two repeated block classes, ``FluxTransformerBlock`` and
   ``FluxSingleTransformerBlock``, once each with diffusers' ``compile_repeated_blocks``: the 19 + 38
-  blocks share those graphs, so the first call compiles 2–3 small graphs instead of one 57-block graph.
-  The whole-model compile of the H200 run (2026-11-26) took 110 s before its first image, and did not
-  finish in ~400 s with coordinate-descent tuning on. ``full`` compiles the whole transformer and the
-  VAE decoder as before, for comparison in ``srpo-infer bench``.
+  blocks share those graphs, so the first call compiles a few small graphs instead of one 57-block
+  graph (what the whole-model compile cost on the H200: ``benchmarks/results/h200-2026-11-26``).
+  ``full`` compiles the whole transformer and the VAE decoder, for comparison in ``srpo-infer bench``.
 - Resolution. Regions compile with ``dynamic=True``: the image-token dimension is symbolic from the
   first call, so one graph per region serves all 1089 valid sizes (the batch 1 → N switch adds one,
   once: size 1 is always specialised). The whole-model compile marks the same dims dynamic on its inputs.

@@ -258,9 +258,8 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 def resolve_attention(backend: str) -> str:
     """``auto`` → ``sdpa`` for now: our kernels become the default once the attention benchmark shows
-    them faster than the best stock path on the device at equal accuracy. On the H200 (2026-11-26)
-    ``triton`` beat the eager prologue + cuDNN but its real rival under compile (the compiled prologue
-    + cuDNN) is not timed yet; the 8-bit backends have never run on a GPU."""
+    them faster than the best stock path on the device at equal accuracy (what has been measured:
+    ``benchmarks/results``, and the README's "Attention backends")."""
     if backend == "auto":
         return "sdpa"
     if backend in RETIRED_BACKENDS:
@@ -277,10 +276,9 @@ def resolve_quantize(mode: str | None) -> str | None:
 
 
 def resolve_compile(value: bool | str, device: torch.device) -> bool:
-    """``auto`` → eager, on every device, for now: on the H200 (2026-11-26) the whole-model compile ran
-    132 ms/step against 173 eager after a 110 s first call, and the regional compile (the default
-    scope) has not run on a GPU yet; a default must not be its first test. On a CPU compiling costs
-    more than it saves. ``compile=True`` opts in."""
+    """``auto`` → eager, on every device, for now: the regional compile (the default scope) becomes the
+    default once it has been measured on a GPU (``benchmarks/results``; a default must not be its first
+    test). On a CPU compiling costs more than it saves. ``compile=True`` opts in."""
     if value == "auto":
         return False
     if not isinstance(value, bool):
