@@ -112,7 +112,7 @@ def test_triton_attention_on_a_stock_pipeline_runs_our_kernels(stock, monkeypatc
 
     if not launch.interpreting() and not torch.cuda.is_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    small = dict(width=128, height=128, steps=1, text_tokens=16)  # 80 tokens: the interpreter is slow
+    small = dict(width=64, height=64, steps=1, text_tokens=16)  # 32 tokens: the interpreter is slow
     reference = _image(stock, **small)
     calls = [0]
     real = launch.flux_attention

@@ -113,8 +113,93 @@ def test_bad_options_are_clear():
 AFTER_WARMUP = [(1024, 1024), (1440, 512), (768, 1024), (512, 1536), (1536, 1536)]
 
 
-@pytest.mark.parametrize("scope", ["regional", pytest.param("full", marks=pytest.mark.slow)])  # full: ~45 s
-def test_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents, scope):
+@pytest.fixture(scope="module")
+def compiled(eager_latents):
+    """One regional compile (backend "eager": the same dynamo capture and graph count as Inductor,
+    without a C++ build), checked against eager and warmed up, shared by the tests below: tracing the
+    blocks is what costs here, and every test below asks about that one set of graphs."""
+    torch._dynamo.reset()
+    pipe = srpo_infer.load_pipeline(
+        "tiny-random", device="cpu", progress=False, compile=True, compile_backend="eager", cache_dir=None
+    )
+    before = pipe.compiled_graphs()  # a process-wide counter
+    first = pipe.generate_latents(REQ)
+    pipe.warmup([(512, 512)], accelerations=("none", "high"))
+    return pipe, first, pipe.compiled_graphs() - before
+
+
+def test_regional_compile_matches_eager_and_settles_at_warmup(compiled, eager_latents):
+    pipe, first, settled = compiled
+    assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == "compile:eager:regional:default"
+    assert relative_error(first, eager_latents) < 1e-5
+    # Per block class, the block with the step cache's hooks computing (the first block in two pieces
+    # around the skip decision) and skipping, plus the single blocks' strided text slice.
+    assert 1 <= settled <= 6, settled
+
+
+def test_regional_compile_compiles_nothing_at_a_new_size_after_warmup(compiled):
+    """Latents, not images: the regional compile leaves the VAE eager, so decoding would add only time
+    (a 1536² decode is most of a minute on this CPU)."""
+    pipe, _, _ = compiled
+    graphs = pipe.compiled_graphs()
+    for w, h in AFTER_WARMUP:
+        req = GenerationRequest("x", w, h, seed=1, num_inference_steps=1, acceleration="high")
+        assert pipe.generate_latents(req).shape == (1, (w // 16) * (h // 16), 16)
+    assert pipe.compiled_graphs() == graphs, "a new resolution compiled after warm-up"
+
+
+def test_regional_compile_compiles_a_batch_once_not_per_size(compiled):
+    pipe, _, settled = compiled
+    start = pipe.compiled_graphs()
+    pipe.generate_latents(GenerationRequest("x", 512, 512, seed=1, num_inference_steps=1, num_images=2))
+    after_batch = pipe.compiled_graphs()
+    pipe.generate_latents(GenerationRequest("x", 640, 512, seed=1, num_inference_steps=1, num_images=3))
+    assert pipe.compiled_graphs() == after_batch <= start + settled  # batch 1 → N compiles once, not per N
+
+
+STEPS = 6
+CACHED = GenerationRequest("a fox in the snow", 512, 576, seed=8, num_inference_steps=STEPS)
+
+
+def test_regional_compile_runs_the_step_cache_hooks_and_skips_the_same_steps(compiled, tiny_pipe):
+    """Regional compile traces the step cache's hooks inside the compiled blocks (the skip decision a
+    graph break): with a threshold that skips, the same steps are skipped and the latents match eager."""
+    pipe, _, _ = compiled
+    for threshold in (1.0, None):
+        got, want = pipe.run(CACHED, cache_threshold=threshold), tiny_pipe.run(CACHED, cache_threshold=threshold)
+        assert got.transformer_evaluations == want.transformer_evaluations
+        assert torch.allclose(got.latents, want.latents, rtol=1e-5, atol=1e-5)
+    assert (
+        want.transformer_evaluations == STEPS
+        and 1 < tiny_pipe.run(CACHED, cache_threshold=1.0).transformer_evaluations < STEPS
+    )
+
+
+def test_a_fused_lora_leaves_a_plain_model_that_every_optimization_takes(compiled, tmp_path):
+    """Merged into the weights, a LoRA leaves the plain model: QKV fusion and the compile still apply,
+    and the compiled blocks (the same graphs as the plain pipeline's above: the weights are their
+    inputs) give the LoRA's output."""
+    pytest.importorskip("peft")
+    from loras import diffusers_lora, lora_factors
+    from safetensors.torch import save_file
+
+    from srpo_infer.lora import has_adapter
+
+    path = tmp_path / "a.safetensors"
+    save_file(diffusers_lora(lora_factors(64, 2, 4, seed=1)), path)
+    compile_options = dict(compile=True, compile_backend="eager", cache_dir=None)
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, lora=str(path), **compile_options)
+    assert not has_adapter(pipe.transformer)
+    assert pipe.optimized.steps[:2] == ["lora:fused(1)", "fuse_qkv"]  # QKV fusion still applies after the merge
+    assert pipe.optimized.steps[-1] == "compile:eager:regional:default"
+    eager = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, lora=str(path))
+    want = eager.generate_latents(REQ)
+    assert relative_error(want, compiled[1]) > 1e-3  # the LoRA changes the image
+    assert relative_error(pipe.generate_latents(REQ), want) < 1e-5
+
+
+@pytest.mark.slow  # ~45 s: the whole transformer and the VAE decoder
+def test_full_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents):
     """Backend "eager": the same dynamo capture (and graph count) as Inductor, without a C++ build."""
     torch._dynamo.reset()
     pipe = srpo_infer.load_pipeline(
@@ -122,23 +207,19 @@ def test_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents, 
         device="cpu",
         progress=False,
         compile=True,
-        compile_scope=scope,
+        compile_scope="full",
         compile_backend="eager",
         cache_dir=None,
     )
-    assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == f"compile:eager:{scope}:default"
+    assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == "compile:eager:full:default"
     before = pipe.compiled_graphs()  # a process-wide counter
     got = pipe.generate_latents(REQ)
     assert relative_error(got, eager_latents) < 1e-5
-    accelerations = ("none", "high") if scope == "regional" else ("none",)  # full: one graph, no step cache
-    pipe.warmup([(512, 512)], accelerations=accelerations)
+    pipe.warmup([(512, 512)], accelerations=("none",))  # one graph, no step cache
     settled = pipe.compiled_graphs() - before
-    # Regional: per block class, the block with the step cache's hooks computing (the first block in two
-    # pieces around the skip decision) and skipping, plus the single blocks' strided text slice;
-    # full: the transformer and the VAE's small/large conv variants.
-    assert 1 <= settled <= (6 if scope == "regional" else 3), settled
-    for w, h in AFTER_WARMUP:
-        r = pipe.generate("x", width=w, height=h, seed=1, num_inference_steps=1, acceleration=accelerations[-1])
+    assert 1 <= settled <= 3, settled  # the transformer and the VAE's small/large conv variants
+    for w, h in AFTER_WARMUP:  # images: the whole-model compile compiles the VAE decoder too
+        r = pipe.generate("x", width=w, height=h, seed=1, num_inference_steps=1)
         assert r.images[0].size == (w, h)
     assert pipe.compiled_graphs() - before == settled, "a new resolution compiled after warm-up"
     pipe.generate("x", width=512, height=512, seed=1, num_inference_steps=1, num_images=2)

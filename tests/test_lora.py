@@ -71,14 +71,6 @@ def test_fuse_then_unfuse_round_trips_the_weights(files):
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=1e-6)
 
 
-def test_a_fused_lora_leaves_a_plain_model_that_every_optimization_takes(files):
-    pipe = load(lora=str(files["diffusers"]), compile=True, compile_backend="eager", cache_dir=None)
-    assert not has_adapter(pipe.transformer)
-    assert pipe.optimized.steps[:2] == ["lora:fused(1)", "fuse_qkv"]  # QKV fusion still applies after the merge
-    unfused = load(lora=str(files["diffusers"])).generate_latents(REQ)
-    assert relative_error(pipe.generate_latents(REQ), unfused) < 1e-5
-
-
 def test_swapping_a_lora_under_compile_does_not_recompile(files):
     torch._dynamo.reset()
     pipe = load(lora=str(files["diffusers"]), lora_fuse=False, compile=True, compile_backend="eager", cache_dir=None)
