@@ -131,7 +131,8 @@ def ours(device: str, sweep: bool = False):
     """Our kernels: each backend and design autotuned (``triton``, ``triton-int8/tma``, ...) and, with
     ``sweep``, every candidate configuration of each on its own (``triton/tma/128x64w4s3``)."""
     import torch
-    from srpo_infer.kernels.launch import DESIGNS, MODES, candidates, flux_attention
+    from srpo_infer.kernels.configs import MODES, candidates
+    from srpo_infer.kernels.launch import DESIGNS, flux_attention
 
     from srpo_infer.attention import KERNEL_MODES, attend
 

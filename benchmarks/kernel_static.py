@@ -28,7 +28,7 @@ installed once with ``pip install --no-deps --target`` into its own folder under
 (default ``~/.cache/srpo_infer/triton-matrix``; the compiler needs no GPU and none of triton's
 dependencies) and checked in a subprocess with that folder first on ``PYTHONPATH`` and an empty
 Triton cache (so ptxas runs and logs). The launcher's candidate lists may differ by Triton version
-(:func:`srpo_infer.kernels.launch.gpu_candidates`): a configuration dropped for a version is still
+(:func:`srpo_infer.kernels.configs.gpu_candidates`): a configuration dropped for a version is still
 compiled and reported, marked ``shipped: false``, but its problems do not fail the check.
 
 It writes ``static.json`` (a row per Triton version × kernel × mode × design × config × target, each
@@ -107,7 +107,8 @@ def _inputs():
 def jobs() -> list[dict]:
     """Every (kernel, mode, design, config, target) the launcher can run under this Triton, plus the
     configurations it drops for this Triton (``shipped: False``), as picklable job specs."""
-    from srpo_infer.kernels.launch import DESIGNS, MODES, all_gpu_candidates, gpu_candidates
+    from srpo_infer.kernels.configs import MODES, all_gpu_candidates, gpu_candidates
+    from srpo_infer.kernels.launch import DESIGNS
 
     out = []
     for target in TARGETS:
@@ -291,7 +292,8 @@ def check(job: dict, cubin_dir: str | None = None) -> dict:
     """Compile one job and measure it; never raises (a failure is a row with ``compiled: false``).
     ``cubin_dir``: also save the cubin there (``<row id>.cubin``, for an independent reader)."""
     import triton
-    from srpo_infer.kernels.launch import MODES, KernelConfig, plan
+    from srpo_infer.kernels.configs import MODES, KernelConfig
+    from srpo_infer.kernels.launch import plan
 
     target = tuple(job["target"])
     arch = f"sm_{target[0]}{target[1]}{'a' if target >= (9, 0) else ''}"
@@ -346,7 +348,7 @@ def check(job: dict, cubin_dir: str | None = None) -> dict:
 
 def problems(row: dict) -> list[str]:
     """What is wrong with one row (empty: the kernel is fine as far as a compile can tell)."""
-    from srpo_infer.kernels.launch import MODES
+    from srpo_infer.kernels.configs import MODES
 
     if not row["compiled"]:
         return [f"does not compile: {row['error']}"]

@@ -19,26 +19,23 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import configs
 from . import flux_attention as K
+from .configs import (
+    INTERPRETER_CONFIG,
+    MODES,
+    KernelConfig,
+    Mode,
+    candidates,
+    check_mode,
+    device_capability,
+    interpreting,
+    padding,
+)
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class Mode(NamedTuple):
-    """What one kernel mode quantises, and the compute capability it needs."""
-
-    qk_int8: bool  # q·kᵀ in INT8 (per-token scales, K smoothed)
-    pv_fp8: bool  # p·v in e4m3 (per-channel V scales, two-level accumulation)
-    min_capability: tuple[int, int]
-
-
-MODES = {
-    "bf16": Mode(False, False, (8, 0)),  # the input dtype throughout (bf16, fp16 or fp32)
-    "int8": Mode(True, False, (8, 0)),  # accurate 8-bit: INT8 q·kᵀ, p·v in the input dtype
-    "int8-fp8": Mode(True, True, (8, 9)),  # fast 8-bit: INT8 q·kᵀ, e4m3 p·v (fp8 tensor cores)
-}
 
 
 def seq_bucket(s: int) -> int:
@@ -52,11 +49,6 @@ def seq_bucket(s: int) -> int:
     return 1 << max(0, s - 1).bit_length()
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 DESIGNS = ("pointer", "tma")
 # What ``design="auto"`` runs (``SRPO_ATTENTION_DESIGN`` overrides it, e.g. to time the pipeline with
 # "tma"). "tma" (tensor-descriptor loads, Hopper's TMA) is the design written for sm90, but it has only
@@ -64,97 +56,6 @@ DESIGNS = ("pointer", "tma")
 # sm >= 90 once benchmarks/bench_attention.py --sweep has timed it there.
 DEFAULT_DESIGN = "pointer"
 DESIGN_ENV = "SRPO_ATTENTION_DESIGN"
-
-
-class KernelConfig(NamedTuple):
-    """One launch configuration of ``_attention_kernel`` (the unit the sweep times)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def tag(self) -> str:
-        """``128x64w4s3``: tiles, warps, pipeline stages."""
-        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
-
-
-C = KernelConfig
-# The autotuner's candidates per mode and architecture, each checked by benchmarks/kernel_static.py
-# (CI): it compiles every one for its target and fails on a spill, on shared memory over the limit,
-# or on a compile error. Hopper (sm90, 227 KiB of shared memory per block): on the H200 (2026-11-26)
-# the autotuner picked 128x128, 8 warps, 3 stages for the bf16 kernel, so that comes first; 4 stages of
-# 128x128 bf16 tiles need 288 KiB and can never launch, so there is none. The 8-bit modes halve (q, k)
-# or quarter (int8-fp8) the tile bytes, which buys a 4th stage. Ampere and Ada (sm80/sm89, 163/99 KiB):
-# 128x64 with 4 warps needs 255 registers and spills on sm80, so wide tiles run with 8 warps there.
-_HOPPER = {
-    "bf16": (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 4), C(64, 128, 4, 3), C(64, 64, 4, 3)),
-    "int8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
-    "int8-fp8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
-}
-_AMPERE = {
-    "bf16": (C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),
-    "int8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),  # 128x32w4s3 spills on sm89; 64x128 needs 121 KiB
-    "int8-fp8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 128, 4, 3)),
-}
-# Configurations dropped under one Triton (major.minor) and architecture, because that version's
-# compiler makes them spill: found by benchmarks/kernel_static.py, which compiles every version in its
-# matrix (results in benchmarks/results/static-2026-11-30).
-_DROPPED: dict[tuple[str, str, str], tuple[KernelConfig, ...]] = {
-    # triton 3.7 (what the CUDA build of torch 2.13 pins): the pointer build needs 255 registers and spills
-    # 8 bytes per thread (3.6: 255, 3.9: 254, neither spills; the tma build: 254). Lists are per mode, so
-    # both designs lose it.
-    ("3.7", "sm90", "bf16"): (C(128, 64, 4, 3),),
-}
-# Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
-# The pre-pass and the stats pass: rows per program and warps. Memory-bound, but a [rows, 128] fp32
-# tile of q, k and their RoPE partners lives in registers: 64 rows on 4 warps spilled 6.9 KB per
-# thread on sm90 (benchmarks/results/static-2026-11-29); 32 rows on 8 warps fits.
-PROLOGUE_ROWS, PROLOGUE_WARPS = 32, 8
-STATS_CHUNKS = 8  # programs per head in the stats pass (a power of two: the pre-pass reduces them at once)
-
-
-def device_capability(device: torch.device | None = None) -> tuple[int, int]:
-    """The compute capability whose candidates run: the GPU's, or Hopper's where there is none."""
-    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
-    if on_gpu:
-        return torch.cuda.get_device_capability(device)
-    return (9, 0)
-
-
-def candidates(mode: str, capability: tuple[int, int] | None = None) -> tuple[KernelConfig, ...]:
-    """The autotuner's configurations for this mode and GPU (one under the interpreter)."""
-    if interpreting():
-        _check_mode(mode)
-        return (INTERPRETER_CONFIG,)
-    return gpu_candidates(mode, capability or device_capability())
-
-
-def all_gpu_candidates(mode: str, capability: tuple[int, int]) -> tuple[KernelConfig, ...]:
-    """Every configuration written for this mode and compute capability, under any Triton."""
-    _check_mode(mode)
-    return (_HOPPER if capability >= (9, 0) else _AMPERE)[mode]
-
-
-def gpu_candidates(
-    mode: str, capability: tuple[int, int], triton_version: str | None = None
-) -> tuple[KernelConfig, ...]:
-    """The configurations a GPU of this compute capability autotunes over under this Triton (default: the
-    one imported): :func:`all_gpu_candidates` less those :data:`_DROPPED` for its version. What the static
-    check compiles and requires to be free of spills."""
-    version = ".".join((triton_version or triton.__version__).split(".")[:2])
-    arch = "sm90" if capability >= (9, 0) else f"sm{capability[0]}{capability[1]}"
-    dropped = _DROPPED.get((version, arch, mode), ())
-    return tuple(c for c in all_gpu_candidates(mode, capability) if c not in dropped)
-
-
-def padding(configs: Sequence[KernelConfig]) -> int:
-    """Rows the pre-pass pads each head to a multiple of: every tile of every configuration then lies
-    inside the buffers, so the attention loop loads without masks. Block sizes are powers of two, so the
-    largest is a multiple of all."""
-    return max(max(c.block_m, c.block_n) for c in configs)
 
 
 def _tiles(block_m: int, block_n: int, head_dim: int, pv_fp8: bool) -> tuple[list, list, list]:
@@ -281,12 +182,13 @@ class _Buffers(NamedTuple):
 
 
 def _prepass_rows() -> int:
-    return INTERPRETER_CONFIG.block_m if interpreting() else PROLOGUE_ROWS
+    # Read from configs per plan (not bound at import): a test plans the pre-pass as it shipped before.
+    return INTERPRETER_CONFIG.block_m if interpreting() else configs.PROLOGUE_ROWS
 
 
 def _prepass_buffers(img_q: torch.Tensor, flags: Mode, bh: int, s_pad: int, head_dim: int) -> _Buffers:
     dev = img_q.device
-    chunks = 2 if interpreting() else STATS_CHUNKS
+    chunks = 2 if interpreting() else configs.STATS_CHUNKS
     qk_dtype = torch.int8 if flags.qk_int8 else img_q.dtype
     q = torch.empty(bh * s_pad, head_dim, device=dev, dtype=qk_dtype)
     k = torch.empty_like(q)
@@ -315,7 +217,7 @@ def _prepass_launches(
     wq_t, wk_t = (txt_norm_q, txt_norm_k) if has_txt else (img_norm_q, img_norm_k)
     streams = [a for t in (tq, img_q, tk, img_k, tv, img_v) for a in (t, t.stride(0), head_dim, t.stride(1))]
     rope = [rope_cos, rope_sin, rope_cos.stride(0)]
-    warps = 1 if interpreting() else PROLOGUE_WARPS
+    warps = 1 if interpreting() else configs.PROLOGUE_WARPS
     launches = []
     if flags.qk_int8 or flags.pv_fp8:
         launches.append(
@@ -393,16 +295,11 @@ def flux_attention(
     return result
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-
-
 def _check_inputs(x: Sequence, mode: str, for_target: bool = False) -> tuple[int, int, int]:
     """Every argument check, before anything is allocated or launched: ``(s_txt, s, head_dim)``."""
     img_q, img_k, img_v, img_norm_q, img_norm_k, rope_cos, rope_sin, heads = x[:8]
     txt_q, txt_k, txt_v, txt_norm_q, txt_norm_k, _ = x[8:]
-    _check_mode(mode)
+    check_mode(mode)
     if img_q.dim() != 3:
         raise ValueError(f"img_q must be [batch, tokens, heads*head_dim], got shape {tuple(img_q.shape)}")
     if not isinstance(heads, int) or heads < 1 or img_q.shape[2] % heads:

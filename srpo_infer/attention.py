@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ATTENTION_BACKENDS, RING_BACKENDS
 
 BACKENDS = ATTENTION_BACKENDS
-# The one place a backend name becomes a kernel mode (srpo_infer.kernels.launch.MODES, which says what
+# The one place a backend name becomes a kernel mode (srpo_infer.kernels.configs.MODES, which says what
 # GPU each mode needs).
 KERNEL_MODES = {"triton": "bf16", "triton-int8": "int8", "triton-int8-fp8": "int8-fp8"}
 
@@ -275,7 +275,7 @@ def check_backend_available(backend: str, device: torch.device) -> None:
     if backend == "sdpa":
         return
     check_triton()
-    from srpo_infer.kernels.launch import MODES, interpreting
+    from srpo_infer.kernels.configs import MODES, interpreting
 
     if device.type != "cuda" and not interpreting():
         raise ValueError(

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 from attention_inputs import rel_err
-from srpo_infer.kernels import launch
+from srpo_infer.kernels import configs, launch
 
 import srpo_infer
 from srpo_infer.attention import FluxAttentionProcessor, set_attention_backend
 from srpo_infer.tiny import build_tiny_transformer
 
 needs_kernels = pytest.mark.skipif(
-    not launch.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
+    not configs.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 on the CPU (the GPU file checks bf16), relative to the stock output; measured here (2026-11-29):

@@ -108,9 +108,9 @@ def test_diffusers_hook_makes_the_same_skip_decisions_as_our_cache(tiny_pipe):
 
 
 def test_triton_attention_on_a_stock_pipeline_runs_our_kernels(stock, monkeypatch):
-    from srpo_infer.kernels import launch
+    from srpo_infer.kernels import configs, launch
 
-    if not launch.interpreting() and not torch.cuda.is_available():
+    if not configs.interpreting() and not torch.cuda.is_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     small = dict(width=64, height=64, steps=1, text_tokens=16)  # 32 tokens: the interpreter is slow
     reference = _image(stock, **small)

@@ -14,14 +14,14 @@ import re
 import pytest
 import torch
 from attention_inputs import as_float64, make_inputs, rel_err
-from srpo_infer.kernels import launch
+from srpo_infer.kernels import configs, launch
 
 from srpo_infer.attention import attention_prologue, flux_attention_reference
 from srpo_infer.bench.deviation import relative_l1
 from srpo_infer.bench.quantised_attention import emulate
 
 pytestmark = pytest.mark.skipif(
-    not launch.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
+    not configs.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.float32: 1e-5}
@@ -54,15 +54,15 @@ def test_matches_fp64_reference(case, dtype, design):
 # Tile shapes that put the peeled last key tile in each position: none (S a multiple of BLOCK_N), a
 # sliver, the only tile (S < BLOCK_N), and query tiles larger or smaller than key tiles.
 TILE_CASES = [
-    (launch.KernelConfig(16, 16, 1, 1), 7, 25),  # S = 32: no partial tile
-    (launch.KernelConfig(32, 16, 1, 1), 7, 26),  # S = 33: a one-key tail
-    (launch.KernelConfig(16, 32, 1, 1), 3, 8),  # S = 11 < BLOCK_N: the tail is the whole loop
-    (launch.KernelConfig(32, 32, 1, 1), 9, 40),
+    (configs.KernelConfig(16, 16, 1, 1), 7, 25),  # S = 32: no partial tile
+    (configs.KernelConfig(32, 16, 1, 1), 7, 26),  # S = 33: a one-key tail
+    (configs.KernelConfig(16, 32, 1, 1), 3, 8),  # S = 11 < BLOCK_N: the tail is the whole loop
+    (configs.KernelConfig(32, 32, 1, 1), 9, 40),
 ]
 
 
 @pytest.mark.parametrize("design", launch.DESIGNS)
-@pytest.mark.parametrize("mode", launch.MODES)
+@pytest.mark.parametrize("mode", configs.MODES)
 @pytest.mark.parametrize("config, s_txt, s_img", TILE_CASES, ids=[str(c[1:]) for c in TILE_CASES])
 def test_explicit_configs_and_peeled_tail(config, s_txt, s_img, mode, design):
     kw = make_inputs(1, 2, 32, s_txt, s_img, torch.float32, DEVICE, seed=s_img)
@@ -81,10 +81,10 @@ def test_autotuning_is_keyed_on_sequence_buckets_not_lengths():
 def test_every_candidate_tile_fits_the_padding():
     """The attention loop loads without masks only because every tile of every candidate lies inside
     the pre-pass's padded buffers."""
-    for mode, capability in itertools.product(launch.MODES, [(8, 0), (8, 9), (9, 0), (10, 0)]):
-        configs = launch.gpu_candidates(mode, capability)
-        pad = launch.padding(configs)
-        sizes = [size for c in configs for size in (c.block_m, c.block_n)]
+    for mode, capability in itertools.product(configs.MODES, [(8, 0), (8, 9), (9, 0), (10, 0)]):
+        shipped = configs.gpu_candidates(mode, capability)
+        pad = configs.padding(shipped)
+        sizes = [size for c in shipped for size in (c.block_m, c.block_n)]
         assert all(size & (size - 1) == 0 for size in sizes)  # powers of two: the largest is a multiple of all
         assert all(pad % size == 0 for size in sizes)
 
@@ -172,7 +172,7 @@ def test_8bit_results_are_the_same_on_every_run():
 def test_plan_lists_every_launch_without_running():
     kw = make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE, seed=5)
     for mode, names in (("bf16", ["prologue", "attention"]), ("int8", ["stats", "prologue", "attention"])):
-        launches, out = launch.plan(kw, mode=mode, config=launch.INTERPRETER_CONFIG)
+        launches, out = launch.plan(kw, mode=mode, config=configs.INTERPRETER_CONFIG)
         assert [x.name for x in launches] == names and out.shape == (1, 12, 64)
 
 
