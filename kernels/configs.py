@@ -31,7 +31,7 @@ class Mode(NamedTuple):
 
 
 MODES = {
-    "bf16": Mode(False, False, (8, 0)),  # the input dtype throughout (bf16, fp16 or fp32)
+    "native": Mode(False, False, (8, 0)),  # the input dtype's own tensor-core path (bf16, fp16 or fp32)
     "int8": Mode(True, False, (8, 0)),  # accurate 8-bit: INT8 q·kᵀ, p·v in the input dtype
     "int8-fp8": Mode(True, True, (8, 9)),  # fast 8-bit: INT8 q·kᵀ, e4m3 p·v (fp8 tensor cores)
 }
@@ -61,17 +61,17 @@ C = KernelConfig
 # The autotuner's candidates per mode and architecture, each checked by benchmarks/kernel_static.py
 # (CI): it compiles every one for its target and fails on a spill, on shared memory over the limit,
 # or on a compile error. Hopper (sm90, 227 KiB of shared memory per block): on the H200 (2026-11-26)
-# the autotuner picked 128x128, 8 warps, 3 stages for the bf16 kernel, so that comes first; 4 stages of
+# the autotuner picked 128x128, 8 warps, 3 stages for the native kernel (bf16), so that comes first; 4 stages of
 # 128x128 bf16 tiles need 288 KiB and can never launch, so there is none. The 8-bit modes halve (q, k)
 # or quarter (int8-fp8) the tile bytes, which buys a 4th stage. Ampere and Ada (sm80/sm89, 163/99 KiB):
 # 128x64 with 4 warps needs 255 registers and spills on sm80, so wide tiles run with 8 warps there.
 _HOPPER = {
-    "bf16": (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 4), C(64, 128, 4, 3), C(64, 64, 4, 3)),
+    "native": (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 4), C(64, 128, 4, 3), C(64, 64, 4, 3)),
     "int8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
     "int8-fp8": (C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 3), C(64, 128, 4, 3)),
 }
 _AMPERE = {
-    "bf16": (C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),
+    "native": (C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),
     "int8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 4)),  # 128x32w4s3 spills on sm89; 64x128 needs 121 KiB
     "int8-fp8": (C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 128, 4, 3)),
 }
@@ -82,7 +82,7 @@ _DROPPED: dict[tuple[str, str, str], tuple[KernelConfig, ...]] = {
     # triton 3.7 (what the CUDA build of torch 2.13 pins): the pointer build needs 255 registers and spills
     # 8 bytes per thread (3.6: 255, 3.9: 254, neither spills; the tma build: 254). Lists are per mode, so
     # both designs lose it.
-    ("3.7", "sm90", "bf16"): (C(128, 64, 4, 3),),
+    ("3.7", "sm90", "native"): (C(128, 64, 4, 3),),
 }
 # Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
 INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)

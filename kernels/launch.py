@@ -98,7 +98,7 @@ def _tuned_attention(mode: str, tma: bool, capability: tuple[int, int]):
 
 
 def tuned_configs() -> dict:
-    """The autotuners' choices so far: ``{"bf16/pointer (4096, 128)": "BLOCK_M: 128, …"}``."""
+    """The autotuners' choices so far: ``{"native/pointer (4096, 128)": "BLOCK_M: 128, …"}``."""
     chosen = {}
     for (mode, tma, _), tuner in _TUNERS.items():
         name = f"{mode}/{'tma' if tma else 'pointer'}"
@@ -134,7 +134,7 @@ class Launch(NamedTuple):
 
 def plan(
     x: Sequence,
-    mode: str = "bf16",
+    mode: str = "native",
     out: torch.Tensor | None = None,
     design: str = "auto",
     config: KernelConfig | None = None,
@@ -273,7 +273,7 @@ def _attention_launch(
 
 def flux_attention(
     x: Sequence,
-    mode: str = "bf16",
+    mode: str = "native",
     out: torch.Tensor | None = None,
     design: str = "auto",
     config: KernelConfig | None = None,
@@ -281,8 +281,9 @@ def flux_attention(
     """Fused Flux attention: RMSNorm(q, k) → RoPE → concat(text, image) → softmax(q kᵀ/√d) v.
 
     ``x``: the fields of ``srpo_infer.attention.AttentionInputs``, in order.
-    ``mode``: ``bf16`` (the input dtype throughout), ``int8`` (INT8 q·kᵀ with K smoothed, p·v in the
-    input dtype; CUDA sm ≥ 80) or ``int8-fp8`` (INT8 q·kᵀ, e4m3 p·v; sm ≥ 89); see :data:`MODES`.
+    ``mode``: ``native`` (the input dtype's own tensor-core path throughout: bf16, fp16 or fp32),
+    ``int8`` (INT8 q·kᵀ with K smoothed, p·v in the input dtype; CUDA sm ≥ 80) or ``int8-fp8`` (INT8
+    q·kᵀ, e4m3 p·v; sm ≥ 89); see :data:`MODES`.
     ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
     ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`).
     ``config``: run this :class:`KernelConfig` instead of the autotuner's choice (benchmark sweeps, tests).
@@ -314,7 +315,7 @@ def _check_inputs(x: Sequence, mode: str, for_target: bool = False) -> tuple[int
         raise ValueError(f"tensors are on {img_q.device}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
     need = MODES[mode].min_capability
     if img_q.device.type == "cuda" and torch.cuda.get_device_capability(img_q.device) < need:
-        raise ValueError(f"mode={mode!r} needs a GPU with compute capability >= {need[0]}.{need[1]}; use mode='bf16'")
+        raise ValueError(f"mode={mode!r} needs a GPU with compute capability >= {need[0]}.{need[1]}; use mode='native'")
     has_txt = txt_q is not None
     if has_txt != (txt_k is not None) or has_txt != (txt_v is not None):
         raise ValueError("txt_q, txt_k and txt_v must be given together")

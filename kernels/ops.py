@@ -29,7 +29,7 @@ def flux_attention(
     txt_norm_q: torch.Tensor | None = None,
     txt_norm_k: torch.Tensor | None = None,
     eps: float = 1e-6,
-    mode: str = "bf16",
+    mode: str = "native",
     design: str = "auto",
 ) -> torch.Tensor:
     """``srpo::flux_attention``: see :func:`srpo_infer.kernels.launch.flux_attention`."""
@@ -68,7 +68,7 @@ def _(
     txt_norm_q=None,
     txt_norm_k=None,
     eps=1e-6,
-    mode="bf16",
+    mode="native",
     design="auto",
 ):
     tokens = img_q.shape[1] + (txt_q.shape[1] if txt_q is not None else 0)

@@ -20,7 +20,7 @@ from .config import ATTENTION_BACKENDS, RING_BACKENDS
 BACKENDS = ATTENTION_BACKENDS
 # The one place a backend name becomes a kernel mode (srpo_infer.kernels.configs.MODES, which says what
 # GPU each mode needs).
-KERNEL_MODES = {"triton": "bf16", "triton-int8": "int8", "triton-int8-fp8": "int8-fp8"}
+KERNEL_MODES = {"triton": "native", "triton-int8": "int8", "triton-int8-fp8": "int8-fp8"}
 
 
 def supports_ring(backend: str) -> bool:

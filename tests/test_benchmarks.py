@@ -59,12 +59,12 @@ import json, sys
 sys.path.insert(0, {str(ROOT / "benchmarks")!r})
 from kernel_static import check
 from srpo_infer.kernels import configs
-rows = [check(dict(kernel="attention", mode="bf16", design="pointer", config=c, target=(9, 0)))
-        for c in [(128, 128, 8, 4), tuple(configs.gpu_candidates("bf16", (9, 0))[0])]]
+rows = [check(dict(kernel="attention", mode="native", design="pointer", config=c, target=(9, 0)))
+        for c in [(128, 128, 8, 4), tuple(configs.gpu_candidates("native", (9, 0))[0])]]
 rows.append(check(dict(kernel="attention", mode="int8-fp8", design="tma", config=(128, 64, 8, 3), target=(9, 0))))
-rows.append(check(dict(kernel="prologue", mode="bf16", design="-", config=None, target=(9, 0))))
+rows.append(check(dict(kernel="prologue", mode="native", design="-", config=None, target=(9, 0))))
 configs.PROLOGUE_ROWS, configs.PROLOGUE_WARPS = 64, 4
-rows.append(check(dict(kernel="prologue", mode="bf16", design="-", config=None, target=(9, 0))))
+rows.append(check(dict(kernel="prologue", mode="native", design="-", config=None, target=(9, 0))))
 print(json.dumps(rows))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # One small configuration per mode (a few seconds each to compile): (mode, design, config).
 KERNELS = [
-    ("bf16", "pointer", (64, 128, 4, 3)),
+    ("native", "pointer", (64, 128, 4, 3)),
     ("int8", "tma", (64, 128, 4, 3)),
     ("int8-fp8", "pointer", (64, 128, 4, 3)),
 ]
@@ -51,6 +51,6 @@ print(json.dumps(rows))
         (regs,) = re.findall(r"Function _attention_kernel:\s+REG:(\d+)", dump)
         assert row["regs"] == int(regs) == row["ptxas_regs"], (row, dump)
         assert row["spill_bytes"] == 0 and row["local_instructions"] == 0 and row["problems"] == [], row
-        assert "s8" in row["mma"] if row["mode"] != "bf16" else row["mma"] == ["bf16"], row
+        assert "s8" in row["mma"] if row["mode"] != "native" else row["mma"] == ["bf16"], row
         assert row["loop"]["mmas"] > 0 and row["loop"]["waits"], row  # the attention loop was found in the SASS
     assert {"s8", "e4m3"} <= set(rows[2]["mma"]) and rows[1]["tma_copies"] > 0

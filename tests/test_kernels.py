@@ -171,7 +171,7 @@ def test_8bit_results_are_the_same_on_every_run():
 
 def test_plan_lists_every_launch_without_running():
     kw = make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE, seed=5)
-    for mode, names in (("bf16", ["prologue", "attention"]), ("int8", ["stats", "prologue", "attention"])):
+    for mode, names in (("native", ["prologue", "attention"]), ("int8", ["stats", "prologue", "attention"])):
         launches, out = launch.plan(kw, mode=mode, config=configs.INTERPRETER_CONFIG)
         assert [x.name for x in launches] == names and out.shape == (1, 12, 64)
 
@@ -181,7 +181,7 @@ def test_plan_lists_every_launch_without_running():
     [
         (dict(heads=3), "heads must be a positive divisor"),
         (dict(heads=8), "head_dim must be one of"),
-        (dict(mode="fp8"), "mode must be one of ['bf16', 'int8', 'int8-fp8'], got 'fp8'"),
+        (dict(mode="fp8"), "mode must be one of ['native', 'int8', 'int8-fp8'], got 'fp8'"),
         (dict(img_k="half-width"), "img_k has shape"),
         (dict(img_v="float32"), "img_v is torch.float32"),
         (dict(img_q="transposed"), "contiguous in its last dim"),
@@ -194,7 +194,7 @@ def test_plan_lists_every_launch_without_running():
 )
 def test_launcher_errors_are_clear(change, message):
     x = make_inputs(1, 2, 64, 3, 10, torch.float16, DEVICE)
-    mode = change.pop("mode", "bf16")
+    mode = change.pop("mode", "native")
     options = {key: change.pop(key) for key in ("design", "config") if key in change}
     for key, val in change.items():
         old = getattr(x, key)
@@ -233,7 +233,7 @@ def test_custom_op_schema_and_fake_impl():
     import srpo_infer.kernels.ops  # noqa: F401
 
     x = make_inputs(1, 2, 32, 3, 9, torch.float16, DEVICE, seed=5)
-    torch.library.opcheck(torch.ops.srpo.flux_attention.default, tuple(x), {"mode": "bf16"})
+    torch.library.opcheck(torch.ops.srpo.flux_attention.default, tuple(x), {"mode": "native"})
     assert rel_err(torch.ops.srpo.flux_attention(*x), flux_attention_reference(x)) < 2e-3
 
 
