@@ -123,8 +123,9 @@ def estimate_bytes(transformer_params: int, base_params: dict[str, int], dtype: 
     return {"transformer": transformer_params * size, **{k: n * size for k, n in base_params.items()}}
 
 
-def place(components: dict, mode: str, device: torch.device) -> None:
-    """Put the components where ``mode`` keeps them between stages (see :class:`Residency`)."""
+def move_components(components: dict, mode: str, device: torch.device) -> None:
+    """Move the components where ``mode`` keeps them between stages (see :class:`Residency`):
+    ``offload-group`` also installs diffusers' group-offloading hooks."""
     if mode == "gpu":
         for name in OFFLOADED:
             components[name].to(device)

@@ -191,14 +191,14 @@ def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
 def _place(flux, config: PipelineConfig, stock: bool):
     """Put the components where the memory mode keeps them. Our loop moves whole components per stage
     (:class:`~srpo_infer.memory.Residency`); a stock pipeline gets diffusers' model offloading instead."""
-    from .memory import Residency, component_bytes, place, plan_memory
+    from .memory import Residency, component_bytes, move_components, plan_memory
 
     components = {name: getattr(flux, name) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     plan = plan_memory(config.memory, config.device, component_bytes(components))
     if stock and plan.mode == "offload-model":
         flux.enable_model_cpu_offload(device=config.device)
     else:
-        place(components, plan.mode, config.device)
+        move_components(components, plan.mode, config.device)
     log.info("%s", plan.describe())
     return plan, Residency(components, config.device) if plan.mode == "offload-model" and not stock else None
 
