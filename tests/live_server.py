@@ -46,3 +46,12 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def wait_until(predicate, timeout: float = 120.0) -> None:
+    """Until ``predicate()``: for an event the test has caused. The timeout only turns a hang into a
+    failure, so it is generous enough for a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, wait_until
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -63,14 +63,6 @@ class SlowPipeline:
             timings={"inference": 0.0},
             has_nsfw_concepts=[None] * req.num_images,
         )
-
-
-def _wait(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- loading failures
@@ -129,13 +121,13 @@ def test_sigterm_drains_every_request_in_flight_then_exits_zero(tmp_path):
     # A drain time no busy machine can outlast: the test waits for the answers, not for a clock.
     proc, url = _serve(tmp_path, "--model", "tiny-random", "--default-acceleration", "none", "--drain-timeout", "3600")
     try:
-        _wait(lambda: _health(url) == 200, timeout=180)
+        wait_until(lambda: _health(url) == 200, timeout=180)
         body = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 50, "seed": 1}
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(post, url, body, 900) for _ in range(4)]  # the last waits for three
             # All four accepted (one running, three queued) before the signal: a request arriving after
             # it is refused with 503 by design (tested in test_a_drain_that_runs_out_of_time_...).
-            _wait(lambda: _queue_depth(url) >= 3)
+            wait_until(lambda: _queue_depth(url) >= 3)
             proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]  # a lost request raises here instead
         assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
@@ -163,7 +155,7 @@ def test_a_drain_that_runs_out_of_time_answers_the_rest_with_503(tmp_path):
     app = create_app(pipe, output_dir=tmp_path, max_queue=8)
     with LiveServer(app) as live, ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(post, live.url, {"prompt": f"job {i}", "num_inference_steps": 50}) for i in range(3)]
-        _wait(lambda: app.state.worker.busy and app.state.worker.depth == 2)
+        wait_until(lambda: app.state.worker.busy and app.state.worker.depth == 2)
         assert app.state.drain(0.3) == 3  # the running one stopped, two queued ones failed
         answers = [f.result() for f in futures]
         assert [a.status_code for a in answers] == [503] * 3
@@ -273,13 +265,13 @@ def test_a_client_that_hangs_up_has_its_jobs_cancelled(tmp_path):
     with LiveServer(app) as server:
         body = {"prompt": "running", "num_inference_steps": 50}  # 2.5 s of work
         first = _send_raw(server.port, body)
-        _wait(lambda: app.state.worker.busy)
+        wait_until(lambda: app.state.worker.busy)
         second = _send_raw(server.port, {**body, "prompt": "queued"})
-        _wait(lambda: app.state.worker.depth == 1)
+        wait_until(lambda: app.state.worker.depth == 1)
         second.close()  # the queued client hangs up: its job leaves the queue
-        _wait(lambda: app.state.worker.depth == 0)
+        wait_until(lambda: app.state.worker.depth == 0)
         first.close()  # then the running one's: its job stops at the next step
-        _wait(lambda: not app.state.worker.busy)
+        wait_until(lambda: not app.state.worker.busy)
         assert pipe.stopped == ["running"]  # stopped at a step, not run to the end
         assert pipe.started == ["running"]  # the queued job never ran
         time.sleep(0.3)
@@ -307,13 +299,13 @@ def test_hung_up_queued_clients_free_their_queue_slots_at_once(tmp_path, caplog)
     app = create_app(pipe, output_dir=tmp_path, max_queue=3)
     with LiveServer(app) as server, ThreadPoolExecutor(5) as pool:
         running = pool.submit(post, server.url, {"prompt": "running", "num_inference_steps": 50, **SQUARE})
-        _wait(lambda: app.state.worker.busy)
+        wait_until(lambda: app.state.worker.busy)
         # Three clients queue a request each and hang up once all three are queued (events, not timeouts).
         clients = [_send_raw(server.port, {"prompt": f"gone {i}", **FAST}) for i in range(3)]
-        _wait(lambda: app.state.worker.depth == 3)
+        wait_until(lambda: app.state.worker.depth == 3)
         for client in clients:
             client.close()
-        _wait(lambda: app.state.worker.depth == 0)  # withdrawn while the first job still runs
+        wait_until(lambda: app.state.worker.depth == 0)  # withdrawn while the first job still runs
         assert app.state.worker.busy
         assert post(server.url, {"prompt": "next", **FAST}).status_code == 200  # accepted, not 429
         assert running.result().status_code == 200
@@ -448,16 +440,12 @@ def test_retry_after_is_within_one_and_a_half_times_the_queues_real_time():
     worker.pipeline = Timed()
     sizes = [(512, 512, 4), (1024, 1024, 8), (768, 512, 28), (1024, 768, 2)]
     for w, h, steps in sizes:  # what the worker learns from
-        worker.submit(
-            GenerationRequest("learn", w, h, num_inference_steps=steps)
-        ).future.result(30)
+        worker.submit(GenerationRequest("learn", w, h, num_inference_steps=steps)).future.result(30)
     gates["block"] = threading.Event()
     queued = [(1024, 1024, 28), (512, 512, 4), (1536, 640, 16)]
     jobs = [worker.submit(GenerationRequest("block", 1024, 768, num_inference_steps=28))]
-    _wait(lambda: worker.busy)
-    jobs += [
-        worker.submit(GenerationRequest("q", w, h, num_inference_steps=s)) for w, h, s in queued
-    ]
+    wait_until(lambda: worker.busy)
+    jobs += [worker.submit(GenerationRequest("q", w, h, num_inference_steps=s)) for w, h, s in queued]
     start = now[0]
     estimate = worker.expected_wait()  # what a 429 would say now
     gates["block"].set()

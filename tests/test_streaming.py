@@ -9,12 +9,11 @@ import dataclasses
 import io
 import json
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, wait_until
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -150,14 +149,6 @@ class GatedPipeline:
         )
 
 
-def _wait(predicate, timeout: float = 30.0) -> None:
-    # Waits for an event the test has caused; the timeout only turns a hang into a failure.
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_a_client_that_hangs_up_mid_stream_frees_the_worker_before_the_next_step(tmp_path):
     pipe = GatedPipeline()
     app = create_app(pipe, output_dir=tmp_path)
@@ -171,9 +162,9 @@ def test_a_client_that_hangs_up_mid_stream_frees_the_worker_before_the_next_step
             event = json.loads(next(lines)[len("data: ") :])
             assert event["partial_image_index"] == 0 and pixels(event["b64_json"]).shape == (512, 512, 3)
         # The client closed the connection with the generation waiting before step 2.
-        _wait(lambda: pipe.should_stop())  # the server saw the hang-up and cancelled the job
+        wait_until(lambda: pipe.should_stop())  # the server saw the hang-up and cancelled the job
         pipe.gate.release(1)
-        _wait(lambda: not app.state.worker.busy)
+        wait_until(lambda: not app.state.worker.busy)
         assert pipe.ran == 2 and pipe.stopped_at == 2  # stopped before its next step: no step ran after
         pipe.gate.release(100)  # the worker is free: the next request runs
         r = httpx.post(f"{live.url}/v1/images/generations", json={"prompt": "a dog", **FOUR}, timeout=60)
@@ -191,7 +182,7 @@ def test_a_drain_mid_stream_ends_it_with_an_error_event(tmp_path):
             assert next(lines) == "event: image_generation.partial_image"
             drain = threading.Thread(target=app.state.drain, args=(0,))  # stop the running job now
             drain.start()
-            _wait(lambda: pipe.should_stop())
+            wait_until(lambda: pipe.should_stop())
             pipe.gate.release(1)
             rest = [line for line in lines if line]
         drain.join()
