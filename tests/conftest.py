@@ -19,6 +19,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The files that take longest (idle, 2026-11-30), heaviest first. pytest-xdist hands whole files to the
+# two workers in collection order (--dist loadfile); starting with the heavy ones keeps one worker from
+# finishing a long file alone at the end.
+HEAVY_FIRST = (
+    "test_fast_path.py",
+    "test_attention_processor.py",
+    "test_server.py",
+    "test_diffusers_api.py",
+    "test_readme_commands.py",
+    "test_bench.py",
+    "test_kernels.py",
+    "test_server_robust.py",
+    "test_checkpoint_formats.py",
+    "test_checkpoint.py",
+    "test_lora_requests.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     import srpo_infer

@@ -80,6 +80,7 @@ def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a compile trace of its own (~25 s); the compiled path itself is test_fast_path's
 def test_the_compiled_row_is_the_baselines_math_and_compiles_nothing_at_the_second_size():
     """+compile (backend eager: the same graphs as Inductor's, without a C++ build) against the stock
     baseline at two sizes: the same latents, and no graph built for the second size."""

@@ -71,6 +71,7 @@ def test_fuse_then_unfuse_round_trips_the_weights(files):
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # a compile trace of its own (~20 s); per-request adapters under compile: test_lora_requests
 def test_swapping_a_lora_under_compile_does_not_recompile(files):
     torch._dynamo.reset()
     pipe = load(lora=str(files["diffusers"]), lora_fuse=False, compile=True, compile_backend="eager", cache_dir=None)
