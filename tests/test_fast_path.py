@@ -288,3 +288,16 @@ def test_saved_compile_artifacts_make_the_second_process_hit_the_cache(tmp_path)
     assert warm["compile_cache"]["fxgraph_cache_miss"] == 0, warm["compile_cache"]
     assert warm["compile_cache"]["fxgraph_cache_hit"] == cold_graphs
     assert cold["graphs_compiled_after_warmup"] == warm["graphs_compiled_after_warmup"] == 0
+
+
+def test_the_bench_flop_count_builds_no_graph_on_a_compiled_pipeline(compiled):
+    """The bench counts FLOPs with forward hooks on every linear layer; run through the compiled blocks
+    they made dynamo trace anew (5 graphs on the tiny model, counted as the next row's recompiles), so
+    the count runs eager."""
+    from srpo_infer.bench.configs import Setting
+    from srpo_infer.bench.flops import count_flops
+
+    pipe, _, _ = compiled
+    graphs = pipe.compiled_graphs()
+    assert count_flops(pipe, Setting(512, 512, 1)) > 0
+    assert pipe.compiled_graphs() == graphs

@@ -45,8 +45,9 @@ def transformer_flops(transformer: torch.nn.Module, inputs: dict) -> dict[str, i
         if isinstance(m, FluxAttention)
     ]
     try:
-        # Its own cache context: a transformer with step-cache hooks refuses a call outside one.
-        with torch.inference_mode(), transformer.cache_context("flops"):
+        # Eager (compiled blocks would trace anew for the hooks on their linear layers), and under its own
+        # cache context (a transformer with step-cache hooks refuses a call outside one).
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"), transformer.cache_context("flops"):
             transformer(**inputs)
     finally:
         for h in hooks:
