@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from checkpoints import diffusers_to_bfl, write_checkpoint
+from peak_memory import medium_state_dict, peak_memory_of_loading
 from safetensors.torch import save_file
 
 import srpo_infer
@@ -295,63 +293,16 @@ def test_detect_format():
 
 # ------------------------------------------------------------------ bounded host memory
 
-_MEASURE = textwrap.dedent(
-    """
-    import json, sys, threading, time
-    import torch, tqdm.auto  # import everything first: the baseline must not include library imports
-    from diffusers import FluxTransformer2DModel
-    from srpo_infer.checkpoint import load_transformer
-
-    def anon_kb():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-
-    base = anon_kb()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon_kb())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    m = load_transformer(sys.argv[1], dtype=torch.bfloat16)
-    done.set(); t.join()
-    peak[0] = max(peak[0], anon_kb())
-    nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
-    print(json.dumps({"peak_delta": (peak[0] - base) * 1024, "model_bytes": nbytes}))
-    """
-)
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("fmt", ["diffusers", "bfl"])
 def test_fp32_to_bf16_streaming_keeps_peak_memory_near_bf16_size(tmp_path, fmt):
     """A 150 MB fp32 checkpoint loads as bf16 with a peak of about the bf16 size, not the fp32 size."""
-    from diffusers import FluxTransformer2DModel
-
-    cfg = dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=128,
-        num_attention_heads=4,
-        joint_attention_dim=512,
-        pooled_projection_dim=256,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
-    model = FluxTransformer2DModel(**cfg)
-    path = write_checkpoint(model.state_dict(), tmp_path / "fp32.safetensors", fmt)
-    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
-    del model
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    sd = medium_state_dict()
+    path = write_checkpoint(sd, tmp_path / "fp32.safetensors", fmt)
+    fp32_bytes = sum(t.numel() * 4 for t in sd.values())
+    del sd
+    r = peak_memory_of_loading(str(path))
     assert r["model_bytes"] * 2 == fp32_bytes
     # Loading the fp32 file whole would need >= fp32_bytes on top of the result.
     assert r["peak_delta"] < 1.15 * r["model_bytes"] + 8 * 2**20, r

@@ -5,14 +5,13 @@ model, keeps host memory bounded while loading, and every bad file is refused be
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 from checkpoints import write_checkpoint, write_fp8, write_gguf
+from peak_memory import medium_state_dict, peak_memory_of_loading
 from safetensors.torch import save_file
 
 import srpo_infer
@@ -76,30 +75,12 @@ def test_gguf_and_fp8_weights_are_dequantized_exactly_as_stored(files):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("kind", ["gguf", "fp8"])
 def test_loading_keeps_peak_host_memory_near_the_model_size(tmp_path, kind):
-    from diffusers import FluxTransformer2DModel
-    from test_checkpoint import _MEASURE
-
-    cfg = dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=128,
-        num_attention_heads=4,
-        joint_attention_dim=512,
-        pooled_projection_dim=256,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
-    sd = FluxTransformer2DModel(**cfg).state_dict()
+    sd = medium_state_dict()
     path = write_gguf(sd, tmp_path / "m.gguf") if kind == "gguf" else write_fp8(sd, tmp_path / "m.safetensors", True)
     fp32_bytes = sum(t.numel() * 4 for t in sd.values())
     largest_fp32 = max(t.numel() * 4 for t in sd.values())
     del sd
-    script = _MEASURE.replace("import torch, tqdm.auto", "import gguf, numpy, torch, tqdm.auto")
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = peak_memory_of_loading(str(path))
     assert r["model_bytes"] * 2 == fp32_bytes
     # Dequantizing or upcasting the whole file first would need its fp32 size on top of the result. Seen
     # here (10 runs each): GGUF 1.04-1.06× the bf16 model; fp8 1.03× mostly, up to 1.45× now and then
