@@ -18,13 +18,16 @@ needs_kernels = pytest.mark.skipif(
     not configs.interpreting() and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# fp32 on the CPU (the GPU file checks bf16), relative to the stock output; measured here (2026-11-29):
-# sdpa 0 (bit-identical), triton 2e-7, triton-int8 1.6e-6, triton-int8-fp8 4.1e-3.
+# fp32 on the CPU (the GPU file checks bf16), relative to the stock output; measured here (2026-11-30,
+# the inputs below): sdpa 0 (bit-identical), triton 2.1e-7, triton-int8 2.4e-6, triton-int8-fp8 6.1e-3.
 TOL = {"sdpa": 1e-6, "triton": 1e-5, "triton-int8": 1e-4, "triton-int8-fp8": 2e-2}
 EIGHT_BIT = ["triton-int8", "triton-int8-fp8"]
 
 
-def transformer_inputs(seed=0, batch=1, txt=7, h=6, w=10):
+def transformer_inputs(seed=0, batch=1, txt=5, h=3, w=7):
+    """26 tokens: odd, past one 16-token interpreter tile, the text/image edge inside the first. The
+    interpreter's time grows with the tiles squared (67 tokens took 3.3× as long); the kernels' own tile
+    edges and tails are covered in test_kernels.py."""
     g = torch.Generator().manual_seed(seed)
     from diffusers import FluxPipeline
 
@@ -105,13 +108,19 @@ def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
 @needs_kernels
 def test_compile_fullgraph_traces_the_custom_op(stock):
     """torch.compile(fullgraph=True) must see the kernel as one op: no graph break, same output."""
-    model, inputs, ref = stock
-    ours = copy.deepcopy(model)
+    model, inputs, _ = stock
+    # One block of each kind: dynamo traces every block it inlines, and one of each is the question.
+    short = copy.deepcopy(model)
+    short.transformer_blocks, short.single_transformer_blocks = (
+        short.transformer_blocks[:1],
+        short.single_transformer_blocks[:1],
+    )
+    ours = copy.deepcopy(short)
     set_attention_backend(ours, "triton")
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.inference_mode():
-        out = compiled(**inputs)[0]
+        ref, out = short(**inputs)[0], compiled(**inputs)[0]
     assert rel_err(out, ref) < TOL["triton"]
 
 
