@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -114,6 +115,35 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out[-2000:]
     assert "loading the model" in out and "broken.safetensors" in out
+
+
+@pytest.mark.parametrize(
+    "compiled, attention, device, warmed",
+    [
+        (False, "sdpa", "cpu", False),
+        (True, "sdpa", "cpu", True),
+        (False, "triton", "cpu", True),
+        (False, "sdpa", "cuda", True),
+    ],
+)
+def test_serve_warms_up_only_what_a_request_reuses(compiled, attention, device, warmed, caplog):
+    """Compiled graphs, kernel autotuning and a GPU's lazy set-up are kept; an eager CPU pipeline keeps
+    nothing (the real model would spend minutes there), so ``serve`` skips its warm-up and says so."""
+    import torch
+
+    from srpo_infer.server.serve import _warm_up
+
+    calls = []
+    pipe = SimpleNamespace(
+        optimized=SimpleNamespace(compiled=compiled),
+        config=SimpleNamespace(attention=attention),
+        device=torch.device(device),
+        warmup=lambda sizes, accelerations: calls.append((sizes, accelerations)),
+    )
+    with caplog.at_level("INFO", logger="srpo_infer"):
+        _warm_up(pipe, [(1024, 768)], ("none", "regular"))
+    assert calls == ([([(1024, 768)], ("none", "regular"))] if warmed else [])
+    assert ("nothing to warm up" in caplog.text) is not warmed
 
 
 @pytest.mark.slow  # a real server process and 4 × 50 steps (~25 s): CI's slow step; drains' logic is tested in-process
