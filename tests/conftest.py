@@ -23,17 +23,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # two workers in collection order (--dist loadfile); starting with the heavy ones keeps one worker from
 # finishing a long file alone at the end.
 HEAVY_FIRST = (
-    "test_fast_path.py",
-    "test_attention_processor.py",
     "test_server.py",
-    "test_diffusers_api.py",
-    "test_readme_commands.py",
-    "test_bench.py",
     "test_kernels.py",
-    "test_server_robust.py",
-    "test_checkpoint_formats.py",
-    "test_checkpoint.py",
+    "test_fast_path.py",
     "test_lora_requests.py",
+    "test_readme_commands.py",
+    "test_diffusers_api.py",
+    "test_bench.py",
+    "test_server_robust.py",
+    "test_attention_processor.py",
+    "test_server_limits.py",
 )
 
 
