@@ -32,11 +32,11 @@ def load_base_components(base: str, dtype: torch.dtype, device: torch.device) ->
     else:
         parts = _load_pretrained_base(base, dtype)
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        parts[name] = place(parts[name], device, dtype)
+        parts[name] = for_inference(parts[name], device, dtype)
     return parts
 
 
-def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def for_inference(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move and cast a module for inference.
 
     Plain ``nn.Module.to``: diffusers' override warns about fp32-kept modules even when there are none
@@ -140,7 +140,7 @@ def load_model_transformer(config: PipelineConfig) -> torch.nn.Module:
     if config.model == TINY_RANDOM:
         from .tiny import build_tiny_transformer
 
-        transformer = place(build_tiny_transformer(), config.device, config.dtype)
+        transformer = for_inference(build_tiny_transformer(), config.device, config.dtype)
     else:
         transformer = load_transformer(config.model, dtype=config.dtype, device=config.device, progress=config.progress)
     return transformer.eval().requires_grad_(False)

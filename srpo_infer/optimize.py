@@ -71,7 +71,7 @@ def apply_optimizations(
     lora_state: dict | None = None,
     stock_cache: tuple[object, str] | None = None,
     stock: bool = False,
-    place: bool = True,
+    memory_placement: bool = True,
 ) -> Optimized:
     """The one ordered function: apply ``config`` to ``flux`` (a diffusers ``FluxPipeline``) in place.
 
@@ -122,7 +122,7 @@ def apply_optimizations(
         step_cache = RequestCache(transformer)
     hooked = step_cache is not None or transformer.is_cache_enabled
     transformer_fn, decode_fn, cache_file = _compile(flux, config, hooked, steps)
-    memory_plan, residency = _place(flux, config, stock) if place else (None, None)
+    memory_plan, residency = _apply_memory_mode(flux, config, stock) if memory_placement else (None, None)
     if memory_plan is not None and memory_plan.mode != "gpu":
         steps.append(f"memory:{memory_plan.mode}")
     log.info("optimizations: %s", " → ".join(steps))
@@ -188,7 +188,7 @@ def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
     return cache_file
 
 
-def _place(flux, config: PipelineConfig, stock: bool):
+def _apply_memory_mode(flux, config: PipelineConfig, stock: bool):
     """Put the components where the memory mode keeps them. Our loop moves whole components per stage
     (:class:`~srpo_infer.memory.Residency`); a stock pipeline gets diffusers' model offloading instead."""
     from .memory import Residency, component_bytes, move_components, plan_memory
@@ -299,7 +299,7 @@ def optimize(
         **options,
     ).resolved()
     check_available(config)
-    optimized = apply_optimizations(pipe, config, stock_cache=cached, stock=True, place=memory is not None)
+    optimized = apply_optimizations(pipe, config, stock_cache=cached, stock=True, memory_placement=memory is not None)
     mark_optimized(transformer, optimized.steps)
     return optimized.steps
 
