@@ -128,10 +128,11 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
 )
 def test_serve_warms_up_only_what_a_request_reuses(compiled, attention, device, warmed, caplog):
     """Compiled graphs, kernel autotuning and a GPU's lazy set-up are kept; an eager CPU pipeline keeps
-    nothing (the real model would spend minutes there), so ``serve`` skips its warm-up and says so."""
+    nothing (the real model would spend minutes there), so ``serve`` and Ray Serve replicas skip warm-up
+    and say so."""
     import torch
 
-    from srpo_infer.server.serve import _warm_up
+    from srpo_infer.server.serve import warm_up
 
     calls = []
     pipe = SimpleNamespace(
@@ -141,7 +142,7 @@ def test_serve_warms_up_only_what_a_request_reuses(compiled, attention, device, 
         warmup=lambda sizes, accelerations: calls.append((sizes, accelerations)),
     )
     with caplog.at_level("INFO", logger="srpo_infer"):
-        _warm_up(pipe, [(1024, 768)], ("none", "regular"))
+        assert warm_up(pipe, [(1024, 768)], ("none", "regular")) is warmed
     assert calls == ([([(1024, 768)], ("none", "regular"))] if warmed else [])
     assert ("nothing to warm up" in caplog.text) is not warmed
 

@@ -52,6 +52,7 @@ class SRPOModel:
         from ray import serve
 
         from ..loading import load_pipeline
+        from .serve import warm_up
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         if str(pipeline_options.get("device") or "").startswith("cpu"):
@@ -60,7 +61,7 @@ class SRPOModel:
             torch.set_num_threads(1)  # CPU replicas share the host's cores: do not oversubscribe them
         self.pipe = load_pipeline(model, progress=False, **pipeline_options)
         self.cancelled = 0
-        self.pipe.warmup(warmup_sizes, accelerations=accelerations)
+        warm_up(self.pipe, warmup_sizes, accelerations)
         log.info("replica %s ready", self.replica)
 
     async def generate(self, request):

@@ -79,7 +79,7 @@ def serve(
 
     def load() -> None:
         if _load(app, model, pipeline_options, library, *warm):
-            log.info("model %s loaded and warm; ready on http://%s:%d", model, host, port)
+            log.info("model %s loaded; ready on http://%s:%d", model, host, port)
         else:
             server.exit_code, server.should_exit = LOAD_FAILED_EXIT_CODE, True
 
@@ -96,7 +96,7 @@ def _follow(model: str, pipeline_options: dict, sizes: list, accelerations: tupl
     from .parallel import follow
 
     pipe = load_pipeline(model, progress=False, **pipeline_options)
-    _warm_up(pipe, sizes, accelerations)
+    warm_up(pipe, sizes, accelerations)
     return follow(pipe)
 
 
@@ -156,7 +156,7 @@ def _load(app, model: str, pipeline_options: dict, library, sizes: list, acceler
         pipe = load_pipeline(model, progress=False, **pipeline_options)
         if library is not None:
             library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
-        _warm_up(pipe, sizes, accelerations)
+        warm_up(pipe, sizes, accelerations)
         pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
         if pipe.optimized.context_parallel is not None:
             pipe = Leader(pipe)
@@ -169,17 +169,18 @@ def _load(app, model: str, pipeline_options: dict, library, sizes: list, acceler
     return True
 
 
-def _warm_up(pipe, sizes: list, accelerations: tuple) -> None:
+def warm_up(pipe, sizes: list, accelerations: tuple) -> bool:
     """Warm up where a request reuses what warm-up leaves: compiled graphs, the Triton kernels' tuning,
-    a GPU's lazy set-up. An eager pipeline on a CPU keeps none of it, and there warming the real model
-    would delay readiness by minutes (the tiny one by seconds) for nothing. Every context-parallel rank
-    decides the same, from the same options."""
+    a GPU's lazy set-up; True if it did. An eager pipeline on a CPU keeps none of it, and there warming
+    the real model would delay readiness by minutes (the tiny one by seconds) for nothing. Every
+    context-parallel rank and Ray Serve replica decides the same, from the same options."""
     from ..attention import KERNEL_MODES
 
     if pipe.optimized.compiled or pipe.config.attention in KERNEL_MODES or pipe.device.type != "cpu":
         pipe.warmup(sizes, accelerations=accelerations)
-    else:
-        log.info("eager on a CPU: nothing to warm up")
+        return True
+    log.info("eager on a CPU: nothing to warm up")
+    return False
 
 
 def _exit_code(app, code: int) -> int:
