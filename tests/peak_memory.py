@@ -78,7 +78,8 @@ def peak_memory_of_loading(path: str, timeout: float = 240) -> dict:
     import importlib
 
     # Every module the loader may import lazily is imported before the fork: the baseline holds them.
-    for name in ("gguf", "tqdm.auto", "safetensors.torch", "srpo_infer.checkpoint"):
+    modules = ("gguf", "tqdm.auto", "safetensors.torch", "diffusers.models.transformers.transformer_flux")
+    for name in (*modules, "srpo_infer.checkpoint"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -94,12 +95,18 @@ def peak_memory_of_loading(path: str, timeout: float = 240) -> dict:
     send.close()
     try:
         if not receive.poll(timeout):
+            child.kill()
             raise TimeoutError(f"loading {path} in a child process took over {timeout} s")
-        result = receive.recv()
+        try:
+            result = receive.recv()
+        except EOFError:  # the child died without a word: killed for memory, or crashed
+            child.join()
+            raise AssertionError(f"the child process ended with exit code {child.exitcode} and no result") from None
     finally:
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
+            child.join()
     if "error" in result:
         raise AssertionError(f"the child process failed:\n{result['error']}")
     return result

@@ -183,9 +183,10 @@ def test_taylorseer_and_magcache_skip_work_and_run_under_regional_compile(cache,
     cached = _image(pipe, steps=STEPS)
     assert 1 <= calls[0] < STEPS
     assert 0 < np.abs(cached - reference).mean() < 0.05  # approximated for real, and close
-    graphs = compiled_graphs()
-    _image(pipe, width=768, height=512, steps=STEPS)
-    assert compiled_graphs() == graphs
+    if compiled:
+        graphs = compiled_graphs()
+        _image(pipe, width=768, height=512, steps=STEPS)
+        assert compiled_graphs() == graphs
 
 
 def test_cache_options_are_checked(stock):
