@@ -33,19 +33,23 @@ def _image(pipe, width=640, height=512, steps=2, seed=5, text_tokens=64):
     return out.images[0]
 
 
-def _count_full_evaluations(pipe) -> list[int]:
-    """Calls of the transformer's last block that really ran (eager: a hook on a compiled block would
-    not fire). Wrapped before any cache hook, so a skipped block is not counted."""
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    """Calls of ``module`` that really ran: wrapped before any cache hook, so a skipped call is not
+    counted (eager: a hook on a compiled block would not fire)."""
     calls = [0]
-    block = pipe.transformer.single_transformer_blocks[-1]
-    original = block.forward
+    original = module.forward
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
-    block.forward = counted
+    module.forward = counted
     return calls
+
+
+def _count_full_evaluations(pipe) -> list[int]:
+    """Calls of the transformer's last block that really ran."""
+    return _count_calls(pipe.transformer.single_transformer_blocks[-1])
 
 
 def test_diffusers_pipeline_is_a_stock_flux_pipeline_that_generates(stock):
@@ -146,16 +150,7 @@ def test_what_only_our_loop_runs_is_refused_on_a_stock_pipeline_in_one_line(stoc
 
 def _count_attention_calls(pipe) -> list[int]:
     """Calls of the first block's attention that really ran (wrapped before TaylorSeer's hooks)."""
-    calls = [0]
-    attn = pipe.transformer.transformer_blocks[0].attn
-    original = attn.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    attn.forward = counted
-    return calls
+    return _count_calls(pipe.transformer.transformer_blocks[0].attn)
 
 
 @pytest.mark.parametrize(
