@@ -4,20 +4,90 @@ and the library's imports have no cycle."""
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_kernels_are_not_a_top_level_package(tmp_path):
-    """diffusers imports the HF kernel hub as `kernels` when that name is importable; ours must not be."""
-    code = (
-        "import importlib.util, srpo_infer.kernels, diffusers.utils.import_utils as u;"
-        "assert importlib.util.find_spec('kernels') is None, 'top-level kernels importable';"
-        "assert not u.is_kernels_available()"
+
+def _python(code: str, cwd: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _hub_kernels() -> str | None:
+    """Where Hugging Face's ``kernels`` is installed (transformers >= 5.25 brings it), or None."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        return None
+    return str(Path(dist.locate_file("kernels/__init__.py")).resolve())
+
+
+WHICH_KERNELS = """
+import json, importlib.util
+try:
+    import kernels
+    found = kernels.__file__
+except ModuleNotFoundError:
+    found = None
+import diffusers.utils.import_utils as u
+import srpo_infer.kernels.launch as ours
+print(json.dumps([found, u.is_kernels_available(), ours.__file__]))
+"""
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_import_kernels_is_never_ours_and_finds_the_hubs_when_installed(where, tmp_path):
+    """diffusers and transformers import Hugging Face's kernel hub as ``kernels``. From the clone's root
+    (where the current folder is on sys.path, as in the REPL, ``python -c`` or ``python -m``) and from
+    anywhere else, ``import kernels`` is the hub's when installed and fails otherwise; ours is
+    ``srpo_infer.kernels`` alone."""
+    import json
+
+    out = _python(WHICH_KERNELS, ROOT if where == "root" else tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found, available, ours = json.loads(out.stdout.splitlines()[-1])
+    hub = _hub_kernels()
+    assert found == hub or (found and hub and Path(found).resolve() == Path(hub)), (found, hub)
+    assert available is (hub is not None)
+    assert Path(ours).resolve().parent.name == "kernels" and Path(ours).name == "launch.py"
+
+
+def test_from_the_root_a_stand_in_hub_package_is_found_in_place_of_ours(tmp_path):
+    """Whatever is installed here: a ``kernels`` later on the path than the root (as site-packages is)
+    is the one ``import kernels`` gives, submodules included."""
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("WHO = 'hub'\n")
+    (hub / "layers.py").write_text("LAYERS = 1\n")
+    code = "import kernels, kernels.layers; print(kernels.WHO, kernels.layers.LAYERS, kernels.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = _python(code, ROOT, "-S", env=env)  # -S: no site-packages, so the stand-in is the only other one
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["hub", "1", str(hub / "__init__.py")]
+
+
+def test_from_the_root_without_a_hub_package_import_kernels_fails_as_if_absent():
+    """No other ``kernels`` on the path (``-S``: no site-packages): the name does not exist, our modules
+    included, and nothing is left half-imported."""
+    code = (
+        "import sys\n"
+        "for name in ('kernels', 'kernels.launch'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        assert exc.name == 'kernels', exc.name\n"
+        "        print('absent', name, 'kernels' in sys.modules)\n"
+    )
+    out = _python(code, ROOT, "-S")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["absent kernels False", "absent kernels.launch False"]
 
 
 def test_public_api_names():
