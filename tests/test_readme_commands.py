@@ -114,7 +114,8 @@ def test_the_readme_python_example_runs_pasted_into_python_at_the_clone_root(tmp
         assert name in code, name
         code = code.replace(name, '"tiny-random"')
     assert "    seed=" in code and '"outputs/"' in code
-    code = code.replace("    seed=", "    num_inference_steps=2,\n    seed=", 1).replace('"outputs/"', repr(f"{tmp_path}/"))
+    code = code.replace("    seed=", "    num_inference_steps=2,\n    seed=", 1)
+    code = code.replace('"outputs/"', repr(f"{tmp_path}/"))
     out = subprocess.run(
         [sys.executable, "-"], input=code, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=START_S
     )
