@@ -241,8 +241,15 @@ class PipelineConfig:
         )
 
     def describe(self) -> dict:
-        """Plain-JSON view, for logs and benchmark records."""
+        """Plain-JSON view, for logs and benchmark records. Memory mode ``gpu`` (everything resident) on a
+        CPU reads as what it is there.
+
+        >>> PipelineConfig(model="tiny-random", device="cpu", memory="gpu").resolved().describe()["memory"]
+        'gpu (on a cpu: everything in host memory)'
+        """
         d = asdict(self)
+        if isinstance(self.device, torch.device) and self.device.type == "cpu" and self.memory == "gpu":
+            d["memory"] = "gpu (on a cpu: everything in host memory)"
         d["device"] = str(self.device)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         d["quantize_skip"] = list(self.quantize_skip)

@@ -93,9 +93,9 @@ def diffusers_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     *,
-    acceleration: str = "none",
+    acceleration: str | None = None,
     cache_threshold: float | None = None,
-    cache: str = "first-block",
+    cache: str | None = None,
     cache_steps: int = 28,
     progress: bool = False,
     **options,
@@ -107,12 +107,13 @@ def diffusers_pipeline(
 
     ``acceleration`` (``regular``/``high``) or ``cache_threshold`` turn on diffusers' first-block cache
     for every call (``cache="taylorseer"``/``"magcache"``: those instead, see :func:`srpo_infer.optimize`).
+    What was applied is in ``pipe.srpo_steps`` (the list :func:`srpo_infer.optimize` returns).
     ``compile_scope="full"`` and ``context_parallel`` run only in our loop
     (:func:`load_pipeline`) and are refused here.
 
     >>> pipe = diffusers_pipeline("tiny-random")
-    >>> type(pipe).__name__
-    'FluxPipeline'
+    >>> type(pipe).__name__, pipe.srpo_steps
+    ('FluxPipeline', ['attention:sdpa'])
     >>> import torch
     >>> seeded = torch.Generator().manual_seed(0)
     >>> pipe("a cat", height=256, width=256, num_inference_steps=1, generator=seeded).images[0].size
@@ -134,7 +135,7 @@ def diffusers_pipeline(
     flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)
     optimized = apply_optimizations(flux, config, lora_state=lora_state, stock_cache=cached, stock=True)
-    mark_optimized(flux.transformer, optimized.steps)
+    mark_optimized(flux, optimized.steps)
     return flux
 
 

@@ -231,9 +231,9 @@ def optimize(
     attention: str = "sdpa",
     quantize: str | None = None,
     compile: bool = False,
-    acceleration: str = "none",
+    acceleration: str | None = None,
     cache_threshold: float | None = None,
-    cache: str = "first-block",
+    cache: str | None = None,
     cache_steps: int = 28,
     memory: str | None = None,
     lora: str | None = None,
@@ -251,7 +251,8 @@ def optimize(
     every size from one set of graphs). ``acceleration``: ``regular``/``high`` turn on diffusers' first-block
     cache at 0.08/0.12 (``cache_threshold`` sets it directly), for every call of the pipeline;
     ``cache="taylorseer"`` or ``"magcache"`` (with ``cache_steps``, the calls' step count) take
-    diffusers' TaylorSeer or MagCache instead (:func:`~srpo_infer.step_cache.stock_cache`).
+    diffusers' TaylorSeer or MagCache instead, and alone apply it at its defaults
+    (:func:`~srpo_infer.step_cache.stock_cache`).
     ``memory``: ``gpu``, ``offload-model`` (diffusers' model offloading), ``offload-group`` (None: leave
     the weights where they are). ``lora``: a LoRA file, folder or repo id. Also ``quantize_skip``,
     ``quantize_text_encoder``, ``compile_mode``, ``compile_backend``, ``cache_dir``, ``lora_max_rank``.
@@ -300,15 +301,17 @@ def optimize(
     ).resolved()
     check_available(config)
     optimized = apply_optimizations(pipe, config, stock_cache=cached, stock=True, memory_placement=memory is not None)
-    mark_optimized(transformer, optimized.steps)
+    mark_optimized(pipe, optimized.steps)
     return optimized.steps
 
 
-def mark_optimized(transformer, steps: list[str]) -> None:
-    """Remember what changed the transformer for good (fused, quantized, compiled, cached, a LoRA), so a
+def mark_optimized(pipe, steps: list[str]) -> None:
+    """Record on a stock pipeline what was applied (``pipe.srpo_steps``, as :func:`optimize` returns it),
+    and remember what changed the transformer for good (fused, quantized, compiled, cached, a LoRA), so a
     second :func:`optimize` cannot apply it twice; an attention backend alone can be set again."""
+    pipe.srpo_steps = list(steps)
     if any(not step.startswith("attention:") for step in steps):
-        transformer._srpo_optimized = steps
+        pipe.transformer._srpo_optimized = steps
 
 
 def refuse_ours_only(options: dict) -> None:

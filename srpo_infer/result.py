@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class GenerationResult:
             paths = [target / f"srpo_{s}.{ext}" for s in self.seeds]
         for path, image in zip(paths, self.images, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_image(image, fmt))
+            write_whole(path, encode_image(image, fmt))
         self.urls = [str(p) for p in paths]
         self.output_format = fmt
         return paths
@@ -121,6 +122,18 @@ class GenerationResult:
             for u, im in zip(urls, self.images, strict=True)
         ]
         return {**api_response(self, images, self.has_nsfw_concepts), "seeds": list(self.seeds)}
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so the file is either whole or not there: a Ctrl-C or a full disk
+    mid-write leaves neither a truncated image nor the temporary file."""
+    part = path.with_name(f".{path.name}.part")
+    try:
+        part.write_bytes(data)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts: list[bool | None]) -> dict:

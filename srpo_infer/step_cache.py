@@ -48,24 +48,38 @@ STEP_CACHES = ("first-block", "taylorseer", "magcache")  # diffusers' cache hook
 
 
 def stock_cache(
-    acceleration: str = "none", cache_threshold: float | None = None, cache: str = "first-block", cache_steps: int = 28
+    acceleration: str | None = None,
+    cache_threshold: float | None = None,
+    cache: str | None = None,
+    cache_steps: int = 28,
 ) -> tuple[object, str] | None:
     """The diffusers cache config a stock pipeline gets for every call, and its step label; ``None``
-    at ``acceleration="none"`` without a threshold.
+    when nothing asks for a cache.
 
     ``first-block``: ParaAttention's cache at the level's threshold. ``taylorseer``: TaylorSeer with
     diffusers' defaults (a full step every 5, the first 3 always; ``cache_threshold`` does not apply).
     ``magcache``: MagCache with diffusers' FLUX.1-dev magnitude ratios, interpolated to ``cache_steps``
     (the pipeline's ``num_inference_steps``), at ``cache_threshold`` or diffusers' default 0.06. The
-    quality of the last two on SRPO is unmeasured.
+    quality of the last two on SRPO is unmeasured. ``cache`` alone applies its engine at the
+    ``regular`` level (those defaults; 0.08 for ``first-block``); an ``acceleration`` or a
+    ``cache_threshold`` alone takes ``first-block``; ``acceleration="none"`` with a ``cache`` is refused,
+    since it would cache nothing.
 
-    >>> stock_cache("regular")[1], stock_cache("high", cache="taylorseer")[1]
-    ('cache:first-block(0.08)', 'cache:taylorseer(interval 5)')
+    >>> stock_cache("regular")[1], stock_cache(cache="taylorseer")[1], stock_cache()
+    ('cache:first-block(0.08)', 'cache:taylorseer(interval 5)', None)
     """
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
-    if cache not in STEP_CACHES:
+    if cache is not None and cache not in STEP_CACHES:
         raise ValueError(f"cache must be one of {list(STEP_CACHES)}, got {cache!r}")
+    if cache is not None and acceleration == "none":
+        raise ValueError(
+            f"cache={cache!r} with acceleration='none' caches nothing: leave acceleration out "
+            "(the cache then runs at its defaults) or set it to 'regular' or 'high'"
+        )
+    if acceleration is None:
+        acceleration = "regular" if cache is not None else "none"
+    cache = cache or "first-block"
     threshold = cache_threshold_for(acceleration, cache_threshold)
     if threshold is None:
         return None

@@ -270,3 +270,92 @@ def test_serve_compiles_by_default_on_a_gpu_only(monkeypatch):
     assert seen["compile"] is True
     assert main(["serve", "--model", "tiny-random", "--no-compile"]) == 0
     assert seen["compile"] is False
+
+
+BIN = Path(sys.executable).parent
+
+
+def test_serve_without_its_extra_names_it_once():
+    code = (
+        "import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+        "from srpo_infer.cli import main; sys.exit(main(['serve', '--model', 'tiny-random']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("srpo-infer: error: the server needs its extra: pip install"), lines
+    assert lines[0].count("srpo-infer[server]") == 1, lines
+
+
+def test_serve_on_a_busy_port_is_one_line_naming_it_and_the_flag(tmp_path):
+    """Bound before anything loads or logs: no uvicorn banner, no "startup complete" before the error."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [str(BIN / "srpo-infer"), "serve", "--model", "tiny-random", "--port", str(port)]
+        out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"srpo-infer: error: cannot listen on 127.0.0.1:{port} (Address already in use): another process is "
+        "listening there: stop it or choose another with --port"
+    ]
+
+
+def test_ctrl_c_during_generate_is_one_line_exit_130_and_no_file(tmp_path):
+    """SIGINT once the progress bar shows: one line, the shell's code for SIGINT, nothing written."""
+    import os
+    import signal
+
+    out_dir = tmp_path / "out"
+    argv = [str(BIN / "srpo-infer"), "generate", "a cat", "--model", "tiny-random", "--image-size", "square"]
+    proc = subprocess.Popen(
+        [*argv, "--steps", "50", "-o", str(out_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    err = b""
+    try:
+        while b"denoising" not in err:  # the bar ends its lines with \r: read what is there, not lines
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, (proc.wait(timeout=60), err.decode()[-3000:])
+            err += chunk
+        proc.send_signal(signal.SIGINT)
+        stdout, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    err = (err + rest).decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "srpo-infer: generate interrupted", err[-3000:]
+    assert stdout == b""  # no JSON: nothing was made
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    """The image is written whole or not at all: no truncated file, no temporary one."""
+    import os
+
+    from PIL import Image as PILImage
+
+    import srpo_infer.result as result_module
+    from srpo_infer.request import validate_request
+    from srpo_infer.result import GenerationResult
+
+    req = validate_request("a cat", width=512, height=512, seed=3)
+    result = GenerationResult(request=req, images=[PILImage.new("RGB", (512, 512))], timings={})
+
+    replace = os.replace
+
+    def interrupted(src, dst, **kw):  # Ctrl-C between writing and renaming; os is shared, so only ours
+        if Path(dst).is_relative_to(tmp_path):
+            raise KeyboardInterrupt
+        return replace(src, dst, **kw)
+
+    monkeypatch.setattr(result_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(tmp_path / "out")
+    monkeypatch.setattr(result_module.os, "replace", replace)
+    assert list((tmp_path / "out").iterdir()) == []
+    assert [p.name for p in result.save(tmp_path / "out")] == ["srpo_3.jpg"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["srpo_3.jpg"]

@@ -172,8 +172,9 @@ def test_taylorseer_and_magcache_skip_work_and_run_under_regional_compile(cache,
     pipe = srpo_infer.diffusers_pipeline("tiny-random", device="cpu")
     calls = (_count_attention_calls if cache == "taylorseer" else _count_full_evaluations)(pipe)
     compile_options = dict(compile=True, compile_backend="eager") if compiled else {}
-    steps = srpo_infer.optimize(pipe, acceleration="regular", cache=cache, cache_steps=STEPS, **compile_options)
+    steps = srpo_infer.optimize(pipe, cache=cache, cache_steps=STEPS, **compile_options)  # cache= alone applies it
     assert steps[-1 - compiled].startswith(f"cache:{cache}(")
+    assert pipe.srpo_steps == steps
     assert (steps[-1] == "compile:eager:regional:default") is compiled
     cached = _image(pipe, steps=STEPS)
     assert 1 <= calls[0] < STEPS
@@ -191,3 +192,17 @@ def test_cache_options_are_checked(stock):
         srpo_infer.optimize(stock, cache="taylorseer", cache_threshold=0.1)
     with pytest.raises(ValueError, match="cache_steps must be the calls' num_inference_steps"):
         srpo_infer.optimize(stock, acceleration="high", cache="magcache", cache_steps=1)
+    with pytest.raises(ValueError, match="cache='magcache' with acceleration='none' caches nothing: leave accel"):
+        srpo_infer.optimize(stock, acceleration="none", cache="magcache", cache_steps=8)
+    assert stock.srpo_steps == ["attention:sdpa"]  # what diffusers_pipeline applied; the refusal added nothing
+
+
+def test_cache_alone_applies_its_engine_at_its_defaults_and_nothing_asks_for_none():
+    from srpo_infer.step_cache import stock_cache
+
+    assert stock_cache() is None and stock_cache("none") is None
+    assert stock_cache(cache="first-block")[1] == "cache:first-block(0.08)"  # the regular level
+    assert stock_cache(cache="magcache", cache_steps=8)[1] == "cache:magcache(0.06, 8 steps)"
+    assert stock_cache(cache="taylorseer")[1] == "cache:taylorseer(interval 5)"
+    assert stock_cache(cache_threshold=0.2)[1] == "cache:first-block(0.2)"
+    assert stock_cache("high", cache="magcache", cache_steps=8)[1] == "cache:magcache(0.06, 8 steps)"

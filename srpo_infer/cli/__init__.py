@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # CheckpointError is a ValueError too
         print(f"srpo-infer: error: {_in_flags(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, not a traceback
+        print(f"\nsrpo-infer: {args.command} interrupted", file=sys.stderr)
+        return 130
     finally:  # after --context-parallel: the group closes with the command, not in the interpreter's teardown
         from ..context_parallel import leave_process_group
 

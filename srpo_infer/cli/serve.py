@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..request import ACCELERATIONS
+from ..server import SERVER_EXTRA
 from ..server.limits import ConnectionLimits, default_max_connections
 from .options import DefaultsHelp, add_load_options, load_options
 
@@ -158,8 +159,8 @@ def _compile_by_default(s: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     try:
         from ..server import serve
-    except ImportError as exc:
-        raise ValueError(f"the server needs its extra: pip install 'srpo-infer[server]' ({exc})") from exc
+    except ImportError as exc:  # srpo_infer.server names the extra already when fastapi or uvicorn is missing
+        raise ValueError(str(exc) if "srpo-infer[server]" in str(exc) else f"{SERVER_EXTRA} ({exc})") from exc
     _check(args)
     limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
     app_options = dict(

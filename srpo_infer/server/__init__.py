@@ -6,13 +6,15 @@ Without the extra, the modules that need nothing of it (``srpo_infer.server.limi
 line reads for its help) still import; the names below then raise an error naming the extra.
 """
 
+SERVER_EXTRA = "the server needs its extra: pip install 'srpo-infer[server]'"
+
 try:
     from .app import create_app
     from .safety import SafetyChecker
     from .schema import GenerationBody
     from .serve import serve
 except ImportError as _missing:  # fastapi or uvicorn not installed
-    _reason = f"the server needs its extra: pip install 'srpo-infer[server]' ({_missing})"
+    _reason = f"{SERVER_EXTRA} ({_missing})"
 
     def __getattr__(name: str):
         if name in __all__:

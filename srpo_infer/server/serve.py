@@ -11,9 +11,11 @@ background so ``/health`` can say "loading" (503) until it is warm.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 
 from .app import create_app
@@ -58,6 +60,7 @@ def serve(
     if parallel and int(os.environ.get("RANK", "0")) != 0:
         return _follow(model, pipeline_options, *warm)
     limits = limits or ConnectionLimits()
+    sock = listen_socket(host, port)  # first: a busy port fails in one line, before anything loads or logs
     api_key = api_key or os.environ.get("SRPO_API_KEY") or None
     library = _lora_library(lora_dir, pipeline_options)
     app = create_app(
@@ -86,8 +89,28 @@ def serve(
     threading.Thread(target=load, name="srpo-loader", daemon=True).start()
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can generate", host)
-    server.run()
+    server.run(sockets=[sock])
     return _exit_code(app, server.exit_code)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to listen on, or a one-line ``ValueError`` naming the
+    address and ``--port`` (uvicorn binds only after the app's start-up, and then logs six lines)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on ({exc.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = "another process is listening there: stop it or choose another with --port"
+        if exc.errno != errno.EADDRINUSE:
+            hint = "choose another address with --host or another port with --port"
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}): {hint}") from None
+    return sock
 
 
 def _follow(model: str, pipeline_options: dict, sizes: list, accelerations: tuple) -> int:
@@ -224,7 +247,6 @@ def default_public_url(host: str, port: int) -> str:
     >>> default_public_url("::1", 8000)
     'http://[::1]:8000'
     """
-    import socket
 
     if host in ("0.0.0.0", "::", ""):
         host = socket.getfqdn()
