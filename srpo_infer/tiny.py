@@ -156,3 +156,31 @@ def build_tiny_base(seed: int = TINY_SEED) -> dict:
         "tokenizer_2": t5_tok,
         "vae": vae.eval(),
     }
+
+
+def write_tiny_lora(path: str, rank: int = 4, seed: int = 0, strength: float = 0.3) -> str:
+    """Write a LoRA for the tiny model (diffusers/PEFT names, every double block's attention
+    projections, random factors of ``strength``) to ``path``, so per-request LoRAs can be tried on a CPU:
+
+    python -c "from srpo_infer.tiny import write_tiny_lora; write_tiny_lora('loras/sketch.safetensors')"
+
+    It changes the tiny model's noise, nothing more. Returns the path written.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if not (isinstance(rank, int) and 1 <= rank <= 128):
+        raise ValueError(f"rank must be an integer in [1, 128], got {rank!r}")
+    width = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(TINY_TRANSFORMER_CONFIG["num_layers"]):
+        for layer in ("to_q", "to_k", "to_v", "to_out.0"):
+            prefix = f"transformer.transformer_blocks.{block}.attn.{layer}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, width, generator=g) * strength
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, rank, generator=g) * strength
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out)
+    return str(out)

@@ -212,6 +212,7 @@ def test_argparse_mistakes_are_one_line_too(args, words, capsys):
 
 
 def test_replicas_without_ray_is_one_line_naming_the_extra():
+    pytest.importorskip("fastapi", reason="the [server] extra")
     code = (
         "import sys; sys.modules['ray'] = None; sys.modules['ray.serve'] = None\n"
         "from srpo_infer.cli import main; sys.exit(main(['serve', '--model', 'tiny-random', '--replicas', '2']))"
@@ -254,6 +255,7 @@ def test_serve_help_says_what_it_defaults_to(capsys):
 
 
 def test_serve_compiles_by_default_on_a_gpu_only(monkeypatch):
+    pytest.importorskip("fastapi", reason="the [server] extra")
     import srpo_infer.server as server
 
     seen = {}
@@ -289,6 +291,7 @@ def test_serve_without_its_extra_names_it_once():
 
 def test_serve_on_a_busy_port_is_one_line_naming_it_and_the_flag(tmp_path):
     """Bound before anything loads or logs: no uvicorn banner, no "startup complete" before the error."""
+    pytest.importorskip("fastapi", reason="the [server] extra")
     import socket
 
     with socket.socket() as taken:

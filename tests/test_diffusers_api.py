@@ -112,6 +112,7 @@ def test_diffusers_hook_makes_the_same_skip_decisions_as_our_cache(tiny_pipe):
 
 
 def test_triton_attention_on_a_stock_pipeline_runs_our_kernels(stock, monkeypatch):
+    pytest.importorskip("triton", reason="the [triton] extra")
     from srpo_infer.kernels import configs, launch
 
     if not configs.interpreting() and not torch.cuda.is_available():

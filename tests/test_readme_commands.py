@@ -48,9 +48,19 @@ def documented_commands() -> list[str]:
 def _marks(command: str) -> list:
     if "--replicas" in command:
         return [pytest.mark.ray]
-    if command.startswith("torchrun"):
+    if command.startswith("torchrun") or "--lora-dir" in command:
         return [pytest.mark.slow]
     return []
+
+
+def write_lora_command() -> str:
+    """The README's one-liner that writes a LoRA for the tiny model (run before ``serve --lora-dir``)."""
+    return next(
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+        for line in block.splitlines()
+        if "write_tiny_lora(" in line
+    )
 
 
 COMMANDS = documented_commands()
@@ -67,7 +77,7 @@ def _argv(command: str, tmp_path: Path) -> list[str]:
     argv = shlex.split(command)
     argv[0] = str(BIN / argv[0])  # the venv's console scripts and python, as an activated venv finds them
     for i, arg in enumerate(argv[:-1]):
-        if arg in ("-o", "--output", "--output-dir"):
+        if arg in ("-o", "--output", "--output-dir", "--lora-dir"):
             argv[i + 1] = str(tmp_path / argv[i + 1])
     if "serve" in argv and "--output-dir" not in argv:
         argv += ["--output-dir", str(tmp_path / "outputs")]
@@ -90,6 +100,11 @@ def _env() -> dict:
 def test_a_documented_command_works_as_typed(command, tmp_path):
     argv = _argv(command, tmp_path)
     if "serve" in argv:
+        pytest.importorskip("fastapi", reason="the [server] extra")
+        if "--lora-dir" in argv:  # the README writes the tiny model's LoRA first, into the folder served
+            pytest.importorskip("peft", reason="the [lora] extra")
+            written = subprocess.run(shlex.split(write_lora_command()), cwd=tmp_path, env=_env(), timeout=START_S)
+            assert written.returncode == 0
         _check_serve(argv, tmp_path)
         return
     out = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=START_S)
@@ -145,6 +160,8 @@ def _check_serve(argv: list[str], tmp_path: Path) -> None:
             time.sleep(0.5)
         assert status == 200, (proc.poll(), (tmp_path / "serve.log").read_text()[-3000:])
         body = {"prompt": "a cat", "image_size": "square", "num_inference_steps": 2, "seed": 3}
+        if "--lora-dir" in argv:
+            body["loras"] = [{"path": "sketch.safetensors", "scale": 1.0}]
         r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=START_S)
         assert r.status_code == 200, r.text
         assert httpx.get(r.json()["images"][0]["url"], timeout=60).status_code == 200

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"srpo-infer: error: {_in_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, not a traceback
+        # What the interrupt cut short (a progress bar half built) would complain from its finalizer at exit.
+        sys.unraisablehook = lambda unraisable: None
         print(f"\nsrpo-infer: {args.command} interrupted", file=sys.stderr)
         return 130
     finally:  # after --context-parallel: the group closes with the command, not in the interpreter's teardown
