@@ -70,6 +70,8 @@ SHAPE = dict(batch=1, heads=24, head_dim=128, s_txt=512, s_img=4096)
 # 2.11); 3.7.1 is what the CUDA build of torch 2.13.0 pins (the CPU build pins none: pip takes 3.9).
 MATRIX = ("installed", "3.6.0", "3.7.1")
 CACHE_ENV = "SRPO_TRITON_MATRIX_CACHE"
+# The ws design exists to run the softmax under an MMA: a shipped ws kernel fails the check below this.
+WS_MIN_EXP2_IN_FLIGHT = 0.9
 
 
 def _inputs():
@@ -107,7 +109,7 @@ def _inputs():
 def jobs() -> list[dict]:
     """Every (kernel, mode, design, config, target) the launcher can run under this Triton, plus the
     configurations it drops for this Triton (``shipped: False``), as picklable job specs."""
-    from srpo_infer.kernels.configs import MODES, all_gpu_candidates, gpu_candidates
+    from srpo_infer.kernels.configs import MODES, WS_CONFIGS, WS_MIN_TRITON, all_gpu_candidates, gpu_candidates
     from srpo_infer.kernels.launch import DESIGNS
 
     out = []
@@ -119,7 +121,13 @@ def jobs() -> list[dict]:
                 out.append(dict(kernel=kernel, mode=mode, design="-", config=None, target=target, shipped=True))
             shipped = gpu_candidates(mode, target)
             for design in DESIGNS:
-                if design == "tma" and target < (9, 0):
+                if design in ("tma", "ws") and target < (9, 0):
+                    continue
+                if design == "ws" and _triton_version() < WS_MIN_TRITON:
+                    continue  # Gluon's warp_specialize as the kernel calls it
+                if design == "ws":  # one configuration per mode, Hopper only
+                    config = tuple(WS_CONFIGS[mode])
+                    out.append(dict(kernel="attention", mode=mode, design=design, config=config, target=target))
                     continue
                 for config in all_gpu_candidates(mode, target):
                     out.append(
@@ -133,6 +141,12 @@ def jobs() -> list[dict]:
                         )
                     )
     return out
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 def _tool(name: str) -> str:
@@ -185,8 +199,8 @@ def _sass_instructions(text: str) -> list[tuple[int, str]]:
 
 def sass_loop(text: str) -> dict:
     """The loop (a backward branch) with the most MMA instructions, in the SASS: per iteration, its MMAs,
-    its MMA waits by depth (``WARPGROUP.DEPBAR.LE gsb0, N``: N MMA groups may stay in flight) and its
-    CTA-wide barriers (``BAR.SYNC``/``BAR.RED``)."""
+    its MMA waits by depth (``WARPGROUP.DEPBAR.LE gsb0, N``: N MMA groups may stay in flight), its
+    CTA-wide barriers (``BAR.SYNC``/``BAR.RED`` without a thread count) and its overlap (:func:`overlap`)."""
     instrs = _sass_instructions(text)
     best = None
     for addr, instr in instrs:
@@ -201,14 +215,40 @@ def sass_loop(text: str) -> dict:
             waits = collections.Counter(
                 int(n, 16) for i in body for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", i)
             )
-            barriers = sum(bool(re.search(r"\bBAR\.(?:SYNC|RED)", i)) for i in body)
+            # CTA-wide only: a named barrier with a thread count (``BAR.SYNC 0x1, 0x80``) holds one
+            # warpgroup of a warp-specialized kernel, not the others.
+            barriers = sum(bool(re.search(r"\bBAR\.(?:SYNC|RED)\S*\s+(?:0x)?[0-9a-f]+\s*$", i)) for i in body)
             best = dict(
                 mmas=mmas,
                 waits={str(n): c for n, c in sorted(waits.items())},
                 barriers=barriers,
                 instructions=len(body),
+                **overlap(body),
             )
-    return best or dict(mmas=0, waits={}, barriers=0, instructions=0)
+    return best or dict(mmas=0, waits={}, barriers=0, instructions=0, wait_depth=0, exp2=0, exp2_in_flight=0.0)
+
+
+def overlap(body: list[str]) -> dict:
+    """How much of a loop's softmax runs while an MMA is in flight, from its SASS: ``wait_depth``, the
+    deepest MMA wait (``WARPGROUP.DEPBAR.LE gsb0, N``: N groups may stay in flight), and
+    ``exp2_in_flight``, the share of its exp2s (``MUFU.EX2``) that lie between a wait with N >= 1 and
+    the next full wait (N = 0). A wait depth of 1 in the PTX alone proves nothing: ptxas may hoist the
+    full wait above the exp2s, leaving the window empty.
+
+    >>> wait = "WARPGROUP.DEPBAR.LE gsb0, "
+    >>> overlap([wait + "0x1", "MUFU.EX2 R1, R2", wait + "0x0", "MUFU.EX2 R3, R4"])
+    {'wait_depth': 1, 'exp2': 2, 'exp2_in_flight': 0.5}
+    """
+    depth, exp2, inside, in_flight = 0, 0, 0, False
+    for instr in body:
+        wait = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", instr)
+        if wait:
+            n = int(wait.group(1), 16)
+            depth, in_flight = max(depth, n), n > 0
+        elif re.search(r"\bMUFU\.EX2\b", instr):
+            exp2 += 1
+            inside += in_flight
+    return dict(wait_depth=depth, exp2=exp2, exp2_in_flight=round(inside / exp2, 3) if exp2 else 0.0)
 
 
 def ptx_loop(ptx: str) -> dict:
@@ -262,6 +302,8 @@ def _compile(launch, target: tuple[int, int]):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.meta)
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch.meta, bound, specialization, options)
+    if getattr(kernel, "is_gluon", lambda: False)():  # the ws design: Gluon lowers its own layouts
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     log = io.StringIO()
     with _environ(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=gpu, options=options.__dict__)
@@ -333,6 +375,8 @@ def check(job: dict, cubin_dir: str | None = None) -> dict:
         if job["kernel"] == "attention":
             row["loop"] = sass_loop(code)
             row["ptx_loop"] = ptx_loop(ptx)
+            row["wait_depth"] = row["loop"]["wait_depth"]
+            row["exp2_in_flight"] = row["loop"]["exp2_in_flight"]
         if MODES[job["mode"]].pv_fp8 and job["kernel"] == "attention":
             row["fp8_accumulators"] = _fp8_dot_accumulators(compiled.asm["ttgir"])
         if cubin_dir:
@@ -369,8 +413,15 @@ def problems(row: dict) -> list[str]:
         accumulators = row.get("fp8_accumulators", [])
         if flags.pv_fp8 and (not accumulators or "in-place" in accumulators):
             found.append(f"p·v is not accumulated in two levels (fp8 dot accumulators: {accumulators or 'none found'})")
-        if row["design"] == "tma" and not row["tma_copies"]:
-            found.append("the tma design issues no cp.async.bulk.tensor")
+        if row["design"] in ("tma", "ws") and not row["tma_copies"]:
+            found.append(f"the {row['design']} design issues no cp.async.bulk.tensor")
+        if row["design"] == "ws" and row["wait_depth"] < 1:
+            found.append("the ws loop waits every MMA at depth 0: nothing stays in flight across the softmax")
+        if row["design"] == "ws" and row["exp2_in_flight"] < WS_MIN_EXP2_IN_FLIGHT:
+            found.append(
+                f"only {row['exp2_in_flight']:.0%} of the ws loop's exp2s run while an MMA is in flight "
+                f"(at least {WS_MIN_EXP2_IN_FLIGHT:.0%})"
+            )
     return found
 
 
@@ -402,8 +453,8 @@ def markdown(result: dict) -> str:
         "",
         "| target | kernel | mode | design | config | "
         + " | ".join(f"triton {v}" for v in versions)
-        + " | MMA | TMA copies | loop waits | loop barriers | problems |",
-        "|---" * (10 + len(versions)) + "|",
+        + " | MMA | TMA copies | loop waits | loop barriers | wait depth / exp2 in flight | problems |",
+        "|---" * (11 + len(versions)) + "|",
     ]
     for (target, kernel, mode, design, config), per in by_key.items():
         cells, issues, loops = [], [], []
@@ -424,10 +475,11 @@ def markdown(result: dict) -> str:
         first = next(r for r in per.values() if r["compiled"]) if any(r["compiled"] for r in per.values()) else {}
         waits = _per_version([_waits(loop) for loop in loops]) if loops else "–"
         barriers = _per_version([str(loop["barriers"]) for loop in loops]) if loops else "–"
+        overlaps = _per_version([f"{loop['wait_depth']} / {loop['exp2_in_flight']:.0%}" for loop in loops])
         lines.append(
             f"| {target} | {kernel} | {mode} | {design} | {config} | {' | '.join(cells)} | "
             f"{' '.join(first.get('mma', [])) or '–'} | {first.get('tma_copies', '–')} | {waits} | {barriers} | "
-            f"{'<br>'.join(issues) or 'ok'} |"
+            f"{overlaps if loops else '–'} | {'<br>'.join(issues) or 'ok'} |"
         )
     lines += [
         "",

@@ -84,6 +84,42 @@ _DROPPED: dict[tuple[str, str, str], tuple[KernelConfig, ...]] = {
     # both designs lose it.
     ("3.7", "sm90", "native"): (C(128, 64, 4, 3),),
 }
+# The ws design (ws_attention.py, Gluon, sm_90a only) runs one configuration per mode, not an autotuned
+# list: block_m is a CTA's query rows, two consumer warpgroups of block_m / 2 each; num_warps is a
+# consumer's 4 (the loader adds one warp); num_stages the depth of the K and V rings. Compiled for sm_90a
+# (benchmarks/kernel_static.py, triton 3.9, 2026-12-07): 128-key tiles spill in native (52-60 bytes per
+# thread once the first and last tiles are masked; 0 without the mask) and in int8-fp8 (3.3 KB), not in
+# int8; 64-key tiles spill in none, and their rings are small enough for a third stage.
+WS_CONFIGS = {
+    "native": C(128, 64, 4, 3),
+    "int8": C(128, 128, 4, 2),
+    "int8-fp8": C(128, 64, 4, 3),
+}
+WS_REGISTERS = (240, 24)  # setmaxnreg per thread: the consumers', the loader's (FlashAttention-3's split)
+WS_MIN_TRITON = (3, 6)  # gl.warp_specialize's current signature
+
+
+def ws_refusal(device: torch.device) -> str | None:
+    """Why the ``ws`` design cannot run on ``device`` (None: it can). Gluon has no interpreter and the
+    kernel is written for Hopper's wgmma, TMA and setmaxnreg."""
+    where = None
+    if interpreting():
+        where = "under TRITON_INTERPRET=1 (Gluon has no interpreter)"
+    elif device.type != "cuda":
+        where = f"on {device.type}"
+    elif torch.cuda.get_device_capability(device)[0] != 9:
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"on sm_{major}{minor}"
+    elif tuple(int(x) for x in triton.__version__.split(".")[:2]) < WS_MIN_TRITON:
+        return f"attention_design='ws' needs triton >= 3.6 (Gluon's warp_specialize), this is {triton.__version__}"
+    if where is None:
+        return None
+    return (
+        f"attention_design='ws' runs on Hopper GPUs only (sm_90: H100, H200), not {where}; "
+        "use attention_design='pointer' or attention_design='tma'"
+    )
+
+
 # Under the interpreter every program is numpy work: small tiles (odd lengths still cross tile edges).
 INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
 # The pre-pass and the stats pass: rows per program and warps. Memory-bound, but a [rows, 128] fp32

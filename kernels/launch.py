@@ -24,6 +24,8 @@ from . import flux_attention as K
 from .configs import (
     INTERPRETER_CONFIG,
     MODES,
+    WS_CONFIGS,
+    WS_REGISTERS,
     KernelConfig,
     Mode,
     candidates,
@@ -31,6 +33,7 @@ from .configs import (
     device_capability,
     interpreting,
     padding,
+    ws_refusal,
 )
 
 LOG2E = 1.4426950408889634
@@ -49,7 +52,7 @@ def seq_bucket(s: int) -> int:
     return 1 << max(0, s - 1).bit_length()
 
 
-DESIGNS = ("pointer", "tma")
+DESIGNS = ("pointer", "tma", "ws")
 # What ``design="auto"`` runs (``SRPO_ATTENTION_DESIGN`` overrides it, e.g. to time the pipeline with
 # "tma"). "tma" (tensor-descriptor loads, Hopper's TMA) is the design written for sm90, but it has only
 # run under the interpreter so far: no GPU was lent when it was written. It becomes the default on
@@ -108,9 +111,10 @@ def tuned_configs() -> dict:
     return chosen
 
 
-def resolve_design(design: str, device: torch.device) -> str:
+def resolve_design(design: str, device: torch.device, for_target: bool = False) -> str:
     """``auto`` → ``$SRPO_ATTENTION_DESIGN`` or :data:`DEFAULT_DESIGN`; ``tma`` needs host tensor
-    descriptors (sm >= 90, or the interpreter)."""
+    descriptors (sm >= 90, or the interpreter); ``ws`` Hopper itself (sm_90, no interpreter), except when
+    planning ``for_target`` (a compile for a GPU that is not here)."""
     if design not in ("auto", *DESIGNS):
         raise ValueError(f"design must be one of {('auto', *DESIGNS)}, got {design!r}")
     if design == "auto":
@@ -119,6 +123,8 @@ def resolve_design(design: str, device: torch.device) -> str:
             raise ValueError(f"{DESIGN_ENV} must be one of {DESIGNS}, got {design!r}")
     if design == "tma" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
         raise ValueError("design='tma' needs tensor memory accelerators (sm >= 90); use design='pointer'")
+    if design == "ws" and not for_target and (refusal := ws_refusal(device)):
+        raise ValueError(refusal.replace("attention_design=", "design="))
     return design
 
 
@@ -146,7 +152,10 @@ def plan(
     for_target = capability is not None and not interpreting()
     s_txt, s, head_dim = _check_inputs(x, mode, for_target)
     img_q, heads = x[0], x[7]
-    tma = resolve_design(design, img_q.device) == "tma"
+    design = resolve_design(design, img_q.device, for_target)
+    if design == "ws" and img_q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"design='ws' runs bf16 or fp16 inputs, got {img_q.dtype}")
+    tma = design == "tma"
     batch, width, dev = img_q.shape[0], img_q.shape[2], img_q.device
     if out is None:
         out = torch.empty(batch, s, heads, head_dim, device=dev, dtype=img_q.dtype)
@@ -157,12 +166,17 @@ def plan(
     if config is not None and not isinstance(config, KernelConfig):
         raise ValueError(f"config must be a KernelConfig, got {config!r}")
     capability = capability or device_capability(dev)
+    if design == "ws":
+        config = config or WS_CONFIGS[mode]
     # 1. Pre-pass: normalised, rotated q and k and the values, head-major and padded (8-bit: quantised).
     pad = padding([config] if config else candidates(mode, capability))
     buffers = _prepass_buffers(img_q, MODES[mode], batch * heads, triton.cdiv(s, pad) * pad, head_dim)
     launches = _prepass_launches(x, MODES[mode], buffers, min(pad, _prepass_rows()), s_txt, s, head_dim)
     # 2. Attention over the padded buffers.
-    launches.append(_attention_launch(buffers, out, mode, tma, config, capability))
+    if design == "ws":
+        launches.append(_ws_attention_launch(buffers, out, mode, config))
+    else:
+        launches.append(_attention_launch(buffers, out, mode, tma, config, capability))
     return launches, out.view(batch, s, width)
 
 
@@ -271,6 +285,40 @@ def _attention_launch(
     return Launch("attention", K._attention_kernel, (triton.cdiv(s, config.block_m), bh), args, meta)
 
 
+def _ws_attention_launch(b: _Buffers, out: torch.Tensor, mode: str, config: KernelConfig) -> Launch:
+    """The ``ws`` design's one launch (:mod:`.ws_attention`): Gluon's own TMA descriptors, one fixed
+    configuration per mode (:data:`~.configs.WS_CONFIGS`), a CTA per 2 × ``block_m / 2`` query rows."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    from .ws_attention import _ws_attention_kernel
+
+    flags = MODES[mode]
+    batch, s, heads, head_dim = out.shape
+    half = config.block_m // 2
+    tiles = _tiles(half, config.block_n, head_dim, flags.pv_fp8)
+    descriptors = []
+    for t, tile in zip((b.q, b.k, b.v), tiles, strict=True):
+        element = getattr(gl, {torch.int8: "int8", torch.float8_e4m3fn: "float8e4nv"}.get(t.dtype, str(t.dtype)[6:]))
+        layout = gl.NVMMASharedLayout.get_default_for(tile, element)
+        descriptors.append(GluonDescriptor.from_tensor(t, tile, layout))
+    strides = [out.stride(0), out.stride(2), out.stride(1)]
+    args = [*descriptors, b.qs, b.ks, b.v_amax, out, *strides, s, b.s_pad, heads, LOG2E / math.sqrt(head_dim)]
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_M=half,
+        BLOCK_N=config.block_n,
+        STAGES=config.num_stages,
+        CHUNKS=b.chunks,
+        QK_INT8=flags.qk_int8,
+        PV_FP8=flags.pv_fp8,
+        CONSUMER_REGS=WS_REGISTERS[0],
+        LOADER_REGS=WS_REGISTERS[1],
+        num_warps=config.num_warps,
+    )
+    return Launch("attention", _ws_attention_kernel, (triton.cdiv(s, config.block_m), batch * heads), args, meta)
+
+
 def flux_attention(
     x: Sequence,
     mode: str = "native",
@@ -285,7 +333,8 @@ def flux_attention(
     ``int8`` (INT8 q·kᵀ with K smoothed, p·v in the input dtype; CUDA sm ≥ 80) or ``int8-fp8`` (INT8
     q·kᵀ, e4m3 p·v; sm ≥ 89); see :data:`MODES`.
     ``out``: optional ``[B, S, H*D]`` contiguous result buffer (tests pass a NaN-poisoned one).
-    ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`).
+    ``design``: how the attention loop loads tiles (``pointer``, ``tma``; ``auto`` = :data:`DEFAULT_DESIGN`),
+    or ``ws``: the warp-specialized Gluon kernel for Hopper (:mod:`.ws_attention`; sm_90 only, never run yet).
     ``config``: run this :class:`KernelConfig` instead of the autotuner's choice (benchmark sweeps, tests).
 
     >>> # out = flux_attention(AttentionInputs(q, k, v, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 24))

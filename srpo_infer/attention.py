@@ -268,14 +268,17 @@ def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch
     return q, k, v, attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)
 
 
-def check_backend_available(backend: str, device: torch.device) -> None:
-    """Raise a clear error when ``backend`` cannot run on ``device``."""
+def check_backend_available(backend: str, device: torch.device, design: str = "auto") -> None:
+    """Raise a clear error when ``backend`` (with kernel ``design``) cannot run on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"attention must be one of {['auto', *BACKENDS]}, got {backend!r}")
     if backend == "sdpa":
         return
     check_triton()
-    from srpo_infer.kernels.configs import MODES, interpreting
+    from srpo_infer.kernels.configs import MODES, interpreting, ws_refusal
+
+    if design == "ws" and (refusal := ws_refusal(device)):
+        raise ValueError(refusal)
 
     if device.type != "cuda" and not interpreting():
         raise ValueError(

@@ -26,7 +26,7 @@ COMPILE_SCOPES = ("regional", "full")
 COMPILE_MODES = ("default", "max-autotune")
 ATTENTION_BACKENDS = ("sdpa", "triton", "triton-int8", "triton-int8-fp8")
 RING_BACKENDS = ("sdpa",)  # ring attention needs the log-sum-exp, which only the reference path returns
-ATTENTION_DESIGNS = ("auto", "pointer", "tma")  # how our kernels load tiles (srpo_infer.kernels.launch.DESIGNS)
+ATTENTION_DESIGNS = ("auto", "pointer", "tma", "ws")  # our kernels' designs (srpo_infer.kernels.launch.DESIGNS)
 # Names that are gone, with what replaced them (an old script gets told, not a bare "must be one of").
 RETIRED_BACKENDS = {
     "triton-fp8": "triton-int8-fp8 (INT8 q·kᵀ with smoothed keys, e4m3 p·v: 3.8% error where e4m3 q·kᵀ had 5.4%)"
@@ -126,8 +126,9 @@ class PipelineConfig:
     attention_design: str = _option(
         "auto",
         "how our kernels load tiles: pointer (any GPU), tma (Hopper's tensor "
-        "memory accelerator, sm >= 90); auto: pointer until the sweep times tma, or "
-        "$SRPO_ATTENTION_DESIGN",
+        "memory accelerator, sm >= 90), ws (warp-specialized, softmax under the MMAs: "
+        "sm_90 only, never run on a GPU yet); auto: pointer until the sweep times the "
+        "others, or $SRPO_ATTENTION_DESIGN",
         choices=ATTENTION_DESIGNS,
     )
     quantize: str | None = _option(

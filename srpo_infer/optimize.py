@@ -46,7 +46,7 @@ class Optimized:
 def check_available(config: PipelineConfig) -> None:
     """Raise a clear error when a configured optimization cannot run on this machine (no fp8 tensor
     cores, no GPU for the kernels, a package missing); ``load_pipeline`` calls it before any weight loads."""
-    check_backend_available(config.attention, config.device)
+    check_backend_available(config.attention, config.device, config.attention_design)
     check_quantize_available(config.quantize, config.device)
     may_offload = config.memory == "auto" and config.device.type == "cuda"  # auto offloads on a small GPU
     if config.memory in ("offload-model", "offload-group") or may_offload:
