@@ -138,7 +138,13 @@ def ours(device: str, sweep: bool = False):
 
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
     backends = [b for b, m in KERNEL_MODES.items() if capability is None or capability >= MODES[m].min_capability]
-    designs = [d for d in DESIGNS if d != "tma" or capability is None or capability >= (9, 0)]
+    # tma: sm >= 90 (or the interpreter); ws: Hopper itself, never the interpreter (Gluon has none).
+    designs = [
+        d
+        for d in DESIGNS
+        if (d != "tma" or capability is None or capability >= (9, 0))
+        and (d != "ws" or (capability is not None and capability[0] == 9))
+    ]
     rows = []
     for backend in backends:
         for design in designs:
@@ -149,6 +155,8 @@ def ours(device: str, sweep: bool = False):
             continue
         mode = KERNEL_MODES[backend]
         for design in designs:
+            if design == "ws":  # one configuration per mode: its autotuned row is the whole sweep
+                continue
             for c in candidates(mode):
                 fn = lambda x, m=mode, d=design, c=c: flux_attention(x, mode=m, design=d, config=c)  # noqa: E731
                 rows.append((f"{backend}/{design}/{c.tag}", "sweep", fn))

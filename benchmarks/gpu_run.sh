@@ -74,6 +74,11 @@ PY
 } >>"$LOG" 2>&1
 CLI=(python3 -m srpo_infer.cli)
 
+# 0. The ws design's correctness before any timing of it (issue 38): the Gluon kernel against the torch
+#    emulation of its schedule and float64 attention, every mode; never run on a GPU before this.
+step "ws correctness" 60 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  -o "addopts=-ra" "$REPO/tests/test_kernels_gpu.py" -k ws
+
 # 1. Attention at the Flux shapes (issue 10): every SDPA rival (eager, compiled prologue, bare cuDNN),
 #    our kernels autotuned per design, then the sweep of every design x configuration.
 # shellcheck disable=SC2086  # ATTENTION_ARGS is a word list on purpose

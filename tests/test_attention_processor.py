@@ -93,7 +93,7 @@ def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
     ``SRPO_ATTENTION_DESIGN=tma`` runs the descriptor design inside the transformer, same result."""
     calls = []
     real = launch.resolve_design
-    monkeypatch.setattr(launch, "resolve_design", lambda d, dev: calls.append(real(d, dev)) or calls[-1])
+    monkeypatch.setattr(launch, "resolve_design", lambda d, dev, *a: calls.append(real(d, dev, *a)) or calls[-1])
     if how == "environment":
         monkeypatch.setenv(launch.DESIGN_ENV, "tma")
     model, inputs, ref = stock

@@ -23,10 +23,11 @@ def _inputs(s_txt, s_img, dtype=torch.bfloat16, **kw):
 
 
 def _designs():
-    """Every design this GPU can run ("tma" needs sm >= 90)."""
+    """Every design this GPU can run ("tma" needs sm >= 90, "ws" Hopper itself)."""
     if not torch.cuda.is_available():
         return ["pointer"]
-    return ["pointer"] + (["tma"] if torch.cuda.get_device_capability() >= (9, 0) else [])
+    capability = torch.cuda.get_device_capability()
+    return ["pointer"] + (["tma"] if capability >= (9, 0) else []) + (["ws"] if capability[0] == 9 else [])
 
 
 @pytest.mark.parametrize("design", _designs())
@@ -106,3 +107,28 @@ def test_tma_is_refused_before_hopper():
 
     with pytest.raises(ValueError, match="sm >= 90"):
         flux_attention(_inputs(0, 256), design="tma")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="ws: Hopper (sm_90) only"
+)
+@pytest.mark.parametrize("mode", ["native", "int8", "int8-fp8"])
+@pytest.mark.parametrize("shape", [(512, 2880), (512, 4096), (0, 4608)], ids=str)
+def test_ws_matches_its_emulation_and_sdpa(shape, mode):
+    """The warp-specialized Gluon kernel against the torch emulation of its own schedule
+    (srpo_infer/bench/ws_schedule.py, what the CPU tests prove correct) and against float64 attention:
+    a wrong barrier phase, a lost tile or a missed rescale shows as a gap to the emulation."""
+    from srpo_infer.kernels.launch import flux_attention
+
+    from srpo_infer.attention import attention_prologue, flux_attention_reference
+    from srpo_infer.bench.deviation import relative_l1
+    from srpo_infer.bench.ws_schedule import emulate_ws
+
+    kw = _inputs(*shape)
+    ref = flux_attention_reference(as_float64(kw))
+    out = flux_attention(kw, mode=mode, design="ws")
+    assert not out.isnan().any()
+    q, k, v = attention_prologue(as_float64(kw))
+    emulated = emulate_ws(q.cpu(), k.cpu(), v.cpu(), mode).transpose(1, 2).flatten(2)
+    assert relative_l1(out.double().cpu(), emulated.double()) < {"native": 5e-3, "int8": 5e-3, "int8-fp8": 1e-2}[mode]
+    assert relative_l1(out, ref) < L1_BOUND.get(mode, BF16_BOUND), relative_l1(out, ref)
