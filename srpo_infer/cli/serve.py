@@ -47,6 +47,11 @@ def _add_address(s: argparse.ArgumentParser) -> None:
         "client's Host header]",
     )
     s.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    s.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve the Swagger UI page at /docs (it loads its script from a public CDN; off: /docs says so)",
+    )
 
 
 def _add_request_rules(s: argparse.ArgumentParser) -> None:
@@ -134,6 +139,20 @@ def _add_limits(s: argparse.ArgumentParser) -> None:
         default=ConnectionLimits.body_timeout,
         help="seconds a request has to send its whole body (at most 64 KB) before a 408",
     )
+    limits.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=ConnectionLimits.max_header_bytes,
+        help="largest header block a request may send, request line included; past it: 431 and the "
+        "connection is closed",
+    )
+    limits.add_argument(
+        "--send-timeout",
+        type=float,
+        default=ConnectionLimits.send_timeout,
+        help="seconds an answer may make no progress to a client that stopped reading before its "
+        "connection is dropped (a slow link that still reads keeps going)",
+    )
 
 
 def _compile_by_default(s: argparse.ArgumentParser) -> None:
@@ -162,8 +181,15 @@ def run_command(args: argparse.Namespace) -> int:
     except ImportError as exc:  # srpo_infer.server names the extra already when fastapi or uvicorn is missing
         raise ValueError(str(exc) if "srpo-infer[server]" in str(exc) else f"{SERVER_EXTRA} ({exc})") from exc
     _check(args)
-    limits = ConnectionLimits(args.header_timeout, args.body_timeout, args.max_connections)
+    limits = ConnectionLimits(
+        args.header_timeout,
+        args.body_timeout,
+        args.max_connections,
+        max_header_bytes=args.max_header_bytes,
+        send_timeout=args.send_timeout,
+    )
     app_options = dict(
+        docs=args.docs,
         allow_unknown_fields=args.allow_unknown_fields,
         max_cost=args.max_cost,
         retention_seconds=args.retention_hours * 3600 or None,
