@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..request import ACCELERATIONS, GenerationRequest, unknown_names_message
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
-from .errors import ApiError, error_response, validation_error
+from .errors import ApiError, error_response, unencodable, validation_error
 from .guard import Guard
 from .metrics import Metrics
 from .outcome import outcome, wait_for
@@ -105,9 +105,9 @@ class Served:
 
     def admit(self, body: GenerationBody, raw: bytes) -> GenerationRequest:
         """The request this body asks for, or the 4xx/503 that says why it cannot run here."""
+        _refuse_unreadable(raw)
         if body.model not in MODEL_NAMES:
             raise ApiError(404, f"model {body.model!r} not found; this server serves {list(MODEL_NAMES)}", "model")
-        _refuse_duplicate_keys(raw)
         self._refuse_unknown_fields(body)
         req = self._with_loras(body.to_request(self.default_acceleration))
         self._refuse_over_cost(req)
@@ -181,8 +181,9 @@ class Served:
             raise ApiError(422, str(exc), "loras") from None
 
 
-def _refuse_duplicate_keys(raw: bytes) -> None:
-    """A key sent twice is refused: which one a JSON parser keeps is not the client's choice to guess."""
+def _refuse_unreadable(raw: bytes) -> None:
+    """A key sent twice is refused: which one a JSON parser keeps is not the client's choice to guess.
+    So is text that cannot be encoded (a lone surrogate), in any field or key."""
 
     def refuse(pairs: list[tuple[str, Any]]) -> dict:
         seen = set()
@@ -192,7 +193,9 @@ def _refuse_duplicate_keys(raw: bytes) -> None:
             seen.add(key)
         return dict(pairs)
 
-    json.loads(raw, object_pairs_hook=refuse)
+    refused = unencodable(json.loads(raw, object_pairs_hook=refuse))
+    if refused is not None:
+        raise refused
 
 
 def create_app(
@@ -212,6 +215,7 @@ def create_app(
     retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
     retention_bytes: int | None = DEFAULT_RETENTION_BYTES,
     loras=None,
+    docs: bool = False,
 ) -> FastAPI:
     """Build the ASGI app around a loaded :class:`~srpo_infer.SRPOPipeline`.
 
@@ -228,6 +232,8 @@ def create_app(
     ``public_url`` + ``/files/NAME``, or relative (``/files/NAME`` under the mount path): never built
     from the client's ``Host`` header. ``loras``: a :class:`~srpo_infer.server.loras.LoraLibrary` (``serve
     --lora-dir``), the only adapters a request's ``loras`` may name (None: requests with loras get a 422).
+    ``docs``: the Swagger UI page at ``/docs`` (off by default: it loads its script from a public CDN, so
+    offline it would be a blank page; ``/openapi.json`` is always served).
 
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
@@ -251,7 +257,11 @@ def create_app(
         loras,
     )
     app = FastAPI(
-        title="srpo_infer", version="1", description="The flux/srpo image generation API, served by srpo_infer."
+        title="srpo_infer",
+        version="1",
+        description="The flux/srpo image generation API, served by srpo_infer.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,  # its script comes from a CDN too; /docs is the one page, when turned on
     )
     # Starlette's trailing-slash redirect builds its Location from the client's Host header: a 404 instead.
     app.router.redirect_slashes = False
@@ -270,6 +280,8 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"], responses=_HEALTH_RESPONSES)
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route("/", playground, methods=["GET"], response_class=HTMLResponse)
+    if not docs:
+        app.add_api_route("/docs", docs_off, methods=["GET"], include_in_schema=False)
     return app
 
 
@@ -296,13 +308,18 @@ def _served(request: Request) -> Served:
 
 
 async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    refused = unencodable(exc.body)  # before any message quotes the text that cannot be sent
+    if refused is not None:
+        return refused.response()
     return validation_error(exc.errors(), exc.body, GenerationBody.model_fields)
 
 
 async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = dict(exc.headers or {})  # a 405 keeps its Allow header; GET routes answer HEAD too (Guard)
-    if "GET" in headers.get("Allow", "").split(", "):
-        headers["Allow"] += ", HEAD"
+    if "Allow" in headers:
+        allowed = [m.strip() for m in headers["Allow"].split(",") if m.strip()]
+        allowed += ["HEAD"] if "GET" in allowed else []
+        headers["Allow"] = ", ".join(dict.fromkeys(allowed))  # each once: some routes list HEAD already
     return error_response(exc.status_code, str(exc.detail), headers=headers or None)
 
 
@@ -361,6 +378,14 @@ async def prometheus(request: Request):
     served = _served(request)
     served.metrics.queue_depth = served.worker.depth
     return PlainTextResponse(served.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def docs_off():
+    return error_response(
+        404,
+        "the API docs page is off (it loads Swagger UI from a CDN): start serve with --docs to turn it on; "
+        "the schema is at /openapi.json",
+    )
 
 
 async def playground():

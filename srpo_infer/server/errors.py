@@ -41,6 +41,35 @@ def error_response(status: int, message: str, field: str | None = None, headers:
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def unencodable(value: Any, field: str = "") -> ApiError | None:
+    """A 422 naming the first field (or key) of a parsed JSON body whose text cannot be encoded: JSON's
+    ``\\ud800`` escapes (and UTF-8 bytes for a surrogate) parse into lone surrogates, which are not
+    text; left in, they fail later, wherever the string is first encoded (a response, a log line)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            shown = field or "the body"
+            return ApiError(
+                422,
+                f"{shown}: a lone surrogate ({value[exc.start]!r} at character {exc.start}) is not text: "
+                "send valid Unicode (a surrogate pair, or the character itself as UTF-8)",
+                field or None,
+            )
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{field}.{key}" if field else str(key)
+        if isinstance(key, str):
+            safe = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            if safe != key:  # the key itself: named with its escapes, so the 422 can be sent
+                return unencodable(key, f"{field}.{safe}" if field else safe)
+        found = unencodable(item, name)
+        if found is not None:
+            return found
+    return None
+
+
 def field_of(message: str) -> str | None:
     """The field a library message is about: its first word."""
     match = re.match(r"^(\w+) ", message)

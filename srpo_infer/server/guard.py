@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 
 from starlette.datastructures import Headers
@@ -21,6 +22,9 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
+# Starlette's route patterns end in "$", which also matches before a final newline: "/health\n" (sent as
+# /health%0A) would reach /health. No route has a control character, so such a path is a 404 here.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Guard:
@@ -61,6 +65,9 @@ class Guard:
     async def _guarded(self, scope, receive, send, path: str):
         headers = Headers(scope=scope)
         length, chunked = headers.get("content-length"), "transfer-encoding" in headers
+        if CONTROL.search(path):
+            await _json_error(send, 404, "Not Found", close=chunked or length not in (None, "0"))
+            return
         if length is not None and chunked:
             # A smuggling shape: h11 reads such a body as chunked, past the length it declares. Refused
             # before a byte of it is read, whatever the HTTP parser underneath would have done.
