@@ -3,7 +3,11 @@
 A request's ``loras: [{"path": NAME, "scale": s}]`` names files of DIR (``style.safetensors``, or
 ``style``); URLs, absolute paths, ``..``, subfolders and names not in DIR are refused with a 422 that
 names the rule. ``GET /v1/loras`` lists them with their rank and target model. At start-up every file
-is read and converted once; :meth:`LoraLibrary.install` checks each against the loaded transformer
+is read and converted once, if it is a regular file (a symlink to one inside DIR counts as that file): a
+FIFO, a device, a folder, or a symlink that leads out of DIR is refused unopened (the log names each with
+its reason; listings leave it out), as the image store trusts only regular files it wrote. A FIFO would
+block start-up in ``open()``; a link out would serve (and size) a file the operator never put in DIR.
+:meth:`LoraLibrary.install` checks each against the loaded transformer
 (a file that is not a LoRA, or one for another model, is listed with the loader's sentence and refused
 with it) and gives a compiled pipeline the hotswap slot over the union of the layers they target.
 """
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 
 from ..lora import MAX_REQUEST_RANK, LoraError, add_slot, check_fits, max_rank, read_lora, to_diffusers
@@ -40,9 +46,21 @@ class LoraLibrary:
             raise ValueError(f"--lora-dir {str(folder)!r} is not a folder")
         self.adapters: dict[str, Adapter] = {}
         self.states: dict[str, dict] = {}
+        self.refused: dict[str, str] = {}  # name: why it is not served (never opened)
         for path in sorted(self.folder.glob("*.safetensors")):
+            reason = refusal(path, self.folder)
+            if reason is not None:
+                self.refused[path.name] = reason
+                log.warning("LoRA folder: not serving %s: %s", path.name, reason)
+                continue
             self.adapters[path.name] = self._read(path)
-        log.info("LoRA folder %s: %d adapters", self.folder, len(self.adapters))
+        log.info(
+            "LoRA folder %s: %d adapters (%s), %d refused",
+            self.folder,
+            len(self.adapters),
+            ", ".join(self.adapters) or "none",
+            len(self.refused),
+        )
 
     def _read(self, path: Path) -> Adapter:
         size = path.stat().st_size
@@ -102,6 +120,9 @@ class LoraLibrary:
         if "/" in name or "\\" in name or "\0" in name:
             raise ValueError(f"loras path {shown} names a subfolder: only the LoRA folder's own files are served")
         adapter = self.adapters.get(name) or self.adapters.get(f"{name}.safetensors")
+        refused = self.refused.get(name) or self.refused.get(f"{name}.safetensors")
+        if adapter is None and refused is not None:
+            raise ValueError(f"loras path {shown} is not served: {refused}")
         if adapter is None:
             raise ValueError(f"loras path {shown} is not in this server's LoRA folder: GET /v1/loras lists them")
         if adapter.problem:
@@ -118,3 +139,25 @@ class LoraLibrary:
                 f"{MAX_REQUEST_RANK}: use fewer or smaller adapters"
             )
         return dataclasses.replace(req, loras=tuple((str(a.path), scale) for a, scale in adapters))
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def refusal(path: Path, folder: Path) -> str | None:
+    """Why ``path`` (an entry of ``folder``) is not served, or None for a regular file, or a symlink to one
+    inside ``folder``. Decided from ``lstat``/``stat`` alone: nothing is opened, so a FIFO or a device
+    cannot block or be read."""
+    try:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            target = path.resolve(strict=True)
+            if not target.is_relative_to(folder):
+                return "a symlink that leads out of the LoRA folder"
+            info = os.stat(target)
+    except (OSError, RuntimeError) as exc:  # a dangling link, a loop (RuntimeError before Python 3.13)
+        return f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    if stat.S_ISREG(info.st_mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(info.st_mode)), "a device or other special file")
+    return f"not a regular file ({kind})"
