@@ -130,11 +130,15 @@ async def previews_then_result(queue: PreviewQueue, future: asyncio.Future) -> A
     """Yield each preview as it arrives, until the job's future is done (then the ones still queued)."""
     while not future.done():
         get = asyncio.ensure_future(queue.queue.get())
-        await asyncio.wait({get, future}, return_when=asyncio.FIRST_COMPLETED)
-        if get.done():
+        try:
+            await asyncio.wait({get, future}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the stream is cancelled here (its client hung up): a task left pending would be
+            # garbage-collected later with asyncio's "Task was destroyed but it is pending!" ERROR.
+            if not get.done():
+                get.cancel()
+        if get.done() and not get.cancelled():  # a cancelled get is not done until the loop's next turn
             yield get.result()
-        else:
-            get.cancel()
     while not queue.queue.empty():  # put before the future finished: call_soon_threadsafe keeps the order
         yield queue.queue.get_nowait()
 
