@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Seconds per megapixel-step before anything was measured: the tiny model on a 2-core CPU runs about
 # 0.1 s per 1024² step; a real model on a GPU is in the same range (H200, bf16: 0.174 s at 1024²).
 INITIAL_SECONDS_PER_MEGAPIXEL_STEP = 0.15
+MAX_PACE = 5.0  # the most the running job's pace may scale the estimate, either way
 
 
 class QueueFull(Exception):
@@ -53,8 +54,13 @@ class ServiceTimes:
 
     def estimate(self, cost: float) -> float:
         """Expected seconds for a job of ``cost`` megapixel-steps."""
+        fixed, per_cost = self.model()
+        return fixed + per_cost * cost
+
+    def model(self) -> tuple[float, float]:
+        """``(fixed seconds, seconds per megapixel-step)`` of the jobs seen."""
         if not self.recent:
-            return cost * self.initial
+            return 0.0, self.initial
         costs, times = zip(*self.recent, strict=True)
         mean_c, mean_t = sum(costs) / len(costs), sum(times) / len(times)
         spread = sum((c - mean_c) ** 2 for c in costs)
@@ -63,9 +69,9 @@ class ServiceTimes:
             if slope >= 0:
                 fixed = mean_t - slope * mean_c
                 if fixed >= 0:
-                    return fixed + slope * cost
+                    return fixed, slope
         # One cost seen (or a fit that makes no sense): seconds per megapixel-step, the median of the jobs.
-        return statistics.median(t / c for c, t in self.recent) * cost
+        return 0.0, statistics.median(t / c for c, t in self.recent)
 
 
 @dataclass(eq=False)  # identity: jobs go in sets
@@ -78,6 +84,10 @@ class Job:
     withdraw: Callable[[Job], None] | None = None  # takes a waiting job out of its queue
     previews: int = 0  # stream: true with partial_images: previews sent to on_preview as they form
     on_preview: Callable[[Any], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    steps_begun: int = 0  # denoising steps begun so far (the pipeline asks should_stop before each)
+    first_step_at: float | None = None
+    last_step_at: float | None = None
 
     @property
     def cost(self) -> float:
@@ -86,10 +96,26 @@ class Job:
 
     def options(self) -> dict:
         """The keywords ``pipeline.generate`` gets besides the request."""
-        options: dict[str, Any] = {"progress": False, "should_stop": self.stop.is_set}
+        options: dict[str, Any] = {"progress": False, "should_stop": self.at_step}
         if self.previews:
             options.update(previews=self.previews, on_preview=self.on_preview)
         return options
+
+    def at_step(self) -> bool:
+        """The pipeline's ``should_stop``, asked before every denoising step: notes when each began (the
+        pace of the running job tells how fast the machine is now), and says whether to stop."""
+        now = self.clock()
+        if self.first_step_at is None:
+            self.first_step_at = now
+        self.last_step_at, self.steps_begun = now, self.steps_begun + 1
+        return self.stop.is_set()
+
+    def step_seconds(self) -> float | None:
+        """Seconds per denoising step so far (None before a whole step was timed)."""
+        if self.steps_begun < 2 or self.first_step_at is None or self.last_step_at is None:
+            return None
+        seconds = (self.last_step_at - self.first_step_at) / (self.steps_begun - 1)
+        return seconds if seconds > 0 else None
 
     def cancel(self) -> None:
         """Drop the job if it still waits (its queue slot is free at once); stop it before its next
@@ -154,7 +180,7 @@ class Worker:
                 raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull
-            job = Job(request, withdraw=self._withdraw, previews=previews, on_preview=on_preview)
+            job = Job(request, withdraw=self._withdraw, previews=previews, on_preview=on_preview, clock=self.clock)
             self._waiting.append(job)
             self._changed.notify_all()
         return job
@@ -167,14 +193,29 @@ class Worker:
 
     def expected_wait(self) -> float:
         """Seconds until a job submitted now would start: what the queued jobs and the rest of the running
-        one should take, from the measured times of recent jobs (:class:`ServiceTimes`)."""
+        one should take, from the measured times of recent jobs (:class:`ServiceTimes`), scaled by how
+        fast the running job's steps go now against what those jobs predict for it (a machine busy with
+        other work, or throttled, is slower than it was: the measured steps say so at once)."""
         with self._changed:
-            waiting = sum(self.times.estimate(j.cost) for j in self._waiting)
+            waiting = [j.cost for j in self._waiting]
             running, started = self._running, self._started_at
+        pace = 1.0
         left = 0.0
         if running is not None:
-            left = max(0.0, self.times.estimate(running.cost) - (self.clock() - started))
-        return waiting + left
+            pace = self._pace(running)
+            left = max(0.0, pace * self.times.estimate(running.cost) - (self.clock() - started))
+        return left + pace * sum(self.times.estimate(cost) for cost in waiting)
+
+    def _pace(self, job: Job) -> float:
+        """The running job's measured seconds per step over what the recent jobs predict per step (1:
+        nothing measured yet), within [1/MAX_PACE, MAX_PACE] so one odd step cannot swing the estimate."""
+        measured = job.step_seconds()
+        steps = job.request.num_inference_steps
+        _, per_cost = self.times.model()
+        predicted = per_cost * job.cost / steps if steps else 0.0
+        if measured is None or not predicted > 0:
+            return 1.0
+        return min(MAX_PACE, max(1 / MAX_PACE, measured / predicted))
 
     def stop(self, drain_timeout: float = 60.0) -> int:
         """Stop taking jobs, let the queued and running ones finish for up to ``drain_timeout`` seconds,
