@@ -235,6 +235,11 @@ def create_app(
     ``docs``: the Swagger UI page at ``/docs`` (off by default: it loads its script from a public CDN, so
     offline it would be a blank page; ``/openapi.json`` is always served).
 
+    Mounted in another server, the app still bounds bodies (size, time), checks the key, matches routes
+    exactly and answers JSON errors; what happens below the app is that server's: header size, the send
+    timeout, the connection cap and requests its HTTP parser cannot read (``srpo-infer serve`` bounds
+    them with :mod:`.limits`).
+
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
     if default_acceleration not in ACCELERATIONS:
