@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 import time
+
+import pytest
+
+# uvicorn's two HTTP parsers: the server's limits must hold under each (h11 with the plain [server]
+# extra; httptools, which uvicorn picks by itself once installed, as [dev] and uvicorn[standard] do).
+PARSERS = [
+    "h11",
+    pytest.param(
+        "httptools",
+        marks=pytest.mark.skipif(not importlib.util.find_spec("httptools"), reason="httptools not installed"),
+    ),
+]
 
 
 class LiveServer:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer, wait_until
+from live_server import PARSERS, LiveServer, wait_until
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -30,15 +30,6 @@ from srpo_infer.result import GenerationResult
 from srpo_infer.server import create_app
 from srpo_infer.server.limits import ConnectionLimits
 
-PARSERS = [
-    "h11",
-    pytest.param(
-        "httptools",
-        marks=pytest.mark.skipif(
-            not __import__("importlib").util.find_spec("httptools"), reason="httptools not installed"
-        ),
-    ),
-]
 WAIT_S = 60  # how long a socket read or a condition may take: far past every limit under test
 
 

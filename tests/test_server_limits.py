@@ -11,21 +11,12 @@ import threading
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import PARSERS, LiveServer
 
 pytest.importorskip("fastapi")
 from srpo_infer.server import create_app
 from srpo_infer.server.limits import ConnectionLimits, quiet_loop_errors
 
-PARSERS = [
-    "h11",
-    pytest.param(
-        "httptools",
-        marks=pytest.mark.skipif(
-            not __import__("importlib").util.find_spec("httptools"), reason="httptools not installed"
-        ),
-    ),
-]
 WAIT_S = 60  # how long a socket read may wait for the server: far past every limit under test
 
 
