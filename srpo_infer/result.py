@@ -93,11 +93,12 @@ class GenerationResult:
         """
         fmt = check_output_format(output_format or self.output_format)
         ext = "jpg" if fmt == "jpeg" else "png"
-        target = Path(target)
         check_image_file_name(target, fmt)
-        if target.suffix and len(self.images) == 1:
+        folder = names_a_folder(target)
+        target = Path(target)
+        if not folder and len(self.images) == 1:
             paths = [target]
-        elif target.suffix:
+        elif not folder:
             paths = [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(self.images))]
         else:
             paths = [target / f"srpo_{s}.{ext}" for s in self.seeds]
@@ -159,17 +160,28 @@ def api_response(result: GenerationResult, images: list[dict], has_nsfw_concepts
 IMAGE_SUFFIXES = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 
 
+def names_a_folder(target: str | Path) -> bool:
+    """Whether ``target`` names a folder for the images: an existing directory (``run.v2`` included), a
+    name ending in a slash, or a name without an extension.
+
+    >>> names_a_folder("outputs"), names_a_folder("run.v2/"), names_a_folder("out.png")
+    (True, True, False)
+    """
+    text = os.fspath(target)
+    return text.endswith(("/", os.sep)) or not Path(text).suffix or Path(text).is_dir()
+
+
 def check_image_file_name(target: str | Path, output_format: str) -> None:
-    """A file name's extension must say the format written into it (a folder, with no extension, is fine).
+    """A file name's extension must say the format written into it (a folder is fine: :func:`names_a_folder`).
 
     >>> check_image_file_name("out.gif", "jpeg")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: output file 'out.gif' must end in .jpg, .jpeg or .png (or name a folder): ...
     """
-    suffix = Path(target).suffix.lower()
-    if not suffix:
+    if names_a_folder(target):
         return
+    suffix = Path(target).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise ValueError(
             f"output file {str(target)!r} must end in .jpg, .jpeg or .png (or name a folder): images "

@@ -362,3 +362,23 @@ def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
     assert [p.name for p in result.save(tmp_path / "out")] == ["srpo_3.jpg"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["srpo_3.jpg"]
+
+
+def test_a_folder_with_a_dot_in_its_name_is_a_folder(tmp_path):
+    """An existing folder (``mktemp -d`` makes ``tmp.XXXX``) or a name ending in a slash takes the images
+    inside; only a name that is neither is a file name whose extension must be an image's."""
+    from PIL import Image as PILImage
+
+    from srpo_infer.request import validate_request
+    from srpo_infer.result import GenerationResult
+
+    result = GenerationResult(
+        request=validate_request("a cat", width=512, height=512, seed=3),
+        images=[PILImage.new("RGB", (512, 512))],
+        timings={},
+    )
+    (tmp_path / "run.v2").mkdir()
+    assert result.save(tmp_path / "run.v2") == [tmp_path / "run.v2" / "srpo_3.jpg"]
+    assert result.save(f"{tmp_path}/new.v3/", "png") == [tmp_path / "new.v3" / "srpo_3.png"]
+    with pytest.raises(ValueError, match=r"must end in \.jpg, \.jpeg or \.png"):
+        result.save(tmp_path / "not-there.v4")

@@ -68,7 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     # Check the request before the (possibly long) model load, so a typo fails in a second.
     from ..request import validate_request
-    from ..result import IMAGE_SUFFIXES, check_image_file_name
+    from ..result import IMAGE_SUFFIXES, check_image_file_name, names_a_folder
 
     if args.image_size and (args.width is not None or args.height is not None):
         raise ValueError("give either --image-size or --width/--height, not both")
@@ -77,10 +77,10 @@ def run_command(args: argparse.Namespace) -> int:
         req = validate_request(args.prompt, image_size=args.image_size, **request)
     except ValueError as exc:
         raise ValueError(_as_flags(str(exc))) from None
-    output = Path(args.output)
+    output = args.output  # as typed: a trailing slash names a folder
     fmt = args.output_format
     if fmt is None:
-        fmt = IMAGE_SUFFIXES.get(output.suffix.lower(), "jpeg")
+        fmt = "jpeg" if names_a_folder(output) else IMAGE_SUFFIXES.get(Path(output).suffix.lower(), "jpeg")
     try:
         check_image_file_name(output, fmt)
     except ValueError as exc:
