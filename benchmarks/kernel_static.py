@@ -109,7 +109,14 @@ def _inputs():
 def jobs() -> list[dict]:
     """Every (kernel, mode, design, config, target) the launcher can run under this Triton, plus the
     configurations it drops for this Triton (``shipped: False``), as picklable job specs."""
-    from srpo_infer.kernels.configs import MODES, WS_CONFIGS, WS_MIN_TRITON, all_gpu_candidates, gpu_candidates
+    from srpo_infer.kernels.configs import (
+        MODES,
+        WS_CONFIGS,
+        WS_MIN_TRITON,
+        all_gpu_candidates,
+        gpu_candidates,
+        triton_minor,
+    )
     from srpo_infer.kernels.launch import DESIGNS
 
     out = []
@@ -123,7 +130,7 @@ def jobs() -> list[dict]:
             for design in DESIGNS:
                 if design in ("tma", "ws") and target < (9, 0):
                     continue
-                if design == "ws" and _triton_version() < WS_MIN_TRITON:
+                if design == "ws" and triton_minor() < WS_MIN_TRITON:
                     continue  # Gluon's warp_specialize as the kernel calls it
                 if design == "ws":  # one configuration per mode, Hopper only
                     config = tuple(WS_CONFIGS[mode])
@@ -141,12 +148,6 @@ def jobs() -> list[dict]:
                         )
                     )
     return out
-
-
-def _triton_version() -> tuple[int, int]:
-    import triton
-
-    return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 def _tool(name: str) -> str:

@@ -99,6 +99,11 @@ WS_REGISTERS = (240, 24)  # setmaxnreg per thread: the consumers', the loader's 
 WS_MIN_TRITON = (3, 6)  # gl.warp_specialize's current signature
 
 
+def triton_minor() -> tuple[int, int]:
+    """The imported Triton's (major, minor)."""
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 def ws_refusal(device: torch.device) -> str | None:
     """Why the ``ws`` design cannot run on ``device`` (None: it can). Gluon has no interpreter and the
     kernel is written for Hopper's wgmma, TMA and setmaxnreg."""
@@ -110,7 +115,7 @@ def ws_refusal(device: torch.device) -> str | None:
     elif torch.cuda.get_device_capability(device)[0] != 9:
         major, minor = torch.cuda.get_device_capability(device)
         where = f"on sm_{major}{minor}"
-    elif tuple(int(x) for x in triton.__version__.split(".")[:2]) < WS_MIN_TRITON:
+    elif triton_minor() < WS_MIN_TRITON:
         return f"attention_design='ws' needs triton >= 3.6 (Gluon's warp_specialize), this is {triton.__version__}"
     if where is None:
         return None

@@ -297,11 +297,16 @@ def _ws_attention_launch(b: _Buffers, out: torch.Tensor, mode: str, config: Kern
     batch, s, heads, head_dim = out.shape
     half = config.block_m // 2
     tiles = _tiles(half, config.block_n, head_dim, flags.pv_fp8)
-    descriptors = []
-    for t, tile in zip((b.q, b.k, b.v), tiles, strict=True):
-        element = getattr(gl, {torch.int8: "int8", torch.float8_e4m3fn: "float8e4nv"}.get(t.dtype, str(t.dtype)[6:]))
-        layout = gl.NVMMASharedLayout.get_default_for(tile, element)
-        descriptors.append(GluonDescriptor.from_tensor(t, tile, layout))
+    elements = {
+        torch.bfloat16: gl.bfloat16,
+        torch.float16: gl.float16,
+        torch.int8: gl.int8,
+        torch.float8_e4m3fn: gl.float8e4nv,
+    }
+    descriptors = [
+        GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, elements[t.dtype]))
+        for t, tile in zip((b.q, b.k, b.v), tiles, strict=True)
+    ]
     strides = [out.stride(0), out.stride(2), out.stride(1)]
     args = [*descriptors, b.qs, b.ks, b.v_amax, out, *strides, s, b.s_pad, heads, LOG2E / math.sqrt(head_dim)]
     meta = dict(
