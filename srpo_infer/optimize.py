@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .attention import check_backend_available, set_attention_backend
+from .attention import check_backend_available, check_heads_fit, set_attention_backend
 from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
 from .quantize import check_quantize_available, quantize_module
-from .step_cache import RequestCache
+from .step_cache import RequestCache, provide_cache_context
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def apply_optimizations(
     traces the hooked blocks. Memory last: the weights it moves are the final ones.
     """
     transformer = flux.transformer
+    check_heads_fit(config.attention, transformer)  # before anything changes
     steps = []
     if config.lora is not None:
         from .lora import apply_lora, max_rank, read_lora
@@ -115,6 +116,7 @@ def apply_optimizations(
     step_cache = None
     if stock and stock_cache is not None:
         transformer.enable_cache(stock_cache[0])
+        provide_cache_context(transformer)  # most Flux pipelines open none; diffusers' hooks need one
         steps.append(stock_cache[1])
     elif not stock and context_parallel is None and not _whole_model_compile(config):
         # Left out split over processes (each would decide on its own tokens) and under the whole-model
@@ -262,6 +264,7 @@ def optimize(
     ['attention:sdpa', 'quantize:fp8(504 linears)', 'compile:inductor:regional:default']
     """
     from .config import PipelineConfig
+    from .guards import check_cache_fits, resolve_fuse_qkv
     from .request import check_keywords
     from .step_cache import stock_cache
 
@@ -282,6 +285,8 @@ def optimize(
         ],
     )
     cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
+    check_cache_fits(pipe, None if cached is None else cache or "first-block")
+    fuse_qkv = resolve_fuse_qkv(transformer, fuse_qkv)
     param = next(transformer.parameters())
     config = PipelineConfig(
         model="(a diffusers pipeline)",
@@ -309,9 +314,12 @@ def mark_optimized(pipe, steps: list[str]) -> None:
     """Record on a stock pipeline what was applied (``pipe.srpo_steps``, as :func:`optimize` returns it),
     and remember what changed the transformer for good (fused, quantized, compiled, cached, a LoRA), so a
     second :func:`optimize` cannot apply it twice; an attention backend alone can be set again."""
+    from .guards import guard_after_optimize
+
     pipe.srpo_steps = list(steps)
     if any(not step.startswith("attention:") for step in steps):
         pipe.transformer._srpo_optimized = steps
+    guard_after_optimize(pipe.transformer, compiled=any(step.startswith("compile:") for step in steps))
 
 
 def refuse_ours_only(options: dict) -> None:

@@ -29,6 +29,7 @@ HEAVY_FIRST = (
     "test_lora_requests.py",
     "test_readme_commands.py",
     "test_diffusers_api.py",
+    "test_flux_pipelines.py",
     "test_bench.py",
     "test_server_robust.py",
     "test_attention_processor.py",
