@@ -294,6 +294,21 @@ def check_backend_available(backend: str, device: torch.device, design: str = "a
         )
 
 
+def check_heads_fit(backend: str, transformer: torch.nn.Module) -> None:
+    """Raise a clear error when our kernels cannot run ``transformer``'s attention heads (checked before
+    any optimization changes the model; ``sdpa`` runs any head size)."""
+    if backend == "sdpa":
+        return
+    from srpo_infer.kernels.launch import HEAD_DIMS
+
+    head_dim = transformer.config.attention_head_dim
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(
+            f"attention={backend!r} runs heads of {', '.join(map(str, HEAD_DIMS))} dims; this transformer's "
+            f"attention_head_dim is {head_dim}: use attention='sdpa'"
+        )
+
+
 MIN_TRITON = (3, 4)  # host tensor descriptors (triton.tools.tensor_descriptor) for the tma design
 
 
