@@ -66,6 +66,8 @@ def _argv(command: str, tmp_path: Path) -> list[str]:
     """The command as typed, run by the venv's programs, its output folders moved under ``tmp_path``."""
     argv = shlex.split(command)
     argv[0] = str(BIN / argv[0])  # the venv's console scripts and python, as an activated venv finds them
+    if argv[-1] in ("--help", "--version"):
+        return argv  # writes nothing
     for i, arg in enumerate(argv[:-1]):
         if arg in ("-o", "--output", "--output-dir", "--lora-dir"):
             argv[i + 1] = str(tmp_path / argv[i + 1])
