@@ -190,7 +190,8 @@ def _counts_cpu_as_one_device(device: torch.device):
 class ContextParallel:
     """Context parallelism applied to a transformer, and what the pipeline needs to keep ranks in step.
 
-    Built by :func:`srpo_infer.optimize.optimize` when ``context_parallel > 1``; the pipeline pads an
+    Built by :func:`srpo_infer.optimize.apply_optimizations` when ``context_parallel > 1`` (``load_pipeline``
+    only: :func:`srpo_infer.optimize` refuses it); the pipeline pads an
     image's inputs once (:meth:`fixed_inputs`) and its latents each step (:meth:`pad_latents`), cuts the
     padding off the output, and agrees on the seed and the stop decision through rank 0.
     """

@@ -41,7 +41,9 @@ def load_pipeline(
     device. ``quantize``: ``fp8`` (torchao, CUDA sm ≥ 89), ``fp8-weight`` (optimum-quanto, any device,
     memory only) or ``None``;
     ``auto`` is ``None`` until fp8's deviation is measured on real weights. ``compile``: torch.compile
-    the transformer and VAE decoder (``auto``: off until measured on a GPU). ``context_parallel=N`` splits
+    the transformer's repeated blocks (``compile_scope="regional"``, the default; the VAE stays eager),
+    or the whole transformer and the VAE decoder (``compile_scope="full"``); ``auto``: off until
+    measured on a GPU. ``context_parallel=N`` splits
     each image's tokens over N processes, one per GPU, started by ``torchrun --nproc-per-node N`` (every
     rank calls this and ``generate`` alike; :attr:`SRPOPipeline.rank` 0 saves); ``ring_degree`` how many
     of them pass keys around a ring (``auto``: Ulysses as far as the heads divide). Other

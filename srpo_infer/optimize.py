@@ -261,7 +261,7 @@ def optimize(
 
     >>> pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")  # doctest: +SKIP
     >>> srpo_infer.optimize(pipe.to("cuda"), quantize="fp8", compile=True)     # doctest: +SKIP
-    ['attention:sdpa', 'quantize:fp8(504 linears)', 'compile:inductor:regional:default']
+    ['fuse_qkv', 'quantize:fp8(570 linears)', 'attention:sdpa', 'compile:inductor:regional:default']
     """
     from .config import PipelineConfig
     from .guards import check_cache_fits, resolve_fuse_qkv

@@ -131,6 +131,8 @@ def compiled(eager_latents):
 def test_regional_compile_matches_eager_and_settles_at_warmup(compiled, eager_latents):
     pipe, first, settled = compiled
     assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == "compile:eager:regional:default"
+    # Regional compile works in place and leaves the VAE eager (load_pipeline's docstring says so).
+    assert pipe.optimized.transformer is pipe.flux.transformer and pipe.optimized.vae_decode == pipe.flux.vae.decode
     assert relative_error(first, eager_latents) < 1e-5
     # Per block class, the block with the step cache's hooks computing (the first block in two pieces
     # around the skip decision) and skipping, plus the single blocks' strided text slice.

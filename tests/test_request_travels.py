@@ -1,5 +1,6 @@
-"""The request travels whole from the caller to the denoising loop, so a new request field touches its
-definition (request.py), its place in the HTTP body (server/schema.py) and the stage that uses it."""
+"""The request travels whole from the caller to the denoising loop, so a new request field needs its
+definition (request.py), its place in the HTTP body (server/schema.py) and the modules that read it, and no
+signature in between (ARCHITECTURE.md, "Adding a request field"; test_architecture_claims recounts them)."""
 
 from __future__ import annotations
 

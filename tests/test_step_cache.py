@@ -1,4 +1,5 @@
-"""acceleration = none | regular | high: the first-block cache on the tiny model and on fake stages."""
+"""acceleration = none | regular | high: the first-block cache on the tiny model (thresholds, full evaluations
+counted, a threshold that skips every step after the first), and its refusal under the whole-model compile."""
 
 from __future__ import annotations
 
