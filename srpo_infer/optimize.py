@@ -16,7 +16,7 @@ from .attention import check_backend_available, check_heads_fit, set_attention_b
 from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
 from .quantize import check_quantize_available, quantize_module
-from .step_cache import RequestCache, provide_cache_context
+from .step_cache import RequestCache
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def apply_optimizations(
         steps.append(f"context_parallel:{degrees.describe()}")
     step_cache = None
     if stock and stock_cache is not None:
+        from .cache_context import provide_cache_context
+
         transformer.enable_cache(stock_cache[0])
         provide_cache_context(transformer)  # most Flux pipelines open none; diffusers' hooks need one
         steps.append(stock_cache[1])
