@@ -54,8 +54,18 @@ def _cache_options(cache: str) -> dict:
     return dict(cache=cache, cache_steps=STEPS)
 
 
-@pytest.mark.parametrize("cache", CACHES)
-@pytest.mark.parametrize("name", list(PIPELINES))
+def _engine_rows() -> list:
+    """The first-block cache (the API's ``acceleration``) on every class in the README's suite; the other
+    two engines on img2img there, on the other classes in CI's slow step."""
+    rows = []
+    for name in PIPELINES:
+        for cache in CACHES:
+            fast = cache == "first-block" or name == "FluxImg2ImgPipeline"
+            rows.append(pytest.param(name, cache, marks=() if fast else pytest.mark.slow, id=f"{name}-{cache}"))
+    return rows
+
+
+@pytest.mark.parametrize("name, cache", _engine_rows())
 def test_every_cache_engine_skips_work_on_every_flux_pipeline(name, cache):
     """Most Flux pipelines open no cache context (diffusers 0.42: only FluxPipeline does); optimize()
     provides one per call, so each engine runs, skips work and stays near the stock image. A cache
