@@ -20,11 +20,9 @@ SKIP_ALL = 1e9  # a first-block threshold under which every step after the first
 CACHED_MEAN_DEVIATION = 0.15
 CONTROLNETS = [name for name in PIPELINES if "ControlNet" in name]
 CACHES = ["first-block", "taylorseer", "magcache"]
-# The Triton interpreter and compile traces take seconds a pipeline: img2img in the README's suite, the
-# other classes in CI's slow step.
-ONE_FAST_REST_SLOW = [
-    name if name == "FluxImg2ImgPipeline" else pytest.param(name, marks=pytest.mark.slow) for name in PIPELINES
-]
+# The Triton interpreter and compile traces take seconds a pipeline: CI's slow step runs them for every
+# class (test_diffusers_api.py runs both on FluxPipeline in the README's suite).
+ALL_SLOW = [pytest.param(name, marks=pytest.mark.slow) for name in PIPELINES]
 _references: dict[str, np.ndarray] = {}
 
 
@@ -87,7 +85,18 @@ def test_every_cache_engine_skips_work_on_every_flux_pipeline(name, cache):
     assert calls[0] == 2 * evaluations
 
 
-@pytest.mark.parametrize("name", [name for name in PIPELINES if name != "FluxPipeline"])
+# One class of each way in (img2img, ControlNet, Kontext) in the README's suite, the others in CI's slow step.
+_EXACT_FAST = ("FluxImg2ImgPipeline", "FluxControlNetPipeline", "FluxKontextPipeline")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name in _EXACT_FAST else pytest.mark.slow)
+        for name in PIPELINES
+        if name != "FluxPipeline"  # opens its own context: nothing of ours runs
+    ],
+)
 def test_the_provided_cache_context_changes_no_pixel_when_nothing_is_skipped(name):
     """At threshold 0 the first-block cache computes every step: the image is the stock one exactly."""
     pipe, inputs = build(name)
@@ -169,7 +178,7 @@ def _triton_attention_available() -> None:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("name", ONE_FAST_REST_SLOW)
+@pytest.mark.parametrize("name", ALL_SLOW)
 def test_triton_attention_runs_every_flux_pipeline(name):
     """Our kernels (the interpreter on a CPU) at the tiny model's head size, one step at 32×32."""
     _triton_attention_available()
@@ -190,7 +199,7 @@ def test_triton_attention_refuses_a_head_size_it_cannot_run_before_changing_anyt
     assert not any(getattr(module, "fused_projections", False) for module in pipe.transformer.modules())
 
 
-@pytest.mark.parametrize("name", ONE_FAST_REST_SLOW)
+@pytest.mark.parametrize("name", ALL_SLOW)
 def test_regional_compile_on_every_flux_pipeline_keeps_the_image_and_compiles_nothing_at_a_new_size(name):
     torch._dynamo.reset()
     pipe, inputs = build(name)
