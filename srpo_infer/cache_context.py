@@ -36,7 +36,8 @@ class CallContextHook(ModelHook):
     every step of a call, and different ones to its conditional and unconditional calls (true CFG), so
     each keeps its own cache state, as ``FluxPipeline``'s ``"cond"`` and ``"uncond"`` do. Streams are
     held by weak reference; when none of them is alive, the call is a new one and every cache hook on
-    the transformer starts empty (diffusers also resets them at the end of each pipeline call). The
+    the transformer starts empty (diffusers also resets them at the end of each pipeline call that completes; a call
+    interrupted midway leaves its state to the next call that passes the same tensor, as in FluxPipeline). The
     names are reused (``srpo-0``, ``srpo-1``) so compiled blocks that read them see the same strings.
     A call that already runs under a context (``FluxPipeline``, or research code that opens one) passes
     through untouched: diffusers sets that context on this hook's :class:`StateManager` too.

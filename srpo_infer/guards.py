@@ -10,13 +10,11 @@ where it would otherwise change nothing without a word or fail deep inside torch
 - diffusers' first-block cache and MagCache skip the blocks between which a ControlNet adds its
   residuals, and would add them twice on every skipped step: refused on a pipeline with a ControlNet.
 
-The refusals of methods are instance attributes bound to the transformer (``types.MethodType``), so
-the class and every other pipeline stay as diffusers made them.
+The refusals are instance attributes of the one transformer (small callable objects, so it still
+pickles and deep-copies), so the class and every other pipeline stay as diffusers made them.
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 
@@ -59,6 +57,11 @@ def check_cache_fits(pipe, cache: str | None) -> None:
     blocks under a ControlNet (its residuals are added between the skipped blocks)."""
     if cache is None:
         return
+    if getattr(pipe.transformer, "_hf_hook", None) is not None:  # accelerate's offload hook
+        raise ValueError(
+            "this transformer is offloaded already (enable_model_cpu_offload or similar): its hooks are taken off "
+            "after each call, and a cache's context with them; pass memory='offload-model' to optimize() instead"
+        )
     if pipe.transformer.is_cache_enabled:
         raise ValueError(
             "this transformer has a cache already (diffusers' enable_cache): call pipe.transformer.disable_cache() "
@@ -74,34 +77,44 @@ def check_cache_fits(pipe, cache: str | None) -> None:
 def guard_after_optimize(transformer: torch.nn.Module, *, compiled: bool) -> None:
     """Refuse, on this transformer only, what would be ignored or fail after ``optimize``."""
     if has_fused_qkv(transformer):
-        transformer.load_lora_adapter = types.MethodType(_load_lora_adapter_unless_on_fused_qkv, transformer)
+        transformer.load_lora_adapter = LoraUnlessOnFusedQkv(transformer)
     if compiled:
-        transformer.enable_cache = types.MethodType(_enable_cache_after_compile, transformer)
-        transformer.enable_layerwise_casting = types.MethodType(_enable_layerwise_casting_after_compile, transformer)
-
-
-def _load_lora_adapter_unless_on_fused_qkv(self, *args, **kwargs):
-    before = live_qkv_adapters(self)
-    type(self).load_lora_adapter(self, *args, **kwargs)
-    added = sorted(live_qkv_adapters(self) - before)
-    if added:
-        self.delete_adapters(added)  # nothing half-loaded
-        raise ValueError(
-            "this LoRA's to_q/to_k/to_v layers would change nothing: optimize() fused this transformer's Q/K/V "
-            "projections (fuse_qkv, on with compile=True). Pass lora= to optimize(), or load the LoRA before "
-            "optimize() on a fresh pipeline"
+        transformer.enable_cache = Refusal(
+            "enable_cache() after optimize(compile=True): the compiled blocks cannot take a cache hook now; "
+            "pass acceleration= or cache= to optimize() on a fresh pipeline instead"
+        )
+        transformer.enable_layerwise_casting = Refusal(
+            "enable_layerwise_casting() after optimize(compile=True): the compiled blocks cannot take its hooks "
+            "now; pass quantize='fp8-weight' to optimize() instead, or cast without compile=True"
         )
 
 
-def _enable_cache_after_compile(self, *args, **kwargs):
-    raise ValueError(
-        "enable_cache() after optimize(compile=True): the compiled blocks cannot take a cache hook now; "
-        "pass acceleration= or cache= to optimize() on a fresh pipeline instead"
-    )
+class Refusal:
+    """A method of one instance that raises its message (a plain object, so the module still pickles)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(self.message)
 
 
-def _enable_layerwise_casting_after_compile(self, *args, **kwargs):
-    raise ValueError(
-        "enable_layerwise_casting() after optimize(compile=True): the compiled blocks cannot take its hooks now; "
-        "pass quantize='fp8-weight' to optimize() instead, or cast without compile=True"
-    )
+class LoraUnlessOnFusedQkv:
+    """``load_lora_adapter`` that removes the adapter again and refuses it while Q/K/V run fused and the
+    adapter sits on them (an adapter elsewhere, or after ``unfuse_qkv_projections()``, loads as usual)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def __call__(self, *args, **kwargs):
+        transformer = self.transformer
+        before = live_qkv_adapters(transformer)
+        type(transformer).load_lora_adapter(transformer, *args, **kwargs)
+        added = sorted(live_qkv_adapters(transformer) - before)
+        if added and has_fused_qkv(transformer):
+            transformer.delete_adapters(added)  # nothing half-loaded
+            raise ValueError(
+                "this LoRA's to_q/to_k/to_v layers would change nothing: optimize() fused this transformer's "
+                "Q/K/V projections (fuse_qkv, on with compile=True). Pass lora= to optimize(), or load the LoRA "
+                "before optimize() on a fresh pipeline"
+            )

@@ -268,3 +268,62 @@ def test_a_second_cache_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"has a cache already .*disable_cache\(\) first"):
         srpo_infer.optimize(pipe, fuse_qkv=True, acceleration="regular")
     assert not any(getattr(module, "fused_projections", False) for module in pipe.transformer.modules())
+
+
+def test_a_lora_loads_again_once_qkv_is_unfused_and_the_guarded_transformer_pickles(tmp_path):
+    pipe, inputs = build("FluxImg2ImgPipeline")
+    srpo_infer.optimize(pipe, fuse_qkv=True)
+    path = tmp_path / "transformer.pt"
+    torch.save(pipe.transformer, path)
+    restored = torch.load(path, weights_only=False)
+    with pytest.raises(ValueError, match="would change nothing"):  # the refusal travels with it
+        restored.load_lora_adapter(_lora_state(tmp_path), prefix="transformer")
+    pipe.transformer.unfuse_qkv_projections()
+    before = generate(pipe, inputs, steps=2)
+    pipe.load_lora_weights(_lora_file(tmp_path))
+    assert np.abs(generate(pipe, inputs, steps=2) - before).mean() > 1e-3
+
+
+def _lora_state(tmp_path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(_lora_file(tmp_path))
+
+
+def test_a_cache_is_refused_on_a_transformer_offloaded_before_optimize():
+    """accelerate's offload hooks come off after each call, taking the cache context's hook with them."""
+    pipe, _ = build("FluxImg2ImgPipeline")
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match=r"offloaded already .*pass memory='offload-model' to optimize\(\)"):
+        srpo_infer.optimize(pipe, acceleration="regular")
+
+
+def test_why_controlnets_refuse_skipping_caches_diffusers_adds_their_residuals_twice():
+    """The reason for the refusal, on diffusers itself: a first-block cache step that skips, on inputs
+    identical to the full step before it, must give the same output. Without a ControlNet it does; with
+    ControlNet residuals it is off by their sum. If diffusers fixes this, this test fails: lift the refusal."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 25, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(25, 3),
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
+    )
+    residuals = dict(
+        controlnet_block_samples=[torch.randn(1, 25, 64, generator=g)],
+        controlnet_single_block_samples=[torch.randn(1, 25, 64, generator=g)],
+    )
+    errors = []
+    for extra in ({}, residuals):
+        transformer = build("FluxPipeline")[0].transformer
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=SKIP_ALL))
+        with torch.no_grad(), transformer.cache_context("cond"):
+            full, skipped = (transformer(**inputs, **extra)[0] for _ in range(2))
+        errors.append((skipped - full).abs().max().item())
+    assert errors[0] < 1e-4 and errors[1] > 0.05, errors
