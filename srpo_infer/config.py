@@ -118,6 +118,9 @@ class PipelineConfig:
         None, "compute dtype [default: bfloat16 on CUDA, float32 on CPU]", choices=("bfloat16", "float16", "float32")
     )
     max_sequence_length: int = _option(MAX_SEQUENCE_LENGTH, "T5 tokens of the prompt (1–512)", cli=False)
+    prompt_cache_mb: int = _option(
+        256, "memory for encoded prompts kept for reuse, in MB (0: encode every prompt every time)", cli=False
+    )
     attention: str = _option(
         "auto",
         "attention backend (auto: sdpa until ours are measured faster on a GPU)",
@@ -210,6 +213,9 @@ class PipelineConfig:
                 "a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
                 "use lora_fuse=True to merge it first"
             )
+        cache_mb = self.prompt_cache_mb
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be an integer >= 0 (0: off), got {cache_mb!r}")
         context_parallel, ring_degree = resolve_context_parallel(self.context_parallel, self.ring_degree)
         if context_parallel > 1:
             scope = self.compile_scope if compile else None
@@ -220,6 +226,7 @@ class PipelineConfig:
             device=device,
             dtype=resolve_dtype(self.dtype, device),
             max_sequence_length=self.max_sequence_length,
+            prompt_cache_mb=cache_mb,
             attention=resolve_attention(self.attention),
             attention_design=_one_of("attention_design", self.attention_design, ATTENTION_DESIGNS),
             quantize=resolve_quantize(self.quantize),

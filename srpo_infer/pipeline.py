@@ -29,6 +29,7 @@ from .denoise import (
     no_step_cache_reason,
 )
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
+from .prompt_cache import PromptCache
 from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
 from .result import GenerationResult
 from .step_cache import cache_threshold_for
@@ -90,6 +91,7 @@ class SRPOPipeline:
         self.flux.set_progress_bar_config(disable=True)
         self._lock = threading.RLock()  # one generation at a time: the modules are shared state
         self.optimized = apply_optimizations(self.flux, config, lora_state=lora_state)
+        self.prompt_cache = PromptCache(config.prompt_cache_mb * 2**20)
         self.memory_plan, self._residency = self.optimized.memory_plan, self.optimized.residency
 
     # ------------------------------------------------------------------ LoRA
@@ -377,27 +379,37 @@ class SRPOPipeline:
         return DenoiseInputs(req, noise, text, self.latent_image_ids(req.num_images, req.width, req.height))
 
     def encode_prompt(self, prompt: str, num_images: int = 1) -> EncodedPrompt:
-        """CLIP pooled + T5 sequence embeddings, repeated ``num_images`` times, and the T5 token count.
+        """CLIP pooled + T5 sequence embeddings, repeated ``num_images`` times, and the T5 token count;
+        a prompt seen before comes from :attr:`prompt_cache` (``prompt_cache_mb``) without running the
+        encoders.
 
         Warns with :class:`PromptTruncatedWarning` when T5 drops tokens past ``max_sequence_length``.
         """
         max_len = self.config.max_sequence_length
-        with _quiet_truncation_logs():  # our one warning below says it; theirs print the dropped text
-            n_tokens = len(self.flux.tokenizer_2(prompt, truncation=False).input_ids)
-            if n_tokens > max_len:
-                warnings.warn(
-                    f"prompt is {n_tokens} T5 tokens; only the first {max_len} are used (and CLIP's first 77)",
-                    PromptTruncatedWarning,
-                    stacklevel=4,
-                )
-            prompt_embeds, pooled, text_ids = self.flux.encode_prompt(
-                prompt=prompt,
-                prompt_2=None,
-                device=self.device,
-                num_images_per_prompt=num_images,
-                max_sequence_length=max_len,
+        key = (prompt, max_len, id(self.flux.text_encoder), id(self.flux.text_encoder_2))
+        text = self.prompt_cache.get(key)
+        if text is None:
+            text = self._encode(prompt, max_len)
+            self.prompt_cache.put(key, text)
+        if text.text_tokens > max_len:
+            warnings.warn(
+                f"prompt is {text.text_tokens} T5 tokens; only the first {max_len} are used (and CLIP's first 77)",
+                PromptTruncatedWarning,
+                stacklevel=4,
             )
-        return EncodedPrompt(prompt_embeds, pooled, text_ids, min(n_tokens, max_len))
+        embeds, pooled, text_ids, n_tokens = text
+        if num_images > 1:  # what diffusers' num_images_per_prompt does for one prompt
+            embeds, pooled = embeds.repeat(num_images, 1, 1), pooled.repeat(num_images, 1)
+        return EncodedPrompt(embeds, pooled, text_ids, min(n_tokens, max_len))
+
+    def _encode(self, prompt: str, max_len: int) -> EncodedPrompt:
+        """One prompt through both encoders; ``text_tokens`` is T5's count before truncation."""
+        with _quiet_truncation_logs():  # our one warning says it; theirs print the dropped text
+            n_tokens = len(self.flux.tokenizer_2(prompt, truncation=False).input_ids)
+            prompt_embeds, pooled, text_ids = self.flux.encode_prompt(
+                prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=max_len
+            )
+        return EncodedPrompt(prompt_embeds, pooled, text_ids, n_tokens)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """``(channels, latent_height, latent_width)`` of the unpacked noise for an image size."""

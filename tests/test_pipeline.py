@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -196,3 +197,39 @@ def test_on_step_sees_every_step_and_a_long_prompt_says_so_once(tiny_pipe, caplo
     assert steps == [(0, (1, 1024, c)), (1, (1, 1024, c)), (2, (1, 1024, c))]
     assert [w.category for w in caught] == [PromptTruncatedWarning]
     assert "word word word" not in caplog.text  # transformers and diffusers would print the dropped text
+
+
+def _count_t5_calls(pipe) -> list[int]:
+    encoder, calls = pipe.flux.text_encoder_2, [0]
+    original = encoder.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    encoder.forward = counted
+    return calls
+
+
+def test_the_same_prompt_twice_runs_t5_once_and_makes_the_same_image():
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False)
+    calls = _count_t5_calls(pipe)
+    request = GenerationRequest("a lighthouse at dusk", 512, 512, seed=3, num_inference_steps=2)
+    first, again = pipe.run(request), pipe.run(request)
+    assert calls[0] == 1 and pipe.prompt_cache.hits == 1
+    torch.testing.assert_close(again.latents, first.latents, rtol=0, atol=0)
+    two = pipe.run(dataclasses.replace(request, num_images=2))  # the cached embeddings repeated per image
+    assert calls[0] == 1
+    torch.testing.assert_close(two.latents[:1], first.latents, rtol=0, atol=1e-4)  # batch-of-2 rounding
+    pipe.run(GenerationRequest("a lighthouse at dawn", 512, 512, seed=3, num_inference_steps=2))
+    assert calls[0] == 2
+
+
+def test_prompt_cache_off_encodes_every_time_and_a_bad_size_is_named():
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, prompt_cache_mb=0)
+    calls = _count_t5_calls(pipe)
+    for _ in range(2):
+        pipe.run(GenerationRequest("a lighthouse at dusk", 512, 512, seed=3, num_inference_steps=1))
+    assert calls[0] == 2
+    with pytest.raises(ValueError, match=r"prompt_cache_mb must be an integer >= 0 \(0: off\), got -1"):
+        srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, prompt_cache_mb=-1)
