@@ -82,3 +82,31 @@ def generate(pipe, inputs: dict, steps: int = 6, size: int = SIZE, seed: int = 5
         **extra,
     )
     return out.images[0]
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """Calls of ``module`` that really ran: wrapped before any cache hook, so a skipped call is not
+    counted (eager: a hook on a compiled block would not fire). ``calls[0]`` is the count."""
+    calls = [0]
+    original = module.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    module.forward = counted
+    return calls
+
+
+def direct_transformer_inputs(generator: torch.Generator) -> dict:
+    """Keyword inputs for one call of the tiny transformer itself (25 image tokens, 8 text tokens)."""
+    return dict(
+        hidden_states=torch.randn(1, 25, 16, generator=generator),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=generator),
+        pooled_projections=torch.randn(1, 32, generator=generator),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(25, 3),
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
+    )

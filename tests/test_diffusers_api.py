@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flux_pipelines import count_calls
 
 import srpo_infer
 from srpo_infer.compile import compiled_graphs
@@ -33,23 +34,9 @@ def _image(pipe, width=640, height=512, steps=2, seed=5, text_tokens=64):
     return out.images[0]
 
 
-def _count_calls(module: torch.nn.Module) -> list[int]:
-    """Calls of ``module`` that really ran: wrapped before any cache hook, so a skipped call is not
-    counted (eager: a hook on a compiled block would not fire)."""
-    calls = [0]
-    original = module.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    module.forward = counted
-    return calls
-
-
 def _count_full_evaluations(pipe) -> list[int]:
     """Calls of the transformer's last block that really ran."""
-    return _count_calls(pipe.transformer.single_transformer_blocks[-1])
+    return count_calls(pipe.transformer.single_transformer_blocks[-1])
 
 
 def test_diffusers_pipeline_is_a_stock_flux_pipeline_that_generates(stock):
@@ -151,7 +138,7 @@ def test_what_only_our_loop_runs_is_refused_on_a_stock_pipeline_in_one_line(stoc
 
 def _count_attention_calls(pipe) -> list[int]:
     """Calls of the first block's attention that really ran (wrapped before TaylorSeer's hooks)."""
-    return _count_calls(pipe.transformer.transformer_blocks[0].attn)
+    return count_calls(pipe.transformer.transformer_blocks[0].attn)
 
 
 @pytest.mark.parametrize(

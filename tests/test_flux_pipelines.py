@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_pipelines import PIPELINES, build, generate
+from flux_pipelines import PIPELINES, build, count_calls, direct_transformer_inputs, generate
 
 import srpo_infer
 from srpo_infer.compile import compiled_graphs
@@ -31,19 +31,6 @@ def _reference(name: str) -> np.ndarray:
         pipe, inputs = build(name)
         _references[name] = generate(pipe, inputs, steps=STEPS)
     return _references[name]
-
-
-def _count_calls(module: torch.nn.Module) -> list[int]:
-    """Calls of ``module`` that really ran (wrapped before any cache hook, so a skipped one is not counted)."""
-    calls = [0]
-    original = module.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    module.forward = counted
-    return calls
 
 
 def _cache_options(cache: str) -> dict:
@@ -74,7 +61,7 @@ def test_every_cache_engine_skips_work_on_every_flux_pipeline(name, cache):
     transformer = pipe.transformer
     # TaylorSeer predicts attention outputs; the others skip whole blocks, the last one included.
     first_attention, last_block = transformer.transformer_blocks[0].attn, transformer.single_transformer_blocks[-1]
-    calls = _count_calls(first_attention if cache == "taylorseer" else last_block)
+    calls = count_calls(first_attention if cache == "taylorseer" else last_block)
     steps = srpo_infer.optimize(pipe, **_cache_options(cache))
     assert steps[-1].startswith(f"cache:{cache}(")
     cached = generate(pipe, inputs, steps=STEPS)
@@ -130,15 +117,8 @@ def test_direct_transformer_calls_get_a_context_per_text_and_a_fresh_cache_per_c
     transformer = pipe.transformer
     srpo_infer.optimize(pipe, cache_threshold=SKIP_ALL)
     g = torch.Generator().manual_seed(0)
-    common = dict(
-        hidden_states=torch.randn(1, 25, 16, generator=g),
-        pooled_projections=torch.randn(1, 32, generator=g),
-        timestep=torch.tensor([0.5]),
-        guidance=torch.tensor([3.5]),
-        img_ids=torch.zeros(25, 3),
-        txt_ids=torch.zeros(8, 3),
-        return_dict=False,
-    )
+    common = direct_transformer_inputs(g)
+    del common["encoder_hidden_states"]  # each call brings its own
     text_a, text_b = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
     with torch.no_grad():
         first_a = transformer(encoder_hidden_states=text_a, **common)[0]
@@ -305,16 +285,7 @@ def test_why_controlnets_refuse_skipping_caches_diffusers_adds_their_residuals_t
     from diffusers.hooks import FirstBlockCacheConfig
 
     g = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 25, 16, generator=g),
-        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-        pooled_projections=torch.randn(1, 32, generator=g),
-        timestep=torch.tensor([0.5]),
-        guidance=torch.tensor([3.5]),
-        img_ids=torch.zeros(25, 3),
-        txt_ids=torch.zeros(8, 3),
-        return_dict=False,
-    )
+    inputs = direct_transformer_inputs(g)
     residuals = dict(
         controlnet_block_samples=[torch.randn(1, 25, 64, generator=g)],
         controlnet_single_block_samples=[torch.randn(1, 25, 64, generator=g)],

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flux_pipelines import count_calls
 
 import srpo_infer
 from srpo_infer import GenerationRequest, PromptTruncatedWarning
@@ -199,21 +200,9 @@ def test_on_step_sees_every_step_and_a_long_prompt_says_so_once(tiny_pipe, caplo
     assert "word word word" not in caplog.text  # transformers and diffusers would print the dropped text
 
 
-def _count_t5_calls(pipe) -> list[int]:
-    encoder, calls = pipe.flux.text_encoder_2, [0]
-    original = encoder.forward
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    encoder.forward = counted
-    return calls
-
-
 def test_the_same_prompt_twice_runs_t5_once_and_makes_the_same_image():
     pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False)
-    calls = _count_t5_calls(pipe)
+    calls = count_calls(pipe.flux.text_encoder_2)
     request = GenerationRequest("a lighthouse at dusk", 512, 512, seed=3, num_inference_steps=2)
     first, again = pipe.run(request), pipe.run(request)
     assert calls[0] == 1 and pipe.prompt_cache.hits == 1
@@ -227,7 +216,7 @@ def test_the_same_prompt_twice_runs_t5_once_and_makes_the_same_image():
 
 def test_prompt_cache_off_encodes_every_time_and_a_bad_size_is_named():
     pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, prompt_cache_mb=0)
-    calls = _count_t5_calls(pipe)
+    calls = count_calls(pipe.flux.text_encoder_2)
     for _ in range(2):
         pipe.run(GenerationRequest("a lighthouse at dusk", 512, 512, seed=3, num_inference_steps=1))
     assert calls[0] == 2
