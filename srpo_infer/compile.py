@@ -1,8 +1,8 @@
 """torch.compile for the transformer (and, for a whole-model compile, the VAE decoder), without a
 recompile per resolution, with compiled artifacts persisted across processes.
 
-- Scope. ``regional`` (default) compiles the two repeated block classes, ``FluxTransformerBlock`` and
-  ``FluxSingleTransformerBlock``, once each with diffusers' ``compile_repeated_blocks``: the 19 + 38
+- Scope. ``regional`` (default) compiles the forwards of the two repeated block classes (diffusers'
+  ``_repeated_blocks``), ``FluxTransformerBlock`` and ``FluxSingleTransformerBlock``: the 19 + 38
   blocks share those graphs, so the first call compiles a few small graphs instead of one 57-block
   graph (what the whole-model compile cost on the H200: ``benchmarks/results/h200-2026-11-26``).
   ``full`` compiles the whole transformer and the VAE decoder, for comparison in ``srpo-infer bench``.
@@ -10,8 +10,12 @@ recompile per resolution, with compiled artifacts persisted across processes.
   first call, so one graph per region serves all 1089 valid sizes (the batch 1 → N switch adds one,
   once: size 1 is always specialised). The whole-model compile marks the same dims dynamic on its inputs.
 - Mode. ``default`` keeps Inductor's fast defaults (plus flux-fast's 1×1-convs-as-matmuls, no epilogue
-  fusion). ``max-autotune`` opts into GEMM autotuning, coordinate-descent tuning and CUDA graphs: it
-  can take many minutes before the first image, so it never runs unless asked for.
+  fusion). ``max-autotune`` opts into GEMM autotuning and coordinate-descent tuning: it can take many
+  minutes before the first image, so it never runs unless asked for.
+- CUDA graphs (``cuda_graphs="auto"``): on a GPU for the whole-model compile (a step's kernels from one
+  replay; one recording per size) and with ``max-autotune``. The loop marks each step's start
+  (``torch.compiler.cudagraph_mark_step_begin``), and what outlives a replay is copied by its owner
+  (the step cache keeps a copy of the first block's output).
 - Warm start. After warm-up the compile caches (Inductor FX graphs, AOTAutograd, Triton kernels,
   autotuning) are saved with ``torch.compiler.save_cache_artifacts`` into ``cache_dir`` and loaded
   before compiling in the next process; :func:`cache_counters` tells hits from misses.
@@ -31,8 +35,9 @@ from .config import COMPILE_MODES
 log = logging.getLogger(__name__)
 
 
-def inductor_options(device: torch.device, mode: str = "default") -> dict:
-    """Inductor settings for Flux; ``max-autotune`` adds the slow-to-compile tuning and CUDA graphs."""
+def inductor_options(device: torch.device, mode: str = "default", cuda_graphs: bool | None = None) -> dict:
+    """Inductor settings for Flux; ``max-autotune`` adds the slow-to-compile tuning. CUDA graphs on a
+    GPU when ``cuda_graphs`` (``None``: with ``max-autotune``, as before the option existed)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
     options = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
@@ -42,15 +47,24 @@ def inductor_options(device: torch.device, mode: str = "default") -> dict:
             "coordinate_descent_tuning": True,
             "coordinate_descent_check_all_directions": True,
         }
-        if device.type == "cuda":
-            options["triton.cudagraphs"] = True
+    if cuda_graphs is None:
+        cuda_graphs = mode == "max-autotune"
+    if cuda_graphs and device.type == "cuda":
+        options["triton.cudagraphs"] = True
     return options
 
 
-def compile_module(fn, device: torch.device, backend: str = "inductor", mode: str = "default", fullgraph: bool = True):
+def compile_module(
+    fn,
+    device: torch.device,
+    backend: str = "inductor",
+    mode: str = "default",
+    fullgraph: bool = True,
+    cuda_graphs: bool | None = None,
+):
     """``torch.compile(fn)`` with our Inductor options (other backends take none); the size-varying
     dims are marked dynamic on the inputs (:func:`mark_dynamic`)."""
-    options = inductor_options(device, mode) if backend == "inductor" else None
+    options = inductor_options(device, mode, cuda_graphs) if backend == "inductor" else None
     return torch.compile(fn, fullgraph=fullgraph, backend=backend, options=options)
 
 
@@ -59,12 +73,23 @@ def compile_regions(
     device: torch.device,
     backend: str = "inductor",
     mode: str = "default",
-    fullgraph: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> None:
-    """Compile the transformer's repeated blocks in place (diffusers' regional compilation);
-    ``fullgraph=False`` when step-cache hooks sit on the blocks (their skip decision is a graph break)."""
-    options = inductor_options(device, mode) if backend == "inductor" else None
-    transformer.compile_repeated_blocks(fullgraph=fullgraph, dynamic=True, backend=backend, options=options)
+    """Compile the forward of each of the transformer's repeated blocks in place, whole (``fullgraph``).
+
+    diffusers' ``compile_repeated_blocks`` compiles each block's ``__call__``, which would trace any
+    hook installed on the block later (a cache's skip decision becomes a graph break, and its skip path
+    new graphs). Compiling the forward instead leaves hooks installed afterwards (step caches, group
+    offloading) outside the graphs, running eagerly around them; the blocks of a class still share one
+    graph, since dynamo caches per code object.
+    """
+    options = inductor_options(device, mode, cuda_graphs) if backend == "inductor" else None
+    repeated = set(getattr(transformer, "_repeated_blocks", ()))
+    blocks = [m for m in transformer.modules() if type(m).__name__ in repeated]
+    if not blocks:
+        raise ValueError(f"{type(transformer).__name__} names no repeated blocks to compile (_repeated_blocks)")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=True, backend=backend, options=options)
 
 
 def mark_dynamic(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> None:
@@ -79,6 +104,13 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has taken so far in this process (``torch._dynamo`` counters), all reasons."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def guard_failures() -> dict[str, list[str]]:

@@ -159,6 +159,11 @@ class PipelineConfig:
     fuse_qkv: bool | str = _option(
         "auto", "one QKV projection per attention (auto: with compile)", choices=("auto", True, False)
     )
+    cuda_graphs: bool | str = _option(
+        "auto",
+        "CUDA graphs over the compiled code (auto: on CUDA with compile_scope=full or compile_mode=max-autotune)",
+        choices=("auto", True, False),
+    )
     cache_dir: Path | None = _option(
         None,
         "compiled artifacts [default: $SRPO_CACHE_DIR/compile, else ~/.cache/srpo_infer/compile]",
@@ -195,6 +200,8 @@ class PipelineConfig:
         compile = resolve_compile(self.compile, device)
         if self.fuse_qkv not in (True, False, "auto"):
             raise ValueError(f"fuse_qkv must be True, False or 'auto', got {self.fuse_qkv!r}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         memory = _one_of("memory", self.memory, MEMORY_MODES)
         quantize = resolve_quantize(self.quantize)
         if memory in ("offload-model", "offload-group") and (compile or quantize == "fp8"):
@@ -237,6 +244,9 @@ class PipelineConfig:
             compile_mode=_one_of("compile_mode", self.compile_mode, COMPILE_MODES),
             compile_backend=self.compile_backend,
             fuse_qkv=(compile and not separate_lora) if self.fuse_qkv == "auto" else self.fuse_qkv,
+            cuda_graphs=resolve_cuda_graphs(self.cuda_graphs, device, self.compile_scope, self.compile_mode)
+            if compile
+            else False,
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir is not None else None,
             progress=self.progress,
             memory=memory,
@@ -313,6 +323,15 @@ def resolve_context_parallel(degree: int, ring_degree: int | str) -> tuple[int, 
     if isinstance(ring_degree, bool) or not isinstance(ring_degree, int) or ring_degree < 1 or degree % ring_degree:
         raise ValueError(f"ring_degree must be 'auto' or a divisor of context_parallel={degree}, got {ring_degree!r}")
     return degree, ring_degree
+
+
+def resolve_cuda_graphs(cuda_graphs: bool | str, device: torch.device, scope: str, mode: str) -> bool:
+    """``auto``: CUDA graphs on a GPU for the whole-model compile (a step's kernels launched by one
+    replay, recorded once per size) and with ``max-autotune``; the regional compile's blocks are
+    launched one by one unless asked for (each block call would record and hold its own graph)."""
+    if cuda_graphs == "auto":
+        return device.type == "cuda" and (scope == "full" or mode == "max-autotune")
+    return bool(cuda_graphs) and device.type == "cuda"
 
 
 def _check_context_parallel(

@@ -143,9 +143,11 @@ def _guidance(pipe, inputs: DenoiseInputs) -> torch.Tensor | None:
 
 def _predict(pipe, inputs: DenoiseInputs, latents, t, guidance, fixed: dict | None) -> torch.Tensor:
     """One transformer evaluation: the noise prediction for ``latents`` at timestep ``t``."""
-    transformer, cache = pipe.optimized.transformer, pipe.optimized.step_cache
+    transformer = pipe.optimized.transformer
     if pipe.optimized.needs_dynamic_marks:
         mark_dynamic(latents, inputs.img_ids)
+    if pipe.optimized.compiled:  # a new step for CUDA graphs: the last step's outputs were consumed
+        torch.compiler.cudagraph_mark_step_begin()
     text = inputs.text
     kwargs = dict(
         hidden_states=latents,
@@ -159,8 +161,7 @@ def _predict(pipe, inputs: DenoiseInputs, latents, t, guidance, fixed: dict | No
     if fixed is not None:  # context parallel: both streams padded, the padding cut off the prediction
         padded = {**kwargs, **fixed, "hidden_states": pipe.optimized.context_parallel.pad_latents(latents)}
         return transformer(**padded, return_dict=False)[0][:, : latents.shape[1]]
-    with cache.step() if cache is not None else contextlib.nullcontext():
-        return transformer(**kwargs, return_dict=False)[0]
+    return transformer(**kwargs, return_dict=False)[0]
 
 
 def no_step_cache_reason(pipe, req: GenerationRequest) -> str:

@@ -1,5 +1,5 @@
 """The one ordered place where optimizations are applied, to our pipeline and to any diffusers Flux
-pipeline: LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
+pipeline: LoRA → fuse QKV → quantize → attention backend → context parallelism → compile → step cache →
 memory placement. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps``
 so benchmarks can ablate them one at a time. :func:`optimize` is the public form for a stock
 ``diffusers.FluxPipeline`` (or any pipeline with a Flux transformer); :class:`SRPOPipeline` is built
@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .attention import check_backend_available, check_heads_fit, set_attention_backend
 from .compile import cache_key, compile_module, compile_regions, load_artifacts
 from .config import PipelineConfig
 from .quantize import check_quantize_available, quantize_module
-from .step_cache import RequestCache
+
+if TYPE_CHECKING:
+    from .first_block_cache import RequestCache
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,12 @@ def apply_optimizations(
 ) -> Optimized:
     """The one ordered function: apply ``config`` to ``flux`` (a diffusers ``FluxPipeline``) in place.
 
-    LoRA → fuse QKV → quantize → attention backend → context parallelism → step cache → compile →
+    LoRA → fuse QKV → quantize → attention backend → context parallelism → compile → step cache →
     memory placement. LoRA first: its keys name the unfused projections. The step cache (diffusers'
     cache hooks: ``stock_cache`` = (config, label) from :func:`~srpo_infer.step_cache.stock_cache` on a
-    ``stock`` pipeline, the first-block cache per request in our loop) goes before compile, which then
-    traces the hooked blocks. Memory last: the weights it moves are the final ones.
+    ``stock`` pipeline, the first-block cache per request in our loop) goes after the regional
+    compile, so its hooks wrap the compiled blocks and run eagerly around them (no graph break, nothing
+    new compiled when a step is skipped). Memory last: the weights it moves are the final ones.
     """
     transformer = flux.transformer
     check_heads_fit(config.attention, transformer)  # before anything changes
@@ -113,6 +116,7 @@ def apply_optimizations(
         degrees = plan_degrees(config.context_parallel, config.ring_degree, transformer.config.num_attention_heads)
         context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
+    transformer_fn, decode_fn, cache_file = _compile(flux, config, steps)
     step_cache = None
     if stock and stock_cache is not None:
         from .cache_context import provide_cache_context
@@ -123,9 +127,9 @@ def apply_optimizations(
     elif not stock and context_parallel is None and not _whole_model_compile(config):
         # Left out split over processes (each would decide on its own tokens) and under the whole-model
         # compile (its one graph would break at the skip decision, and recompile per size after it).
+        from .first_block_cache import RequestCache
+
         step_cache = RequestCache(transformer)
-    hooked = step_cache is not None or transformer.is_cache_enabled
-    transformer_fn, decode_fn, cache_file = _compile(flux, config, hooked, steps)
     memory_plan, residency = _apply_memory_mode(flux, config, stock) if memory_placement else (None, None)
     if memory_plan is not None and memory_plan.mode != "gpu":
         steps.append(f"memory:{memory_plan.mode}")
@@ -149,18 +153,18 @@ def _whole_model_compile(config: PipelineConfig) -> bool:
     return bool(config.compile) and config.compile_scope == "full"
 
 
-def _compile(flux, config: PipelineConfig, hooked: bool, steps: list[str]):
+def _compile(flux, config: PipelineConfig, steps: list[str]):
     """Compile in place (``regional``: the blocks, which the eager transformer then runs) or wrap the
     whole transformer and the VAE decoder (``full``). Returns what to call and the artifacts file."""
     transformer, vae = flux.transformer, flux.vae
     if not config.compile:
         return transformer, vae.decode, None
     cache_file = _compile_cache_file(transformer, config)
-    how = dict(device=config.device, backend=config.compile_backend, mode=config.compile_mode)
+    how = dict(
+        device=config.device, backend=config.compile_backend, mode=config.compile_mode, cuda_graphs=config.cuda_graphs
+    )
     if config.compile_scope == "regional":
-        # The VAE decodes once per image and stays eager. The step cache's skip decision (in the first
-        # block's hook) is a graph break, so hooked blocks may break there.
-        compile_regions(transformer, **how, fullgraph=not hooked)
+        compile_regions(transformer, **how)  # the VAE decodes once per image and stays eager
         transformer_fn, decode_fn = transformer, vae.decode
     else:
         transformer_fn = compile_module(transformer, **how)
@@ -183,6 +187,7 @@ def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
             backend=config.compile_backend,
             scope=config.compile_scope,
             mode=config.compile_mode,
+            cuda_graphs=config.cuda_graphs,
             context_parallel=config.context_parallel,
             ring_degree=str(config.ring_degree),
         )
@@ -287,7 +292,7 @@ def optimize(
         ],
     )
     cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
-    check_cache_fits(pipe, None if cached is None else cache or "first-block")
+    check_cache_fits(pipe, None if cached is None else cache or "first-block", compiled=bool(compile))
     fuse_qkv = resolve_fuse_qkv(transformer, fuse_qkv)
     param = next(transformer.parameters())
     config = PipelineConfig(

@@ -7,23 +7,19 @@ than ``threshold`` (mean absolute difference over mean absolute value), the rema
 38 single blocks are skipped and their cached residual from the last full step is added instead. This
 is ParaAttention's First Block Cache (as in xDiT's FBCache); diffusers ships it as
 ``FirstBlockCacheConfig``, which a stock pipeline gets from :func:`srpo_infer.optimize` and our own
-loop gets from :class:`RequestCache`.
+loop gets from :class:`~srpo_infer.first_block_cache.RequestCache`.
 
 Thresholds: ``regular`` = 0.08, the default ParaAttention documents for FLUX models (diffusers'
 ParaAttention guide); ``high`` = 0.12, the value ParaAttention's "Fastest FLUX inference" recipe
 uses for FLUX.1-dev. Both are to be re-checked on SRPO's real weights with ``srpo-infer bench``:
 random weights do not show how a trained model's residuals evolve.
 
-The hooks sit on the blocks, so regional compile traces them inside the compiled blocks; the skip
-decision is a graph break (diffusers runs it eagerly: one host sync per step while a threshold is set).
+The hooks are installed after the regional compile and wrap the compiled blocks, so the skip decision
+(one host sync per step while a threshold is set) runs eagerly between compiled graphs: no graph
+break, and a request that skips compiles nothing new.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-
-import torch
 
 ACCELERATION_THRESHOLDS: dict[str, float | None] = {"none": None, "regular": 0.08, "high": 0.12}
 CACHE_CONTEXT = "srpo"  # diffusers keys the hooks' state by the name of the denoising call
@@ -98,62 +94,3 @@ def stock_cache(
     if cache_threshold is not None:
         config.threshold = threshold
     return config, f"cache:magcache({config.threshold:g}, {cache_steps} steps)"
-
-
-class RequestCache:
-    """diffusers' first-block cache hooks on a transformer, with the threshold chosen per request.
-
-    Installed once, before compile (the compiled blocks trace the hooks once). Each request sets its
-    threshold and starts from an empty cache; with ``None`` (``acceleration="none"``) every step runs
-    every block and no skip decision is made, so no host sync. :attr:`evaluations` counts the steps of
-    the current request that ran the remaining blocks. Outside a request the hooks compute every block
-    under a standing cache context, so code that calls the transformer directly works as before.
-
-    >>> cache = RequestCache(transformer)                          # doctest: +SKIP
-    >>> with cache.request(0.08):                                  # doctest: +SKIP
-    ...     for step in steps:
-    ...         with cache.step():
-    ...             noise_pred = transformer(...)
-    """
-
-    def __init__(self, transformer: torch.nn.Module):
-        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
-        from diffusers.hooks.first_block_cache import FBCHeadBlockHook
-        from diffusers.hooks.hooks import CacheContext
-
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
-        head_registry = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0])
-        self.head = next(h for h in head_registry.hooks.values() if isinstance(h, FBCHeadBlockHook))
-        self.state = self.head.state_manager  # one for all the blocks' hooks
-        self.context = CacheContext(CACHE_CONTEXT)
-        decide = self.head._should_compute_remaining_blocks
-
-        @torch.compiler.disable
-        def should_compute(residual: torch.Tensor) -> bool:
-            return True if self.head.threshold is None else decide(residual)
-
-        self.head._should_compute_remaining_blocks = should_compute  # no decision (no sync) without a threshold
-        self._clear(None)
-        self.evaluations = 0
-
-    def _clear(self, threshold: float | None) -> None:
-        """An empty cache at ``threshold``, under our context (a stock pipeline's call clears it)."""
-        self.state.reset()
-        self.state.set_context(self.context)
-        self.head.threshold = threshold
-
-    @contextlib.contextmanager
-    def request(self, threshold: float | None) -> Iterator[RequestCache]:
-        """One request's loop: its threshold (``None``: no caching), an empty cache before and after."""
-        self._clear(threshold)
-        self.evaluations = 0
-        try:
-            yield self
-        finally:
-            self._clear(None)
-
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """One transformer call of the loop, counted when it ran the remaining blocks."""
-        yield
-        self.evaluations += bool(self.state.get_state().should_compute)

@@ -205,7 +205,7 @@ APPLIES = {
     "unfuse_lora",
 }
 # The helpers that define a step (called only by the places below): not places of their own.
-STEP_HELPERS = {"lora.apply_lora", "step_cache.RequestCache.__init__", "memory.move_components"}
+STEP_HELPERS = {"lora.apply_lora", "first_block_cache.RequestCache.__init__", "memory.move_components"}
 
 
 def optimization_callers() -> set[str]:
