@@ -94,7 +94,11 @@ def denoise(pipe, inputs: DenoiseInputs, loop: LoopOptions | None = None) -> tup
     # Both streams padded to a multiple of the degree (the padding masked or cut off in attention):
     # what stays fixed through the loop, once.
     fixed = cp.fixed_inputs(inputs.text.prompt_embeds, inputs.text.text_ids, inputs.img_ids) if cp is not None else None
-    with cache.request(loop.cache_threshold) if cache is not None else contextlib.nullcontext():
+    constants = pipe.optimized.request_constants
+    with (
+        cache.request(loop.cache_threshold) if cache is not None else contextlib.nullcontext(),
+        constants.request() if constants is not None else contextlib.nullcontext(),
+    ):
         bar = tqdm(timesteps, desc="denoising", unit="step", disable=not loop.progress, leave=False)
         for step, t in enumerate(bar):
             stop = loop.should_stop is not None and loop.should_stop()

@@ -37,6 +37,7 @@ class Optimized:
     context_parallel: Any = None  # a srpo_infer.context_parallel.ContextParallel when the image is split
     memory_plan: Any = None  # a srpo_infer.memory.MemoryPlan (None: the weights were left where they were)
     residency: Any = None  # a srpo_infer.memory.Residency with memory="offload-model" in our loop
+    request_constants: Any = None  # a srpo_infer.request_constants.RequestConstants (with step_cache)
 
     @property
     def needs_dynamic_marks(self) -> bool:
@@ -117,7 +118,7 @@ def apply_optimizations(
         context_parallel = ContextParallel(transformer, degrees, config.device, config.attention)
         steps.append(f"context_parallel:{degrees.describe()}")
     transformer_fn, decode_fn, cache_file = _compile(flux, config, steps)
-    step_cache = None
+    step_cache = request_constants = None
     if stock and stock_cache is not None:
         from .cache_context import provide_cache_context
 
@@ -128,8 +129,10 @@ def apply_optimizations(
         # Left out split over processes (each would decide on its own tokens) and under the whole-model
         # compile (its one graph would break at the skip decision, and recompile per size after it).
         from .first_block_cache import RequestCache
+        from .request_constants import RequestConstants
 
         step_cache = RequestCache(transformer)
+        request_constants = RequestConstants(transformer)  # per request, as the cache: ours only
     memory_plan, residency = _apply_memory_mode(flux, config, stock) if memory_placement else (None, None)
     if memory_plan is not None and memory_plan.mode != "gpu":
         steps.append(f"memory:{memory_plan.mode}")
@@ -146,6 +149,7 @@ def apply_optimizations(
         context_parallel,
         memory_plan,
         residency,
+        request_constants,
     )
 
 

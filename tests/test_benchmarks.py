@@ -77,3 +77,20 @@ print(json.dumps(rows))
     assert fast_8bit["fp8_accumulators"] and set(fast_8bit["fp8_accumulators"]) == {"fresh"}
     assert prologue["problems"] == [] and prologue["spill_bytes"] == 0
     assert old_prologue["spill_bytes"] > 0 and "spills" in old_prologue["problems"][0]
+
+
+@pytest.mark.slow  # ~10 s: 57 blocks, eager, twice; CI's slow step
+def test_host_ops_counts_a_flux_depth_step_as_typed(tmp_path):
+    """``python benchmarks/host_ops.py --out …`` as the README's performance section runs it: a step at
+    acceleration none dispatches thousands of ops, a skipped step a few hundred, by part of the model."""
+    out = tmp_path / "host-ops.md"
+    script = ROOT / "benchmarks" / "host_ops.py"
+    run = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:]
+        for line in out.read_text().splitlines()
+        if line.startswith("| a")
+    }
+    none, skipped = int(rows["acceleration none"][0]), int(rows["a skipped step (threshold 1e9)"][0])
+    assert 57 * 50 < none and 0 < skipped < none / 10

@@ -1,23 +1,32 @@
-"""The tiny model's images, pixel for pixel, across refactors: SHA-256 of the decoded pixels of a fixed
-request, exact (acceleration none) and with the step cache skipping steps.
+"""The tiny model's images, pixel for pixel, across refactors, on every CPU: a fixed request, exact
+(acceleration none) and with the step cache skipping steps.
 
-Recorded with torch 2.13.0+cpu on an AVX2 CPU, one thread: float32 sums in another order (another torch,
-an AVX-512 build, more threads) round differently, so elsewhere the test is skipped with the reason
-rather than failed on rounding. Bit-identity with diffusers' own loop (test_pipeline) holds everywhere.
+Two checks. Everywhere: the sums of each 8×8 block of the decoded pixels against the ones stored in
+``tests/data/tiny-pixels.npz``, within half a pixel level on average per block. Float32 sums taken in
+another order (another instruction set, more threads) move a few pixels by one level (a block's mean by
+1/64 at most, measured across AVX-512, AVX2 and the default kernels), while any change to the math of
+the model, the loop or the decoding changes this noise image everywhere (blocks move by tens of
+levels). Where the hash of the exact pixels was recorded (torch and instruction set), also that.
+Bit-identity with diffusers' own loop (test_pipeline) holds everywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-RECORDED_ON = ("2.13.0+cpu", "AVX2")
-CASES = {  # (cache_threshold, hash of the pixels, transformer evaluations)
-    "exact": (None, "b512657030480fc3", 4),
-    "cache skips": (1.0, "cf401dd33a969385", 3),
+STORED = Path(__file__).parent / "data" / "tiny-pixels.npz"  # 8×8 block sums (uint16), recorded at a5e34ec
+CASES = {  # (cache_threshold, transformer evaluations)
+    "exact": (None, 4),
+    "cache_skips": (1.0, 3),
+}
+HASHES = {  # (torch, CPU capability): the pixels' SHA-256 per case, one thread
+    ("2.13.0+cpu", "AVX2"): {"exact": "b512657030480fc3", "cache_skips": "cf401dd33a969385"},
+    ("2.13.0+cpu", "AVX512"): {"exact": "972f15f768c46613", "cache_skips": "443aaa2ae5b50115"},
 }
 
 
@@ -29,15 +38,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def block_sums(pixels: np.ndarray) -> np.ndarray:
+    h, w, c = pixels.shape
+    return pixels.reshape(h // 8, 8, w // 8, 8, c).astype(np.int64).sum(axis=(1, 3))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_tiny_model_pixels_are_unchanged(tiny_pipe, one_thread, case):
-    here = (torch.__version__, torch.backends.cpu.get_cpu_capability())
-    if here != RECORDED_ON:
-        pytest.skip(f"hashes recorded on torch {RECORDED_ON[0]} with {RECORDED_ON[1]}; this is {here}")
-    threshold, want, evaluations = CASES[case]
+    threshold, evaluations = CASES[case]
     result = tiny_pipe.generate(
         "a lighthouse at dusk", width=576, height=512, seed=7, num_inference_steps=4, cache_threshold=threshold
     )
     pixels = np.asarray(result.images[0].convert("RGB"))
-    assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == want
     assert result.transformer_evaluations == evaluations
+    stored = np.load(STORED)[case].astype(np.int64)
+    assert np.abs(block_sums(pixels) - stored).max() <= 32  # half a level per pixel, over a block's 64
+    want = HASHES.get((torch.__version__, torch.backends.cpu.get_cpu_capability()), {}).get(case)
+    if want is not None:
+        assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == want
