@@ -108,7 +108,7 @@ def denoise(pipe, inputs: DenoiseInputs, loop: LoopOptions | None = None) -> tup
                 raise GenerationCancelled("generation cancelled before its next denoising step")
             noise_pred = _predict(pipe, inputs, latents, t, guidance, fixed)
             if loop.preview is not None and step in loop.preview[0]:
-                loop.preview[1](step, latents - float(scheduler.sigmas[step]) * noise_pred)
+                loop.preview[1](step, latents - scheduler.sigmas[step] * noise_pred)  # sigma stays on the device
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if loop.on_step is not None:
                 loop.on_step(step, latents)

@@ -31,7 +31,7 @@ from .denoise import (
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .prompt_cache import PromptCache
 from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
-from .result import GenerationResult
+from .result import GenerationResult, StageClock, pil_images
 from .step_cache import cache_threshold_for
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,11 @@ class SRPOPipeline:
         with self._lock, self._request_loras(req.loras), torch.inference_mode():
             if previews:
                 loop = dataclasses.replace(loop, preview=self._previewer(req, previews, on_preview))
-            denoised = self._run(req, loop)
-            t0 = time.perf_counter()
+            clock = StageClock(self.device)
+            denoised = self._run(req, loop, clock)
             images = self.decode(denoised.latents, req.width, req.height)
-            timings = {**denoised.timings, "decode": self._elapsed(t0)}
+            clock.mark("decode")
+            timings = clock.seconds()  # no wait between stages: the decode's copy to the host waited
         timings["inference"] = timings["encode"] + timings["denoise"] + timings["decode"]
         return GenerationResult(
             images=images,
@@ -341,11 +342,6 @@ class SRPOPipeline:
         """With ``memory="offload-model"``: only these components on the device while the block runs."""
         return self._residency.use(*names) if self._residency is not None else contextlib.nullcontext()
 
-    def _elapsed(self, t0: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
-
     def run(
         self, req: GenerationRequest, progress: bool = False, cache_threshold: float | None = None, **hooks
     ) -> DenoiseResult:
@@ -357,21 +353,23 @@ class SRPOPipeline:
         """
         return self._run(req, LoopOptions(progress, cache_threshold, **hooks))
 
-    def _run(self, req: GenerationRequest, loop: LoopOptions) -> DenoiseResult:
+    def _run(self, req: GenerationRequest, loop: LoopOptions, clock: StageClock | None = None) -> DenoiseResult:
+        """``clock``: the caller's, which reads the stages after its own (``timings`` is then empty);
+        without one, the run's stages are timed here."""
         if req.seed is None:
             raise ValueError("run() needs a request with its seed set (generate() draws one)")
         if loop.cache_threshold is not None and self.optimized.step_cache is None:
             raise ValueError(no_step_cache_reason(self, req))
+        own = clock is None
         with self._lock, torch.inference_mode():
-            t0 = time.perf_counter()
+            clock = clock or StageClock(self.device)
             with self._stage("text_encoder", "text_encoder_2"):
                 text = self.encode_prompt(req.prompt, req.num_images)
-            encode_s = self._elapsed(t0)
-            t0 = time.perf_counter()
+            clock.mark("encode")
             with self._stage("transformer"):
                 latents, evaluations = self.denoise(self.prepare(req, text), loop)
-            timings = {"encode": encode_s, "denoise": self._elapsed(t0)}
-        return DenoiseResult(latents, timings, text.text_tokens, evaluations)
+            clock.mark("denoise")
+        return DenoiseResult(latents, clock.seconds() if own else {}, text.text_tokens, evaluations)
 
     def prepare(self, req: GenerationRequest, text: EncodedPrompt) -> DenoiseInputs:
         """The loop's inputs for a request (seed set) and its encoded prompt: noise and position ids."""
@@ -458,4 +456,6 @@ class SRPOPipeline:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
         with self._stage("vae"):
             image = self.optimized.vae_decode(x, return_dict=False)[0]
-        return self.flux.image_processor.postprocess(image, output_type="pil")
+            if not self.flux.image_processor.config.do_normalize:  # not Flux's VAE: diffusers' own way
+                return self.flux.image_processor.postprocess(image, output_type="pil")
+            return pil_images(image)

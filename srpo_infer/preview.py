@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -63,10 +62,13 @@ class LinearDecoder:
     def images(self, flux, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         """Packed latents ``(n, tokens, in_channels)`` (the loop's normalised space) → PIL images of
         ``width`` × ``height``."""
+        from .result import host_pixels
+
         latents = flux._unpack_latents(packed, height, width, flux.vae_scale_factor)  # (n, C, h, w)
-        rgb = torch.einsum("nchw,cr->nrhw", latents.float().cpu(), self.factors) + self.bias[None, :, None, None]
-        pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(np.ascontiguousarray(p)).resize((width, height), Image.BILINEAR) for p in pixels]
+        factors, bias = self.factors.to(latents.device), self.bias.to(latents.device)
+        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), factors) + bias[None, :, None, None]
+        pixels = host_pixels((rgb.clamp(0, 1) * 255).round().to(torch.uint8))  # on the device: 1/16 of the pixels
+        return [Image.fromarray(p).resize((width, height), Image.BILINEAR) for p in pixels]
 
 
 def fit_linear_decoder(flux, device: torch.device, dtype: torch.dtype) -> LinearDecoder:

@@ -352,7 +352,7 @@ def test_generate_runs_the_request_loras_around_run_which_returns_a_denoise_resu
 
     assert typing.get_type_hints(SRPOPipeline.run)["return"] is DenoiseResult
     source = inspect.getsource(SRPOPipeline.generate)
-    assert "self._request_loras(req.loras)" in source and "self._run(req, loop)" in source
+    assert "self._request_loras(req.loras)" in source and "self._run(req, loop" in source
     said = _section("## One request")
     assert "`lora.request_adapter`" in said and "`denoise.DenoiseResult`" in said
 

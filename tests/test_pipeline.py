@@ -222,3 +222,40 @@ def test_prompt_cache_off_encodes_every_time_and_a_bad_size_is_named():
     assert calls[0] == 2
     with pytest.raises(ValueError, match=r"prompt_cache_mb must be an integer >= 0 \(0: off\), got -1"):
         srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, prompt_cache_mb=-1)
+
+
+def test_request_timing_waits_for_the_gpu_once_at_the_end(monkeypatch):
+    """On CUDA, StageClock records an event per stage and waits only on the last one (before: a
+    device-wide synchronize after every stage); a fake event stands in for CUDA's here."""
+    from srpo_infer.result import StageClock
+
+    waits, clock_ms = [], iter([0.0, 12.0, 500.0, 530.0])
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(clock_ms)
+
+        def synchronize(self):
+            waits.append(self.at)
+
+        def elapsed_time(self, other):
+            return other.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("a device-wide synchronize"))
+    clock = StageClock(torch.device("cuda"))
+    for stage in ("encode", "denoise", "decode"):
+        clock.mark(stage)
+    assert clock.seconds() == pytest.approx({"encode": 0.012, "denoise": 0.488, "decode": 0.030})
+    assert waits == [530.0]
+
+
+def test_generate_reports_each_stage_and_their_sum(tiny_pipe):
+    r = tiny_pipe.generate("a kite", width=512, height=512, seed=1, num_inference_steps=2)
+    assert set(r.timings) == {"encode", "denoise", "decode", "inference"}
+    assert all(v > 0 for v in r.timings.values())
+    assert r.timings["inference"] == pytest.approx(r.timings["encode"] + r.timings["denoise"] + r.timings["decode"])
+    assert set(tiny_pipe.run(r.request).timings) == {"encode", "denoise"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from srpo_infer import IMAGE_SIZE_PRESETS, validate_request
 from srpo_infer.request import check_output_format, resolve_image_size
@@ -125,3 +126,47 @@ def test_png_is_lossless_at_the_fast_zlib_level():
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
     idat = data.index(b"IDAT") + 4
     assert data[idat] & 0x0F == 8 and data[idat + 1] >> 6 == 0  # deflate, FLEVEL 0: the fastest levels (0-1)
+
+
+def test_a_requests_images_are_encoded_in_parallel_and_in_order(monkeypatch):
+    """encode_images gives what encode_image gives, image by image, with the encodes overlapping: two
+    encodes meet at a barrier, which one thread alone would never pass."""
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from srpo_infer import result
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    want = [result.encode_image(image, "png") for image in images]
+    monkeypatch.setattr(result.os, "cpu_count", lambda: 2)
+    barrier, encode = threading.Barrier(2, timeout=120), result.encode_image
+
+    def meeting(image, *args):
+        if image is not images[2]:
+            barrier.wait()  # the first two must run at the same time
+        return encode(image, *args)
+
+    monkeypatch.setattr(result, "encode_image", meeting)
+    assert result.encode_images(images, "png") == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decoded_images_become_the_pixels_diffusers_postprocess_makes(dtype):
+    """pil_images (uint8 on the decoder's device) against VaeImageProcessor.postprocess(…, "pil") on
+    fresh random decoder outputs of an awkward size, out-of-range values and exact half-levels included."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    from srpo_infer.result import pil_images
+
+    g = torch.Generator().manual_seed(int(dtype.itemsize))
+    decoded = (torch.randn(2, 3, 24, 40, generator=g) * 0.8).to(dtype)
+    decoded[0, 0, 0, :5] = torch.tensor([-3.0, 3.0, 1 / 255 - 1, 0.0, 2 * 128.5 / 255 - 1]).to(dtype)
+    want = VaeImageProcessor(vae_scale_factor=8).postprocess(decoded, output_type="pil")
+    got = pil_images(decoded)
+    assert [im.size for im in got] == [(40, 24)] * 2 and all(im.mode == "RGB" for im in got)
+    for g_image, w_image in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g_image), np.asarray(w_image))

@@ -16,6 +16,7 @@ from live_server import LiveServer
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from srpo_infer import GenerationRequest
 from srpo_infer.server import SafetyChecker, create_app
 from srpo_infer.server.worker import ServiceTimes, Worker
 
@@ -240,6 +241,35 @@ def test_queue_full_gets_429_with_retry_after(tiny_pipe, tmp_path):
         assert "about 11 s of work ahead" in refused.json()["error"]["message"]
         gate.set()
         assert running.result().status_code == 200 and queued.result().status_code == 200
+
+
+def test_the_worker_releases_cached_gpu_memory_after_an_out_of_memory_error_only(monkeypatch):
+    """Cached blocks let the next request allocate without cudaMalloc: kept after a job that succeeded
+    or failed otherwise, given back after an out-of-memory error."""
+    import torch
+
+    from srpo_infer.server import worker as worker_module
+
+    released = []
+    monkeypatch.setattr(worker_module, "release_cuda_cache", lambda: released.append(1))
+
+    class Failing:
+        def generate(self, request, **_):
+            if request.prompt == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if request.prompt == "bad":
+                raise ValueError("not memory")
+            return "done"
+
+    worker = Worker(max_queue=4)
+    worker.pipeline = Failing()
+    assert worker.submit(GenerationRequest("fine", 512, 512)).future.result(30) == "done"
+    with pytest.raises(ValueError):
+        worker.submit(GenerationRequest("bad", 512, 512)).future.result(30)
+    assert released == []
+    with pytest.raises(torch.OutOfMemoryError):
+        worker.submit(GenerationRequest("oom", 512, 512)).future.result(30)
+    assert worker.stop(5) == 0 and released == [1]
 
 
 def test_out_of_memory_fails_one_request_and_the_server_keeps_serving(tiny_pipe, tmp_path):

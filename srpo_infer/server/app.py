@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..request import ACCELERATIONS, GenerationRequest, unknown_names_message
-from ..result import CONTENT_TYPES, api_response, data_uri, encode_image
+from ..result import CONTENT_TYPES, api_response, data_uri, encode_images
 from .errors import ApiError, error_response, unencodable, validation_error
 from .guard import Guard
 from .metrics import Metrics
@@ -402,8 +402,8 @@ async def _image_entries(images: list, body: GenerationBody, store: ImageStore, 
     """Encode each image; return it inline (OpenAI's ``b64_json``), as a data URI (``sync_mode``) or
     stored and linked as ``base_url/files/NAME``."""
     entries = []
-    for image in images:
-        data = await asyncio.to_thread(encode_image, image, body.output_format)
+    encoded = await asyncio.to_thread(encode_images, images, body.output_format)
+    for image, data in zip(images, encoded, strict=True):
         if body.response_format == "b64_json":
             entries.append(
                 {

@@ -253,16 +253,26 @@ class Worker:
                 self.times.record(job.cost, self.clock() - t0)
             except BaseException as exc:  # every failure goes back to its own request; the loop lives on
                 job.future.set_exception(exc)
+                if out_of_memory(exc):
+                    release_cuda_cache()
             finally:
                 with self._changed:
                     self._running = None
                     self._changed.notify_all()
-                _release_cuda_cache()
 
 
-def _release_cuda_cache() -> None:
-    # After an out-of-memory error the allocator may hold fragmented blocks; give them back so the next
-    # request starts clean. Cheap when there is nothing to release.
+def out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch's own class, or the RuntimeError older paths raise)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def release_cuda_cache() -> None:
+    """After an out-of-memory error only: the allocator may hold fragmented blocks, give them back so
+    the next request starts clean. Not after every job: the cached blocks are what lets the next
+    request allocate without a cudaMalloc (and its implicit synchronization); memory modes that move
+    weights release what they need themselves (``memory.Residency``)."""
     try:
         import torch
 
