@@ -204,7 +204,7 @@ def _compile_cache_file(transformer, config: PipelineConfig) -> Path | None:
 def _apply_memory_mode(flux, config: PipelineConfig, stock: bool):
     """Put the components where the memory mode keeps them. Our loop moves whole components per stage
     (:class:`~srpo_infer.memory.Residency`); a stock pipeline gets diffusers' model offloading instead."""
-    from .memory import Residency, component_bytes, move_components, plan_memory
+    from .memory import Residency, component_bytes, move_components, plan_memory, weight_budget
 
     components = {name: getattr(flux, name) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     plan = plan_memory(config.memory, config.device, component_bytes(components))
@@ -213,7 +213,9 @@ def _apply_memory_mode(flux, config: PipelineConfig, stock: bool):
     else:
         move_components(components, plan.mode, config.device)
     log.info("%s", plan.describe())
-    return plan, Residency(components, config.device) if plan.mode == "offload-model" and not stock else None
+    if plan.mode != "offload-model" or stock:
+        return plan, None
+    return plan, Residency(components, config.device, weight_budget(config.device, plan.component_bytes))
 
 
 # --------------------------------------------------------------------------- any diffusers Flux pipeline

@@ -363,8 +363,7 @@ class SRPOPipeline:
         own = clock is None
         with self._lock, torch.inference_mode():
             clock = clock or StageClock(self.device)
-            with self._stage("text_encoder", "text_encoder_2"):
-                text = self.encode_prompt(req.prompt, req.num_images)
+            text = self.encode_prompt(req.prompt, req.num_images)  # the encoders visit only for a new prompt
             clock.mark("encode")
             with self._stage("transformer"):
                 latents, evaluations = self.denoise(self.prepare(req, text), loop)
@@ -387,7 +386,8 @@ class SRPOPipeline:
         key = (prompt, max_len, id(self.flux.text_encoder), id(self.flux.text_encoder_2))
         text = self.prompt_cache.get(key)
         if text is None:
-            text = self._encode(prompt, max_len)
+            with self._lock, self._stage("text_encoder", "text_encoder_2"):
+                text = self._encode(prompt, max_len)
             self.prompt_cache.put(key, text)
         if text.text_tokens > max_len:
             warnings.warn(

@@ -75,3 +75,81 @@ def test_memory_options_that_cannot_work_are_refused():
         srpo_infer.load_pipeline("tiny-random", device="cpu", memory="swap")
     with pytest.raises(ValueError, match="use compile=False"):
         srpo_infer.load_pipeline("tiny-random", device="cpu", memory="offload-model", compile=True)
+
+
+class _Moved(torch.nn.Module):
+    """A component that records where it was sent."""
+
+    def __init__(self, name: str, nbytes: int, moves: list):
+        super().__init__()
+        self.name, self.moves = name, moves
+        self.weight = torch.nn.Parameter(torch.zeros(nbytes // 4))
+
+    def to(self, device):
+        self.moves.append((self.name, str(device)))
+        return self
+
+
+def _residency(budget):
+    from srpo_infer.memory import Residency
+
+    moves: list = []
+    sizes = {"transformer": 24, "text_encoder_2": 9, "text_encoder": 1, "vae": 1}  # SRPO bf16, in "GB" of 4 bytes
+    components = {name: _Moved(name, 4 * gb, moves) for name, gb in sizes.items()}
+    return Residency(components, torch.device("meta"), budget_bytes=budget), moves  # "meta": the device, here
+
+
+def _request(residency, prompt_cached: bool):
+    if not prompt_cached:
+        with residency.use("text_encoder", "text_encoder_2"):
+            pass
+    with residency.use("transformer"):
+        pass
+    with residency.use("vae"):
+        pass
+
+
+def test_offload_model_keeps_what_fits_the_budget_across_requests():
+    """A card with room for the transformer and the VAE but not T5 too: T5 leaves for the transformer,
+    the transformer stays through the decode, and a request whose prompt is cached moves nothing."""
+    residency, moves = _residency(budget=4 * 27)
+    _request(residency, prompt_cached=False)
+    assert residency.resident == {"transformer", "vae", "text_encoder"}
+    assert ("transformer", "cpu") not in moves and ("text_encoder_2", "cpu") in moves
+    moves.clear()
+    _request(residency, prompt_cached=True)
+    assert moves == []
+    _request(residency, prompt_cached=False)  # a new prompt: T5 needs room, the transformer leaves for it
+    assert ("transformer", "cpu") in moves and residency.resident == {"transformer", "vae", "text_encoder"}
+
+
+def test_offload_model_without_a_budget_keeps_one_stage_at_a_time():
+    residency, moves = _residency(budget=None)
+    _request(residency, prompt_cached=True)
+    assert residency.resident == {"vae"} and ("transformer", "cpu") in moves
+
+
+def test_a_cached_prompt_does_not_bring_the_text_encoders_back(tiny_pipe):
+    pipe = srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, memory="offload-model")
+    seen = []
+    pipe.flux.text_encoder_2.register_forward_pre_hook(lambda *_: seen.append(set(pipe.resident)) and None)
+    pipe.generate("a fox", width=512, height=512, seed=1, num_inference_steps=1)
+    pipe.generate("a fox", width=512, height=512, seed=2, num_inference_steps=1)
+    assert seen == [{"text_encoder", "text_encoder_2"}]  # encoded once, while only the encoders were there
+    assert pipe.resident == {"vae"}  # no budget on a CPU: one stage at a time
+
+
+def test_group_offloading_on_a_gpu_streams_with_record_stream(monkeypatch):
+    """On CUDA the copies run on a side stream and each onloaded weight is recorded on the compute
+    stream (no host synchronize per offload); diffusers' call is recorded here, no GPU needed."""
+    import diffusers.hooks
+
+    from srpo_infer.memory import move_components
+
+    calls, moves = [], []
+    monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", lambda module, **kw: calls.append((module.name, kw)))
+    components = {name: _Moved(name, 4, moves) for name in ("transformer", "text_encoder", "text_encoder_2", "vae")}
+    move_components(components, "offload-group", torch.device("cuda"))
+    assert [name for name, _ in calls] == ["transformer", "text_encoder", "text_encoder_2"]
+    assert all(kw["use_stream"] and kw["record_stream"] and kw["offload_type"] == "leaf_level" for _, kw in calls)
+    assert ("vae", "cuda") in moves
