@@ -242,6 +242,23 @@ def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
         state[f"{layer}.lora_B.weight"] = torch.zeros(module.out_features, 1)
     with _quiet("diffusers.loaders.lora_base"):
         apply_lora(pipe.flux, state, 0.0, fuse=False)
+    pipe.transformer.disable_lora()  # a request without loras runs the base layers only: no slot GEMMs
+
+
+def has_slot(pipe) -> bool:
+    """``pipe`` carries a hotswap slot for per-request adapters (:func:`add_slot` on a compiled pipeline)."""
+    return pipe.optimized.compiled and has_adapter(pipe.transformer)
+
+
+@contextlib.contextmanager
+def slot_on(pipe):
+    """The slot switched on (at whatever scale it holds) while the block runs, off again after: warm-up
+    runs through it so that the first request naming a LoRA compiles nothing."""
+    pipe.transformer.enable_lora()
+    try:
+        yield
+    finally:
+        pipe.transformer.disable_lora()
 
 
 def _read_for_request(cache: LoraCache, path: str) -> dict[str, torch.Tensor]:
@@ -292,6 +309,8 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
         pipe.flux.delete_adapters(ADAPTER)
     try:
+        if swap:
+            pipe.transformer.enable_lora()  # the slot is off between requests that name no LoRA
         try:
             with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
                 apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
@@ -302,5 +321,6 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     finally:
         if swap:
             pipe.flux.set_adapters([ADAPTER], [0.0])  # the slot stays, at scale 0: the base model exactly
+            pipe.transformer.disable_lora()  # and off: the next request without loras skips its GEMMs
         elif has_adapter(transformer):
             pipe.flux.delete_adapters(ADAPTER)

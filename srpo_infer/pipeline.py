@@ -289,21 +289,26 @@ class SRPOPipeline:
         sizes = list(sizes or [(1024, 768)])
         if self.config.attention in KERNEL_MODES:  # their autotuners key on 4 sequence buckets: warm them all
             sizes += attention_warmup_sizes(sizes, self.config.max_sequence_length)
+        from .lora import has_slot, slot_on
+
         timings = {}
-        for width, height in sizes:
-            for level in accelerations:
-                t0 = time.perf_counter()
-                self.generate(
-                    "warm-up",
-                    width=width,
-                    height=height,
-                    seed=0,
-                    num_inference_steps=2,
-                    num_images=num_images,
-                    acceleration=level,
-                    progress=False,
-                )
-                timings[f"{width}x{height}:{level}"] = time.perf_counter() - t0
+        # With a LoRA slot, its two states (off: no request LoRA; on: one) are two sets of graphs.
+        for slot in ("", ":lora-slot") if has_slot(self) else ("",):
+            with slot_on(self) if slot else contextlib.nullcontext():
+                for width, height in sizes:
+                    for level in accelerations:
+                        t0 = time.perf_counter()
+                        self.generate(
+                            "warm-up",
+                            width=width,
+                            height=height,
+                            seed=0,
+                            num_inference_steps=2,
+                            num_images=num_images,
+                            acceleration=level,
+                            progress=False,
+                        )
+                        timings[f"{width}x{height}:{level}{slot}"] = time.perf_counter() - t0
         if self.optimized.needs_dynamic_marks:  # the VAE decoder is compiled too
             for side in (MIN_SIDE, MAX_SIDE):
                 t0 = time.perf_counter()
