@@ -9,7 +9,7 @@
 # them as wheels in .whl/ (README, "Measuring on a GPU"): diffusers==0.42.1 torchao==0.17.0
 # optimum-quanto==0.2.7 importlib-metadata==8.7.0 sageattention==1.0.6 (the attention bench's 8-bit
 # rival; its rows say "skipped" when the wheel is missing). Results: at most 8 files under $OUT
-#   log.txt                    versions, GPU, every step's output, the GPU tests
+#   log.txt                    versions, GPU, every step's output, the GPU tests, the CUDA graphs rows
 #   attention.json/.md         benchmarks/bench_attention.py --sweep: SDPA rivals, our kernels, every config
 #   bench.json/.md/.png        srpo-infer bench: +compile vs +compile+triton(-int8-fp8), diffusers, ... (1024², 1440×512)
 #   warmup-cold.json/-warm.json  srpo-infer warmup in two fresh processes (the second loads the saved cache)
@@ -97,6 +97,12 @@ step "pipeline bench" 230 "${CLI[@]}" bench --model "$MODEL" --sizes 1024x1024 1
   --configs +compile +compile+triton +compile+triton-int8-fp8 diffusers +compile+fp8 all +compile-full \
   mem:offload-model mem:offload-group
 cp "$WORK"/bench/bench.{json,md,png} "$OUT"/ 2>/dev/null
+
+# 3b. CUDA graphs (issue 42): step time and host time per step at the headline size, regional compile
+#     without and with them, then the whole-model compile with (its default) and without. Rows go to
+#     log.txt (the 8 files are taken); each setting compiles afresh, so later ones may be cut.
+step "cuda graphs" 150 python3 "$REPO/benchmarks/cuda_graphs.py" --model "$MODEL" --size 1440x512 --steps 8 \
+  --out "$WORK/cuda-graphs.json"
 
 # 4. Cold then warm start: two fresh processes, each with an empty Inductor cache of its own, so the
 #    second can only be warm through the artifacts the first saved. Check sizes count recompiles.

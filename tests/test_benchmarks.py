@@ -94,3 +94,25 @@ def test_host_ops_counts_a_flux_depth_step_as_typed(tmp_path):
     }
     none, skipped = int(rows["acceleration none"][0]), int(rows["a skipped step (threshold 1e9)"][0])
     assert 57 * 50 < none and 0 < skipped < none / 10
+
+
+@pytest.mark.slow  # ~15 s: two regional compiles of the tiny model; CI's slow step
+def test_the_cuda_graphs_benchmark_runs_as_gpu_run_calls_it(tmp_path):
+    """benchmarks/cuda_graphs.py's plumbing on the CPU (CUDA graphs resolve to off there): a row per
+    setting with the step and host times, the file rewritten after each."""
+    out = tmp_path / "cuda-graphs.json"
+    script = ROOT / "benchmarks" / "cuda_graphs.py"
+    args = ["--model", "tiny-random", "--size", "512x512", "--steps", "3", "--backend", "eager"]
+    run = subprocess.run(
+        [sys.executable, str(script), *args, "--settings", "regional:0", "regional:1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["scope"], r["asked_cuda_graphs"], r["cuda_graphs"]) for r in rows] == [
+        ("regional", False, False),
+        ("regional", True, False),  # no CUDA on this machine
+    ]
+    assert all(r["step_ms"] >= r["host_ms_per_step"] > 0 for r in rows)
