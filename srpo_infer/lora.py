@@ -233,7 +233,7 @@ def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
     hotswap-ready up to ``rank`` when compiled, so moving between adapters compiles nothing."""
     if pipe.config.fuse_qkv:
         raise LoraError("a LoRA slot needs unfused QKV projections: load the pipeline with fuse_qkv=False")
-    if pipe.optimized.compiled:
+    if pipe.config.compile:
         pipe.flux.enable_lora_hotswap(target_rank=rank)
     state = {}
     for layer in dict.fromkeys(layers):
@@ -247,7 +247,7 @@ def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
 
 def has_slot(pipe) -> bool:
     """``pipe`` carries a hotswap slot for per-request adapters (:func:`add_slot` on a compiled pipeline)."""
-    return pipe.optimized.compiled and has_adapter(pipe.transformer)
+    return pipe.config.compile and has_adapter(pipe.transformer)
 
 
 @contextlib.contextmanager
@@ -295,13 +295,13 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     and the slot goes back to scale 0; otherwise the adapter is loaded and deleted again."""
     merged = merge_loras([(_read_for_request(pipe.lora_cache, path), scale) for path, scale in loras])
     rank, transformer = max_rank(merged), pipe.transformer
-    swap = has_adapter(transformer) and pipe.optimized.compiled
+    swap = has_adapter(transformer) and pipe.config.compile
     if swap and rank > slot_rank(transformer):
         raise LoraError(
             f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
             f"{slot_rank(transformer)}: use fewer or smaller adapters"
         )
-    if not swap and (pipe.optimized.compiled or pipe.config.fuse_qkv):
+    if not swap and (pipe.config.compile or pipe.config.fuse_qkv):
         raise LoraError(
             "loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora=FILE, "
             "lora_fuse=False, lora_max_rank=R (serve --lora-dir does)"

@@ -18,32 +18,34 @@ from .config import PipelineConfig
 from .quantize import check_quantize_available, quantize_module
 
 if TYPE_CHECKING:
-    from .first_block_cache import RequestCache
+    from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Optimized:
-    """What the pipeline calls: the transformer (maybe compiled), the VAE decoder and the step cache."""
+    """What :func:`apply_optimizations` leaves: the model the loop calls (a
+    :class:`~srpo_infer.runtime.ModelRuntime`: the transformer with its compile and hooks, the step cache,
+    the request constants, context parallelism), the VAE decoder, and a record of what ran."""
 
-    transformer: Any
+    runtime: ModelRuntime
     vae_decode: Any
-    step_cache: RequestCache | None  # our loop's per-request first-block cache (None: context parallel, stock)
-    compiled: bool = False
     steps: list[str] = field(default_factory=list)
     cache_file: Path | None = None  # where warm-up saves compiled artifacts
     scope: str | None = None  # "regional" | "full" when compiled
-    context_parallel: Any = None  # a srpo_infer.context_parallel.ContextParallel when the image is split
     memory_plan: Any = None  # a srpo_infer.memory.MemoryPlan (None: the weights were left where they were)
     residency: Any = None  # a srpo_infer.memory.Residency with memory="offload-model" in our loop
-    request_constants: Any = None  # a srpo_infer.request_constants.RequestConstants (with step_cache)
+
+    @property
+    def compiled(self) -> bool:
+        return self.runtime.compiled
 
     @property
     def needs_dynamic_marks(self) -> bool:
         """Whole-graph compiles need their inputs' size-varying dims marked dynamic on every call;
         regions compile with ``dynamic=True`` and need nothing."""
-        return self.compiled and self.scope == "full"
+        return self.runtime.dynamic_marks
 
 
 def check_available(config: PipelineConfig) -> None:
@@ -137,20 +139,19 @@ def apply_optimizations(
     if memory_plan is not None and memory_plan.mode != "gpu":
         steps.append(f"memory:{memory_plan.mode}")
     log.info("optimizations: %s", " → ".join(steps))
+    from .runtime import ModelRuntime
+
     scope = config.compile_scope if config.compile else None
-    return Optimized(
+    runtime = ModelRuntime(
         transformer_fn,
-        decode_fn,
-        step_cache,
-        bool(config.compile),
-        steps,
-        cache_file,
-        scope,
-        context_parallel,
-        memory_plan,
-        residency,
-        request_constants,
+        guidance_embeds=bool(transformer.config.guidance_embeds),
+        compiled=bool(config.compile),
+        dynamic_marks=scope == "full",
+        step_cache=step_cache,
+        constants=request_constants,
+        context_parallel=context_parallel,
     )
+    return Optimized(runtime, decode_fn, steps, cache_file, scope, memory_plan, residency)
 
 
 def _whole_model_compile(config: PipelineConfig) -> bool:

@@ -26,7 +26,7 @@ from .denoise import (
     GenerationCancelled,
     LoopOptions,
     denoise,
-    no_step_cache_reason,
+    schedule,
 )
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .prompt_cache import PromptCache
@@ -173,10 +173,16 @@ class SRPOPipeline:
         return self.config.dtype
 
     @property
+    def context_parallel(self):
+        """The :class:`~srpo_infer.context_parallel.ContextParallel` state when the image is split over
+        processes (``context_parallel=N``), else None."""
+        return self.optimized.runtime.context_parallel
+
+    @property
     def rank(self) -> int:
         """This process's rank when the image is split over processes (``context_parallel``), else 0.
         Every rank generates; rank 0 is the one that should save or answer."""
-        cp = self.optimized.context_parallel
+        cp = self.context_parallel
         return 0 if cp is None else cp.rank
 
     @takes_request_fields
@@ -223,7 +229,7 @@ class SRPOPipeline:
             req = prompt
         else:
             req = validate_request(prompt, image_size=image_size, **request)
-        cp = self.optimized.context_parallel
+        cp = self.context_parallel
         if req.seed is None:  # with context parallelism rank 0 draws it for all: every rank needs the same noise
             seed = secrets.randbelow(2**32)
             req = dataclasses.replace(req, seed=seed if cp is None else cp.broadcast(seed))
@@ -320,6 +326,12 @@ class SRPOPipeline:
             save_artifacts(self.optimized.cache_file)
         return timings
 
+    def worth_warming_up(self) -> bool:
+        """Whether :meth:`warmup` leaves anything a request reuses: compiled graphs, the Triton kernels'
+        tuning, a GPU's lazy set-up. An eager pipeline on a CPU keeps none of it (warming the real model
+        there would delay readiness by minutes for nothing)."""
+        return self.optimized.compiled or self.config.attention in KERNEL_MODES or self.device.type != "cpu"
+
     def compiled_graphs(self) -> int:
         """Graphs torch.compile has built in this process (the recompile counter)."""
         return compiled_graphs()
@@ -363,15 +375,19 @@ class SRPOPipeline:
         without one, the run's stages are timed here."""
         if req.seed is None:
             raise ValueError("run() needs a request with its seed set (generate() draws one)")
-        if loop.cache_threshold is not None and self.optimized.step_cache is None:
-            raise ValueError(no_step_cache_reason(self, req))
-        own = clock is None
+        runtime, own = self.optimized.runtime, clock is None
+        if loop.cache_threshold is not None:
+            runtime.refuse_threshold(req.acceleration)  # before any work
         with self._lock, torch.inference_mode():
             clock = clock or StageClock(self.device)
             text = self.encode_prompt(req.prompt, req.num_images)  # the encoders visit only for a new prompt
             clock.mark("encode")
-            with self._stage("transformer"):
-                latents, evaluations = self.denoise(self.prepare(req, text), loop)
+            inputs = self.prepare(req, text)
+            steps, tokens = req.num_inference_steps, inputs.noise.shape[1]
+            scheduler, timesteps = schedule(self.flux.scheduler, tokens, steps, self.device)
+            with self._stage("transformer"), runtime.request(inputs, loop.cache_threshold) as model:
+                latents = denoise(model, scheduler, timesteps, inputs.noise, loop)
+                evaluations = model.evaluations
             clock.mark("denoise")
         return DenoiseResult(latents, clock.seconds() if own else {}, text.text_tokens, evaluations)
 
@@ -444,11 +460,6 @@ class SRPOPipeline:
         )
         packed = self.flux._pack_latents(noise, len(seeds), c, h, w)
         return packed.to(device=self.device, dtype=self.dtype)
-
-    def denoise(self, inputs: DenoiseInputs, loop: LoopOptions | None = None) -> tuple[torch.Tensor, int]:
-        """The loop from ``inputs`` (see :func:`srpo_infer.denoise.denoise`): packed latents and the
-        number of full transformer evaluations."""
-        return denoise(self, inputs, loop)
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list:
         """Packed latents → PIL images."""

@@ -380,3 +380,16 @@ def test_the_layout_names_every_module():
     words = set(re.findall(r"[a-z_0-9]+", block))
     stems = {p.stem for p in [*LIBRARY, *KERNELS]} - {"__init__", "__main__"}
     assert stems - words == set(), "modules missing from the Layout"
+
+
+def test_the_optimization_record_is_read_in_at_most_three_library_files():
+    """What apply_optimizations installs keeps its own state (processors, hooks, compiled modules, the
+    runtime the loop calls); the record ``pipe.optimized`` is read where ARCHITECTURE.md says, no wider."""
+    readers = sorted(
+        _name(path)
+        for path in LIBRARY
+        if any(isinstance(n, ast.Attribute) and n.attr == "optimized" for n in ast.walk(ast.parse(path.read_text())))
+    )
+    assert len(readers) <= 3, readers
+    said = re.search(r"`pipe\.optimized` is read in (.*?)\s+only", ARCHITECTURE, flags=re.S)[1]
+    assert sorted(re.findall(r"`([\w/]+\.py)`", said)) == readers, (said, readers)

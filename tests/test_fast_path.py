@@ -134,7 +134,10 @@ def test_regional_compile_matches_eager_and_settles_at_warmup(compiled, eager_la
     pipe, first, settled = compiled
     assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == "compile:eager:regional:default"
     # Regional compile works in place and leaves the VAE eager (load_pipeline's docstring says so).
-    assert pipe.optimized.transformer is pipe.flux.transformer and pipe.optimized.vae_decode == pipe.flux.vae.decode
+    assert (
+        pipe.optimized.runtime.transformer is pipe.flux.transformer
+        and pipe.optimized.vae_decode == pipe.flux.vae.decode
+    )
     assert relative_error(first, eager_latents) < 1e-5
     # One graph per block class, and again for each at the first new size (dims made symbolic then).
     assert 2 <= settled <= 4, settled

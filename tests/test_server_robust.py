@@ -117,34 +117,35 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path):
     assert "loading the model" in out and "broken.safetensors" in out
 
 
-@pytest.mark.parametrize(
-    "compiled, attention, device, warmed",
-    [
-        (False, "sdpa", "cpu", False),
-        (True, "sdpa", "cpu", True),
-        (False, "triton", "cpu", True),
-        (False, "sdpa", "cuda", True),
-    ],
-)
-def test_serve_warms_up_only_what_a_request_reuses(compiled, attention, device, warmed, caplog):
-    """Compiled graphs, kernel autotuning and a GPU's lazy set-up are kept; an eager CPU pipeline keeps
-    nothing (the real model would spend minutes there), so ``serve`` and Ray Serve replicas skip warm-up
-    and say so."""
-    import torch
-
+@pytest.mark.parametrize("worth", [False, True])
+def test_serve_warms_up_only_what_a_request_reuses(worth, caplog):
+    """``serve`` and Ray Serve replicas ask the pipeline whether warm-up leaves anything (its policy,
+    tested below) and say so when it does not."""
     from srpo_infer.server.serve import warm_up
 
     calls = []
     pipe = SimpleNamespace(
-        optimized=SimpleNamespace(compiled=compiled),
-        config=SimpleNamespace(attention=attention),
-        device=torch.device(device),
+        worth_warming_up=lambda: worth,
         warmup=lambda sizes, accelerations: calls.append((sizes, accelerations)),
     )
     with caplog.at_level("INFO", logger="srpo_infer"):
-        assert warm_up(pipe, [(1024, 768)], ("none", "regular")) is warmed
-    assert calls == ([([(1024, 768)], ("none", "regular"))] if warmed else [])
-    assert ("nothing to warm up" in caplog.text) is not warmed
+        assert warm_up(pipe, [(1024, 768)], ("none", "regular")) is worth
+    assert calls == ([([(1024, 768)], ("none", "regular"))] if worth else [])
+    assert ("nothing to warm up" in caplog.text) is not worth
+
+
+def test_warmup_is_worth_it_for_compiled_graphs_and_kernel_tuning_not_for_an_eager_cpu_pipeline():
+    """Compiled graphs and kernel autotuning are kept (and a GPU's lazy set-up); an eager CPU pipeline
+    keeps nothing, where warming the real model would spend minutes."""
+    import srpo_infer
+
+    def load(**options):
+        return srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, **options)
+
+    assert not load().worth_warming_up()
+    assert load(compile=True, compile_backend="eager", cache_dir=None).worth_warming_up()
+    pytest.importorskip("triton", reason="the [triton] extra")
+    assert load(attention="triton").worth_warming_up()
 
 
 @pytest.mark.slow  # a real server process and 4 × 50 steps (~25 s): CI's slow step; drains' logic is tested in-process

@@ -58,7 +58,7 @@ def test_the_whole_model_compile_refuses_step_caching_in_one_line():
         compile_backend="eager",
         cache_dir=None,
     )
-    assert pipe.optimized.step_cache is None
+    assert pipe.optimized.runtime.step_cache is None
     with pytest.raises(
         ValueError, match=r"acceleration 'regular' .*\(compile_scope='full'\).* use compile_scope='regional'"
     ):

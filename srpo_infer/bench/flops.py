@@ -73,7 +73,7 @@ def count_flops(pipe, setting: Setting) -> int:
         img_ids=img_ids,
         return_dict=False,
     )
-    cp = pipe.optimized.context_parallel
+    cp = pipe.context_parallel
     if cp is None:
         return transformer_flops(pipe.transformer, inputs)["total"]  # the module itself, never the compiled fn
     # Split: this rank's share (its tokens' linears, its heads' or queries' attention) times the ranks.

@@ -146,8 +146,8 @@ def _run_config(bench: BenchConfig, args: BenchArgs, shared: Shared, box: TimeBo
         row = dict(
             config=bench.name, setting=setting.label, width=setting.width, height=setting.height, steps=setting.steps
         )
-        if pipe.optimized.context_parallel is not None:
-            row["context_parallel"] = pipe.optimized.context_parallel.degrees.describe()
+        if pipe.context_parallel is not None:
+            row["context_parallel"] = pipe.context_parallel.degrees.describe()
         try:
             timed = _time_setting(pipe, runner, bench, setting, args.repeats, graphs)
         except Exception as exc:  # one setting's failure is that row's error

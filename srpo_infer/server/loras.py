@@ -84,7 +84,7 @@ class LoraLibrary:
                 adapter.target, adapter.problem = None, str(exc)
                 continue
             pipe.lora_cache.put(adapter.path, state)
-        if pipe.optimized.compiled and layers:
+        if pipe.config.compile and layers:
             add_slot(pipe, layers)
 
     def listing(self) -> dict:

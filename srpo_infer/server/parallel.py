@@ -25,7 +25,7 @@ class Leader:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.context_parallel = pipeline.optimized.context_parallel
+        self.context_parallel = pipeline.context_parallel
         self.broken: str | None = None
 
     def generate(self, request, **options):
@@ -61,7 +61,7 @@ class Leader:
 
 def follow(pipeline) -> int:
     """A non-zero rank's loop: run each request rank 0 sends until it sends ``None``; the exit code."""
-    cp = pipeline.optimized.context_parallel
+    cp = pipeline.context_parallel
     if threading.current_thread() is threading.main_thread():
         # torchrun (and a terminal's Ctrl-C) signal every rank; rank 0 drains the queue, these ranks must
         # keep running its requests until it says stop.

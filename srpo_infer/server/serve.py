@@ -181,7 +181,7 @@ def _load(app, model: str, pipeline_options: dict, library, sizes: list, acceler
             library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
         warm_up(pipe, sizes, accelerations)
         pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
-        if pipe.optimized.context_parallel is not None:
+        if pipe.context_parallel is not None:
             pipe = Leader(pipe)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
@@ -197,9 +197,7 @@ def warm_up(pipe, sizes: list, accelerations: tuple) -> bool:
     a GPU's lazy set-up; True if it did. An eager pipeline on a CPU keeps none of it, and there warming
     the real model would delay readiness by minutes (the tiny one by seconds) for nothing. Every
     context-parallel rank and Ray Serve replica decides the same, from the same options."""
-    from ..attention import KERNEL_MODES
-
-    if pipe.optimized.compiled or pipe.config.attention in KERNEL_MODES or pipe.device.type != "cpu":
+    if pipe.worth_warming_up():
         pipe.warmup(sizes, accelerations=accelerations)
         return True
     log.info("eager on a CPU: nothing to warm up")
