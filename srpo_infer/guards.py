@@ -52,18 +52,11 @@ def resolve_fuse_qkv(transformer: torch.nn.Module, fuse_qkv: bool | str) -> bool
     return False
 
 
-def check_cache_fits(pipe, cache: str | None, *, compiled: bool = False) -> None:
-    """Refuse a cache the pipeline cannot carry: one already on the transformer, one that skips
-    blocks under a ControlNet (its residuals are added between the skipped blocks), or TaylorSeer with
-    the regional compile (its hooks sit on the attentions inside the compiled blocks)."""
+def check_cache_fits(pipe, cache: str | None) -> None:
+    """Refuse a cache the pipeline cannot carry: one already on the transformer, or one that skips
+    blocks under a ControlNet (its residuals are added between the skipped blocks)."""
     if cache is None:
         return
-    if compiled and cache == "taylorseer":
-        raise ValueError(
-            "cache='taylorseer' with compile=True: TaylorSeer hooks every attention inside the compiled blocks, so "
-            "its per-step choice would break their graphs and compile new ones; use cache='first-block' or "
-            "'magcache' (their hooks wrap whole blocks and run outside the graphs), or compile=False"
-        )
     if getattr(pipe.transformer, "_hf_hook", None) is not None:  # accelerate's offload hook
         raise ValueError(
             "this transformer is offloaded already (enable_model_cpu_offload or similar): its hooks are taken off "

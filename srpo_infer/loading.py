@@ -124,20 +124,19 @@ def diffusers_pipeline(
     from dataclasses import fields
 
     from .components import flux_pipeline_class
-    from .optimize import apply_optimizations, mark_optimized, refuse_ours_only
+    from .optimize import optimize_stock, refuse_ours_only
     from .step_cache import stock_cache
 
     check_keywords(diffusers_pipeline, options, extra=[f.name for f in fields(PipelineConfig)])
     refuse_ours_only(options)
-    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
     config = PipelineConfig(
         model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress, **options
     ).resolved()
+    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps, compiled=config.compile)
     config, components, lora_state = _load(config)
     flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)
-    optimized = apply_optimizations(flux, config, lora_state=lora_state, stock_cache=cached, stock=True)
-    mark_optimized(flux, optimized.steps)
+    optimize_stock(flux, config, cached, lora_state=lora_state)
     return flux
 
 

@@ -298,8 +298,6 @@ def optimize(
             "lora_max_rank",
         ],
     )
-    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps)
-    check_cache_fits(pipe, None if cached is None else cache or "first-block", compiled=bool(compile))
     fuse_qkv = resolve_fuse_qkv(transformer, fuse_qkv)
     param = next(transformer.parameters())
     config = PipelineConfig(
@@ -318,8 +316,21 @@ def optimize(
         progress=False,
         **options,
     ).resolved()
+    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps, compiled=config.compile)
+    check_cache_fits(pipe, None if cached is None else cache or "first-block")
     check_available(config)
-    optimized = apply_optimizations(pipe, config, stock_cache=cached, stock=True, memory_placement=memory is not None)
+    return optimize_stock(pipe, config, cached, memory_placement=memory is not None)
+
+
+def optimize_stock(
+    pipe, config: PipelineConfig, cached: tuple[object, str] | None, *, lora_state=None, memory_placement=True
+) -> list[str]:
+    """The one path that optimizes a stock diffusers pipeline, for :func:`optimize` (a pipeline the user
+    built) and :func:`~srpo_infer.diffusers_pipeline` (one we loaded): :func:`apply_optimizations` with
+    the stock cache, then the record and the guards of :func:`mark_optimized`. Returns the steps."""
+    optimized = apply_optimizations(
+        pipe, config, lora_state=lora_state, stock_cache=cached, stock=True, memory_placement=memory_placement
+    )
     mark_optimized(pipe, optimized.steps)
     return optimized.steps
 

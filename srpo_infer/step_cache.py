@@ -48,6 +48,7 @@ def stock_cache(
     cache_threshold: float | None = None,
     cache: str | None = None,
     cache_steps: int = 28,
+    compiled: bool = False,
 ) -> tuple[object, str] | None:
     """The diffusers cache config a stock pipeline gets for every call, and its step label; ``None``
     when nothing asks for a cache.
@@ -59,7 +60,8 @@ def stock_cache(
     quality of the last two on SRPO is unmeasured. ``cache`` alone applies its engine at the
     ``regular`` level (those defaults; 0.08 for ``first-block``); an ``acceleration`` or a
     ``cache_threshold`` alone takes ``first-block``; ``acceleration="none"`` with a ``cache`` is refused,
-    since it would cache nothing.
+    since it would cache nothing. ``compiled``: TaylorSeer is refused with the regional compile (its
+    hooks sit on the attentions inside the compiled blocks).
 
     >>> stock_cache("regular")[1], stock_cache(cache="taylorseer")[1], stock_cache()
     ('cache:first-block(0.08)', 'cache:taylorseer(interval 5)', None)
@@ -68,6 +70,12 @@ def stock_cache(
 
     if cache is not None and cache not in STEP_CACHES:
         raise ValueError(f"cache must be one of {list(STEP_CACHES)}, got {cache!r}")
+    if compiled and cache == "taylorseer":
+        raise ValueError(
+            "cache='taylorseer' with compile=True: TaylorSeer hooks every attention inside the compiled blocks, so "
+            "its per-step choice would break their graphs and compile new ones; use cache='first-block' or "
+            "'magcache' (their hooks wrap whole blocks and run outside the graphs), or compile=False"
+        )
     if cache is not None and acceleration == "none":
         raise ValueError(
             f"cache={cache!r} with acceleration='none' caches nothing: leave acceleration out "

@@ -197,3 +197,12 @@ def test_cache_alone_applies_its_engine_at_its_defaults_and_nothing_asks_for_non
     assert stock_cache(cache="taylorseer")[1] == "cache:taylorseer(interval 5)"
     assert stock_cache(cache_threshold=0.2)[1] == "cache:first-block(0.2)"
     assert stock_cache("high", cache="magcache", cache_steps=8)[1] == "cache:magcache(0.06, 8 steps)"
+
+
+def test_diffusers_pipeline_refuses_taylorseer_under_compile_before_loading(monkeypatch):
+    """The same one path as optimize(): the refusal comes before any weight is read."""
+    from srpo_infer import loading
+
+    monkeypatch.setattr(loading, "_load", lambda config: pytest.fail("loaded before refusing"))
+    with pytest.raises(ValueError, match=r"cache='taylorseer' with compile=True"):
+        srpo_infer.diffusers_pipeline("tiny-random", device="cpu", cache="taylorseer", compile=True)
