@@ -102,16 +102,13 @@ def main() -> None:
         total, parts, evaluations = count_step_ops(pipe, threshold)
         rows.append((label, total, parts, evaluations))
     # A server with --lora-dir: a slot on every attention projection, a request naming no LoRA.
-    from srpo_infer.lora import add_slot
-
     attention = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj")
     layers = [
         f"transformer.{name}"
         for name, _ in pipe.flux.transformer.named_modules()
         if name.endswith(attention) and "blocks." in name
     ]
-    add_slot(pipe, layers)
-    total, parts, evaluations = count_step_ops(pipe, None)
+    total, parts, evaluations = count_step_ops(flux_depth_pipeline(lora_slot=tuple(layers)), None)
     rows.append((f"acceleration none, a LoRA slot on {len(layers)} layers", total, parts, evaluations))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [

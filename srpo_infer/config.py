@@ -178,6 +178,11 @@ class PipelineConfig:
     lora_max_rank: int | None = _option(
         None, "with --no-lora-fuse and compile: the largest rank a swap may bring", cli=False
     )
+    lora_slot: tuple[str, ...] = _option(
+        (),
+        "layers (diffusers names) of a zero adapter slot that per-request LoRAs swap into (serve --lora-dir)",
+        cli=False,
+    )
     context_parallel: int = _option(
         1,
         "processes (one per GPU) that split each image's tokens: run under torchrun "
@@ -215,6 +220,14 @@ class PipelineConfig:
                 "fuse_qkv=True cannot keep a separate LoRA (its layers are to_q/to_k/to_v): "
                 "use lora_fuse=True or fuse_qkv='auto'"
             )
+        slot = tuple(self.lora_slot)
+        if not all(isinstance(layer, str) for layer in slot):
+            raise ValueError(f"lora_slot must be layer names (strings), got {self.lora_slot!r}")
+        if slot and (self.lora is not None or self.fuse_qkv is True):
+            raise ValueError(
+                "lora_slot takes the request's adapters on to_q/to_k/to_v: it goes with no lora= of its own "
+                "and fuse_qkv='auto' or False"
+            )
         if separate_lora and resolve_quantize(self.quantize) is not None:
             raise ValueError(
                 "a separate LoRA (lora_fuse=False) cannot be quantized with the transformer: "
@@ -243,7 +256,7 @@ class PipelineConfig:
             compile_scope=_one_of("compile_scope", self.compile_scope, COMPILE_SCOPES),
             compile_mode=_one_of("compile_mode", self.compile_mode, COMPILE_MODES),
             compile_backend=self.compile_backend,
-            fuse_qkv=(compile and not separate_lora) if self.fuse_qkv == "auto" else self.fuse_qkv,
+            fuse_qkv=(compile and not separate_lora and not slot) if self.fuse_qkv == "auto" else self.fuse_qkv,
             cuda_graphs=resolve_cuda_graphs(self.cuda_graphs, device, self.compile_scope, self.compile_mode)
             if compile
             else False,
@@ -254,6 +267,7 @@ class PipelineConfig:
             lora_scale=self.lora_scale,
             lora_fuse=bool(self.lora_fuse),
             lora_max_rank=self.lora_max_rank,
+            lora_slot=slot,
             context_parallel=context_parallel,
             ring_degree=ring_degree,
         )

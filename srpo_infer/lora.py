@@ -228,37 +228,50 @@ def check_fits(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return layers
 
 
-def add_slot(pipe, layers: list[str], rank: int = MAX_REQUEST_RANK) -> None:
-    """Give an (uncalled) pipeline a zero adapter on ``layers``, the slot per-request adapters swap into:
-    hotswap-ready up to ``rank`` when compiled, so moving between adapters compiles nothing."""
-    if pipe.config.fuse_qkv:
-        raise LoraError("a LoRA slot needs unfused QKV projections: load the pipeline with fuse_qkv=False")
-    if pipe.config.compile:
-        pipe.flux.enable_lora_hotswap(target_rank=rank)
+SLOT_MARK = "srpo_lora_slot"  # the attribute a slot leaves on its transformer: the rank it takes
+
+
+def add_slot(flux, layers, rank: int = MAX_REQUEST_RANK) -> int:
+    """Give ``flux``'s transformer (not called yet, QKV unfused) a zero adapter on those of ``layers``
+    it has: the slot per-request adapters swap into, hotswap-ready up to ``rank`` (a compiled pipeline
+    then moves between adapters without compiling), switched off until a request names a LoRA.
+    Returns the number of layers. :func:`~srpo_infer.optimize.apply_optimizations` calls it for
+    ``lora_slot``; a layer another model's adapter names is left out here and that adapter refused
+    by :func:`check_fits`."""
+    transformer = flux.transformer
+    flux.enable_lora_hotswap(target_rank=rank)
     state = {}
     for layer in dict.fromkeys(layers):
-        module = pipe.transformer.get_submodule(layer.removeprefix("transformer."))
-        state[f"{layer}.lora_A.weight"] = torch.zeros(1, module.in_features)
-        state[f"{layer}.lora_B.weight"] = torch.zeros(module.out_features, 1)
+        try:
+            module = transformer.get_submodule(layer.removeprefix("transformer."))
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            state[f"{layer}.lora_A.weight"] = torch.zeros(1, module.in_features)
+            state[f"{layer}.lora_B.weight"] = torch.zeros(module.out_features, 1)
+    if not state:
+        return 0
     with _quiet("diffusers.loaders.lora_base"):
-        apply_lora(pipe.flux, state, 0.0, fuse=False)
-    pipe.transformer.disable_lora()  # a request without loras runs the base layers only: no slot GEMMs
+        apply_lora(flux, state, 0.0, fuse=False)
+    transformer.disable_lora()  # a request without loras runs the base layers only: no slot GEMMs
+    setattr(transformer, SLOT_MARK, rank)
+    return len(state) // 2
 
 
-def has_slot(pipe) -> bool:
-    """``pipe`` carries a hotswap slot for per-request adapters (:func:`add_slot` on a compiled pipeline)."""
-    return pipe.config.compile and has_adapter(pipe.transformer)
+def has_slot(transformer: torch.nn.Module) -> bool:
+    """The transformer carries our zero slot for per-request adapters (:func:`add_slot`)."""
+    return getattr(transformer, SLOT_MARK, None) is not None and has_adapter(transformer)
 
 
 @contextlib.contextmanager
-def slot_on(pipe):
+def slot_on(transformer: torch.nn.Module):
     """The slot switched on (at whatever scale it holds) while the block runs, off again after: warm-up
     runs through it so that the first request naming a LoRA compiles nothing."""
-    pipe.transformer.enable_lora()
+    transformer.enable_lora()
     try:
         yield
     finally:
-        pipe.transformer.disable_lora()
+        transformer.disable_lora()
 
 
 def _read_for_request(cache: LoraCache, path: str) -> dict[str, torch.Tensor]:
@@ -295,7 +308,9 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     and the slot goes back to scale 0; otherwise the adapter is loaded and deleted again."""
     merged = merge_loras([(_read_for_request(pipe.lora_cache, path), scale) for path, scale in loras])
     rank, transformer = max_rank(merged), pipe.transformer
-    swap = has_adapter(transformer) and pipe.config.compile
+    slot = has_slot(transformer)
+    # A compiled pipeline's own separate LoRA is swapped in place too (no recompile), and left at 0.
+    swap = slot or (has_adapter(transformer) and pipe.config.compile)
     if swap and rank > slot_rank(transformer):
         raise LoraError(
             f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
@@ -309,8 +324,8 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
         pipe.flux.delete_adapters(ADAPTER)
     try:
-        if swap:
-            pipe.transformer.enable_lora()  # the slot is off between requests that name no LoRA
+        if slot:
+            transformer.enable_lora()  # the slot is off between requests that name no LoRA
         try:
             with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
                 apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
@@ -321,6 +336,7 @@ def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     finally:
         if swap:
             pipe.flux.set_adapters([ADAPTER], [0.0])  # the slot stays, at scale 0: the base model exactly
-            pipe.transformer.disable_lora()  # and off: the next request without loras skips its GEMMs
+            if slot:
+                transformer.disable_lora()  # and off: the next request without loras skips its GEMMs
         elif has_adapter(transformer):
             pipe.flux.delete_adapters(ADAPTER)

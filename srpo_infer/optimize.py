@@ -1,9 +1,9 @@
 """The one ordered place where optimizations are applied, to our pipeline and to any diffusers Flux
-pipeline: LoRA → fuse QKV → quantize → attention backend → context parallelism → compile → step cache →
-memory placement. Each step is switchable from :class:`PipelineConfig`, logged, and listed in ``steps``
-so benchmarks can ablate them one at a time. :func:`optimize` is the public form for a stock
-``diffusers.FluxPipeline`` (or any pipeline with a Flux transformer); :class:`SRPOPipeline` is built
-through :func:`apply_optimizations` too."""
+pipeline: LoRA (or a slot for per-request LoRAs) → fuse QKV → quantize → attention backend → context
+parallelism → compile → step cache → memory placement. Each step is switchable from
+:class:`PipelineConfig`, logged, and listed in ``steps`` so benchmarks can ablate them one at a time.
+:func:`optimize` is the public form for a stock ``diffusers.FluxPipeline`` (or any pipeline with a Flux
+transformer); :class:`SRPOPipeline` is built through :func:`apply_optimizations` too."""
 
 from __future__ import annotations
 
@@ -98,6 +98,11 @@ def apply_optimizations(
             flux.enable_lora_hotswap(target_rank=config.lora_max_rank or max_rank(state))
         apply_lora(flux, state, config.lora_scale, fuse=config.lora_fuse)
         steps.append(f"lora:{'fused' if config.lora_fuse else 'separate'}({config.lora_scale:g})")
+    if config.lora_slot:
+        from .lora import MAX_REQUEST_RANK, add_slot
+
+        layers = add_slot(flux, config.lora_slot, config.lora_max_rank or MAX_REQUEST_RANK)
+        steps.append(f"lora_slot({layers} layers)")
     if config.fuse_qkv:
         # One GEMM instead of three per attention; compiled graphs gain most from it.
         transformer.fuse_qkv_projections()
@@ -152,6 +157,22 @@ def apply_optimizations(
         context_parallel=context_parallel,
     )
     return Optimized(runtime, decode_fn, steps, cache_file, scope, memory_plan, residency)
+
+
+def load_lora_after(flux, config: PipelineConfig, state: dict, scale: float) -> None:
+    """A LoRA loaded after :func:`apply_optimizations` (``SRPOPipeline.load_lora``), under the rules its
+    order set: swapped into the adapter already there (compiled: without recompiling, up to the rank it
+    was prepared for), else loaded separate, and refused where fused QKV or a compile without an adapter
+    to swap into leaves no place for it."""
+    from .lora import LoraError, apply_lora, has_adapter
+
+    swap = has_adapter(flux.transformer)
+    if not swap and (config.compile or config.fuse_qkv):
+        raise LoraError(
+            "this pipeline fused QKV or compiled without a LoRA slot: load it with "
+            "load_pipeline(..., lora=FIRST_LORA, lora_fuse=False) to swap LoRAs later"
+        )
+    apply_lora(flux, state, scale, fuse=False, hotswap=swap)
 
 
 def _whole_model_compile(config: PipelineConfig) -> bool:

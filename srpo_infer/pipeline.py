@@ -104,17 +104,12 @@ class SRPOPipeline:
 
         >>> pipe.load_lora("loras/srpo-rank64.safetensors", scale=0.8)  # doctest: +SKIP
         """
-        from .lora import LoraError, apply_lora, has_adapter, read_lora
+        from .lora import read_lora
+        from .optimize import load_lora_after
 
         state = read_lora(source)
         with self._lock:
-            swap = has_adapter(self.transformer)
-            if not swap and (self.optimized.compiled or self.config.fuse_qkv):
-                raise LoraError(
-                    "this pipeline fused QKV or compiled without a LoRA slot: load it with "
-                    "load_pipeline(..., lora=FIRST_LORA, lora_fuse=False) to swap LoRAs later"
-                )
-            apply_lora(self.flux, state, scale, fuse=False, hotswap=swap)
+            load_lora_after(self.flux, self.config, state, scale)
 
     def set_lora_scale(self, scale: float) -> None:
         """The strength of the separate LoRA (0 = as without it)."""
@@ -299,8 +294,8 @@ class SRPOPipeline:
 
         timings = {}
         # With a LoRA slot, its two states (off: no request LoRA; on: one) are two sets of graphs.
-        for slot in ("", ":lora-slot") if has_slot(self) else ("",):
-            with slot_on(self) if slot else contextlib.nullcontext():
+        for slot in ("", ":lora-slot") if has_slot(self.transformer) else ("",):
+            with slot_on(self.transformer) if slot else contextlib.nullcontext():
                 for width, height in sizes:
                     for level in accelerations:
                         t0 = time.perf_counter()

@@ -205,7 +205,7 @@ APPLIES = {
     "unfuse_lora",
 }
 # The helpers that define a step (called only by the places below): not places of their own.
-STEP_HELPERS = {"lora.apply_lora", "first_block_cache.RequestCache.__init__", "memory.move_components"}
+STEP_HELPERS = {"lora.apply_lora", "lora.add_slot", "first_block_cache.RequestCache.__init__", "memory.move_components"}
 
 
 def optimization_callers() -> set[str]:
@@ -286,7 +286,7 @@ def test_optimizes_docstring_example_lists_the_steps_in_the_order_they_apply():
     from srpo_infer.quantize import quantizable_linears
 
     kinds = _step_kinds()
-    assert kinds[:4] == ["lora", "fuse_qkv", "quantize", "attention"], kinds
+    assert kinds[:5] == ["lora", "lora_slot", "fuse_qkv", "quantize", "attention"], kinds
     example = ast.literal_eval(re.search(r"^\s*(\[.*\])\s*$", optimize.optimize.__doc__, flags=re.M)[1])
     positions = [kinds.index(re.split(r"[:(]", step)[0]) for step in example]
     assert positions == sorted(positions), example

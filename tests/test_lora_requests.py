@@ -113,8 +113,8 @@ def dataclasses_replace(req, **kw):
 @pytest.fixture(scope="module")
 def compiled_server(folder, tmp_path_factory):
     torch._dynamo.reset()
-    pipe = load(compile=True, compile_backend="eager", cache_dir=None, fuse_qkv=False)
     library = LoraLibrary(folder)
+    pipe = load(compile=True, compile_backend="eager", cache_dir=None, lora_slot=library.slot_layers())
     library.install(pipe)
     pipe.warmup([(512, 512)])
     app = create_app(pipe, output_dir=tmp_path_factory.mktemp("out"), loras=library)
@@ -221,16 +221,30 @@ def _ops_per_run(pipe) -> int:
 
 
 def test_the_lora_slot_costs_no_op_while_no_request_names_a_lora(folder):
-    """The slot is switched off between requests that name no LoRA: the same ops as a pipeline without
-    one (before: its zero adapters ran two GEMMs and a scale per adapted layer, every step)."""
-    from safetensors.torch import load_file
-
-    from srpo_infer.lora import add_slot, check_fits, slot_on
+    """The slot, installed by the ordered optimization function (``lora_slot``), is switched off between
+    requests that name no LoRA: the same ops as a pipeline without one (before: its zero adapters ran
+    two GEMMs and a scale per adapted layer, every step)."""
+    from srpo_infer.lora import has_slot, slot_on
+    from srpo_infer.server.loras import LoraLibrary
 
     plain = load(fuse_qkv=False)
-    slotted = load(fuse_qkv=False)
-    add_slot(slotted, check_fits(slotted.transformer, load_file(folder / "a.safetensors")))
-    assert has_adapter(slotted.transformer)
+    slotted = load(lora_slot=LoraLibrary(folder).slot_layers())
+    assert has_slot(slotted.transformer) and slotted.optimized.steps[0].startswith("lora_slot(")
     assert _ops_per_run(slotted) == _ops_per_run(plain)
-    with slot_on(slotted):  # the counter sees the slot when it is on
+    with slot_on(slotted.transformer):  # the counter sees the slot when it is on
         assert _ops_per_run(slotted) > _ops_per_run(plain)
+
+
+def test_an_eager_pipeline_with_a_slot_swaps_request_loras_into_it(folder, reference):
+    """Without compile too, a slot takes each request's adapter in place and nothing bleeds."""
+    from srpo_infer.lora import has_slot
+    from srpo_infer.server.loras import LoraLibrary
+
+    library = LoraLibrary(folder)
+    pipe = load(lora_slot=library.slot_layers())
+    library.install(pipe)
+    a = str(folder / "a.safetensors")
+    got = pipe.generate("a red fox in snow", loras=[{"path": a, "scale": SCALE}], **KW).images[0]
+    assert np.abs(pixels(got) - pixels(reference["a"])).max() <= 1
+    assert has_slot(pipe.transformer)
+    assert np.array_equal(pixels(pipe.generate("a red fox in snow", **KW).images[0]), pixels(reference["base"]))

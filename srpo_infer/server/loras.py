@@ -21,7 +21,7 @@ import re
 import stat
 from pathlib import Path
 
-from ..lora import MAX_REQUEST_RANK, LoraError, add_slot, check_fits, max_rank, read_lora, to_diffusers
+from ..lora import MAX_REQUEST_RANK, LoraError, check_fits, max_rank, read_lora, to_diffusers
 from ..request import MAX_LORA_SCALE, MAX_LORAS, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -72,20 +72,25 @@ class LoraLibrary:
             return Adapter(path.name, path, None, None, size, str(exc).replace(str(path), path.name))
         return Adapter(path.name, path, rank, "flux", size)
 
-    def install(self, pipe) -> None:
-        """Check every adapter against ``pipe``'s transformer, keep the fitting ones in its host cache and,
-        compiled, give it the slot (call before the pipeline's first generation: warm-up compiles it)."""
+    def slot_layers(self) -> tuple[str, ...]:
+        """Every layer the folder's adapters target: the pipeline's ``lora_slot`` (it leaves out a layer
+        its transformer lacks; :meth:`install` then refuses that adapter)."""
         layers = []
+        for state in self.states.values():
+            layers += [key.removesuffix(".lora_A.weight") for key in state if key.endswith(".lora_A.weight")]
+        return tuple(dict.fromkeys(layers))
+
+    def install(self, pipe) -> None:
+        """Check every adapter against ``pipe``'s transformer and keep the fitting ones in its host cache;
+        one that does not fit is listed with the loader's sentence and refused in requests."""
         for name, state in self.states.items():
             adapter = self.adapters[name]
             try:
-                layers += check_fits(pipe.transformer, state)
+                check_fits(pipe.transformer, state)
             except LoraError as exc:
                 adapter.target, adapter.problem = None, str(exc)
                 continue
             pipe.lora_cache.put(adapter.path, state)
-        if pipe.config.compile and layers:
-            add_slot(pipe, layers)
 
     def listing(self) -> dict:
         data = [

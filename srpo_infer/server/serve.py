@@ -134,15 +134,17 @@ def _safety_checker(name: str | None, pipeline_options: dict):
 
 
 def _lora_library(lora_dir: str | None, pipeline_options: dict):
-    """``--lora-dir``'s adapters; the pipeline then keeps QKV unfused (they sit on to_q / to_k / to_v)."""
+    """``--lora-dir``'s adapters, and the pipeline's ``lora_slot`` on the layers they target (QKV then
+    stays unfused: they sit on to_q / to_k / to_v)."""
     if lora_dir is None:
         return None
     from .loras import LoraLibrary
 
     if pipeline_options.get("lora") is not None:
         raise ValueError("--lora and --lora-dir do not go together: put the LoRA in the folder and name it in requests")
-    pipeline_options["fuse_qkv"] = False
-    return LoraLibrary(lora_dir)
+    library = LoraLibrary(lora_dir)
+    pipeline_options["lora_slot"] = library.slot_layers()  # installed in the ordered optimization function
+    return library
 
 
 def _draining_server(config, app, drain_timeout: float):
@@ -178,7 +180,7 @@ def _load(app, model: str, pipeline_options: dict, library, sizes: list, acceler
     try:
         pipe = load_pipeline(model, progress=False, **pipeline_options)
         if library is not None:
-            library.install(pipe)  # before warm-up: the compiled blocks are traced with the slot in place
+            library.install(pipe)  # the adapters checked against the transformer, kept in its host cache
         warm_up(pipe, sizes, accelerations)
         pipe.preview_decoder()  # fitted now, so the first stream: true request does not pay for it
         if pipe.context_parallel is not None:
