@@ -30,9 +30,9 @@ from .denoise import (
 )
 from .preview import LinearDecoder, Preview, check_previews, fit_linear_decoder, preview_steps
 from .prompt_cache import PromptCache
-from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, takes_request_fields, validate_request
+from .request import MAX_SIDE, MAX_STEPS, MIN_SIDE, GenerationRequest, request_from_fields, takes_request_fields
 from .result import GenerationResult, StageClock, pil_images
-from .step_cache import cache_threshold_for
+from .step_cache import request_threshold
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +223,14 @@ class SRPOPipeline:
                 raise ValueError("pass either a GenerationRequest or the request's fields, not both")
             req = prompt
         else:
-            req = validate_request(prompt, image_size=image_size, **request)
+            req = request_from_fields(prompt, image_size=image_size, **request)  # names checked by the decorator
         cp = self.context_parallel
         if req.seed is None:  # with context parallelism rank 0 draws it for all: every rank needs the same noise
             seed = secrets.randbelow(2**32)
-            req = dataclasses.replace(req, seed=seed if cp is None else cp.broadcast(seed))
+            req = req.with_fields(seed=seed if cp is None else cp.broadcast(seed))
         loop = LoopOptions(
             self.config.progress if progress is None else progress,
-            cache_threshold_for(req.acceleration, cache_threshold),
+            request_threshold(req.acceleration, cache_threshold),
             should_stop,
             on_step,
         )
@@ -341,7 +341,7 @@ class SRPOPipeline:
         Benchmarks and numerical checks compare these; ``req.seed`` must be set.
         """
         with self._lock, self._request_loras(req.loras):
-            return self.run(req, progress, cache_threshold_for(req.acceleration, cache_threshold)).latents
+            return self.run(req, progress, request_threshold(req.acceleration, cache_threshold)).latents
 
     # ------------------------------------------------------------------ stages
 

@@ -58,10 +58,20 @@ def _check_side(field: str, value: object) -> int:
     return value
 
 
+def _check_width(value: object) -> int:
+    return _check_side("width", value)
+
+
+def _check_height(value: object) -> int:
+    return _check_side("height", value)
+
+
 def resolve_image_size(
     image_size: str | dict | None = None, width: object = None, height: object = None
 ) -> tuple[int, int]:
     """Turn a preset name, an ``{"width", "height"}`` object or explicit sides into ``(width, height)``.
+    The sides' rule is not run here: the request they go into runs it, once (:func:`check_size` for a
+    size without a request).
 
     >>> resolve_image_size("square_hd")
     (1024, 1024)
@@ -74,7 +84,7 @@ def resolve_image_size(
         if isinstance(image_size, str):
             sides = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", image_size)  # ASCII digits: no "５１２", no 5000 digits
             if sides:  # OpenAI's "1024x768"
-                return _check_side("width", int(sides[1])), _check_side("height", int(sides[2]))
+                return int(sides[1]), int(sides[2])
             if image_size == "auto":  # OpenAI's "the default size"
                 return DEFAULT_WIDTH, DEFAULT_HEIGHT
             if image_size not in IMAGE_SIZE_PRESETS:
@@ -97,6 +107,15 @@ def resolve_image_size(
         return resolve_image_size(width)
     width = DEFAULT_WIDTH if width is None else width
     height = DEFAULT_HEIGHT if height is None else height
+    return width, height
+
+
+def check_size(width: object, height: object) -> tuple[int, int]:
+    """The sides' rule for a size that goes into no request yet (warm-up sizes).
+
+    >>> check_size(1440, 512)
+    (1440, 512)
+    """
     return _check_side("width", width), _check_side("height", height)
 
 
@@ -143,9 +162,10 @@ def _check_guidance(value: object) -> float:
     return float(value)
 
 
-def _check_acceleration(value: object) -> str:
+def check_acceleration(value: object, name: str = "acceleration") -> str:
+    """The one rule for a step caching level (``name``: what the caller calls it)."""
     if value not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {list(ACCELERATIONS)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(ACCELERATIONS)}, got {value!r}")
     return value
 
 
@@ -203,7 +223,7 @@ class GenerationRequest:
     prompt: str = _field(rule=_check_prompt, help="what to draw (1 to 4000 characters)")
     width: int = _field(
         DEFAULT_WIDTH,
-        functools.partial(_check_side, "width"),
+        _check_width,
         "--width",
         "512–1536, multiple of 32 [default: 1024]",
         type=int,
@@ -211,7 +231,7 @@ class GenerationRequest:
     )
     height: int = _field(
         DEFAULT_HEIGHT,
-        functools.partial(_check_side, "height"),
+        _check_height,
         "--height",
         "512–1536, multiple of 32 [default: 768]",
         type=int,
@@ -237,7 +257,7 @@ class GenerationRequest:
     )
     acceleration: str = _field(
         "none",
-        _check_acceleration,
+        check_acceleration,
         "--acceleration",
         "first-block step caching: none is exact; regular/high skip work on steps that change little",
         choices=list(ACCELERATIONS),
@@ -249,6 +269,23 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         for f in fields(self):  # each rule returns the value in its one form (a float guidance, a tuple of loras)
             object.__setattr__(self, f.name, f.metadata["rule"](getattr(self, f.name)))
+
+    def with_fields(self, **changes) -> GenerationRequest:
+        """This request with ``changes``, only their rules run (every other field was checked when this
+        request was built; :func:`dataclasses.replace` checks every field again).
+
+        >>> GenerationRequest("a cat").with_fields(seed=7).seed
+        7
+        """
+        rules = {f.name: f.metadata["rule"] for f in fields(self)}
+        unknown = [name for name in changes if name not in rules]
+        if unknown:
+            raise TypeError(f"with_fields(): {unknown_names_message(unknown, rules, 'field')}")
+        copy = object.__new__(GenerationRequest)
+        copy.__dict__.update(self.__dict__)
+        for name, value in changes.items():
+            object.__setattr__(copy, name, rules[name](value))
+        return copy
 
     @property
     def image_tokens(self) -> int:
@@ -274,6 +311,13 @@ class GenerationRequest:
 REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest))
 
 
+def request_from_fields(prompt: object, *, image_size: str | dict | None = None, **request) -> GenerationRequest:
+    """:func:`validate_request` for a caller that checked the keywords' names at its own boundary
+    (``SRPOPipeline.generate``): each field's rule runs once, in :class:`GenerationRequest`."""
+    width, height = resolve_image_size(image_size, request.pop("width", None), request.pop("height", None))
+    return GenerationRequest(prompt, width=width, height=height, **request)
+
+
 def validate_request(prompt: object, *, image_size: str | dict | None = None, **request) -> GenerationRequest:
     """Check every field of a request against the ``flux/srpo`` rules and return it validated.
 
@@ -289,8 +333,7 @@ def validate_request(prompt: object, *, image_size: str | dict | None = None, **
     ...
     ValueError: num_inference_steps must be in [1, 50], got 0
     """
-    width, height = resolve_image_size(image_size, request.pop("width", None), request.pop("height", None))
-    return GenerationRequest(prompt, width=width, height=height, **request)
+    return request_from_fields(prompt, image_size=image_size, **request)
 
 
 def takes_request_fields(fn: Callable) -> Callable:
@@ -347,19 +390,26 @@ def keyword_names(fn: Callable) -> list[str]:
 
 def check_keywords(fn: Callable, keywords: Iterable[str], extra: Iterable[str] = ()) -> None:
     """Raise ``TypeError`` naming every keyword ``fn`` does not take, with the nearest one it does."""
-    known = [*keyword_names(fn), *extra]
+    _refuse_unknown(fn.__name__, keywords, [*keyword_names(fn), *extra])
+
+
+def _refuse_unknown(name: str, keywords: Iterable[str], known: list[str]) -> None:
     unknown = [k for k in keywords if k not in known]
     if unknown:
-        raise TypeError(f"{fn.__name__}(): {unknown_names_message(unknown, known, 'keyword argument')}")
+        raise TypeError(f"{name}(): {unknown_names_message(unknown, known, 'keyword argument')}")
 
 
 def suggest_keywords(fn: Callable) -> Callable:
     """Decorator: a misspelled keyword argument is a ``TypeError`` that names the nearest real one
-    (Python's own says only "unexpected keyword argument")."""
+    (Python's own says only "unexpected keyword argument"). The names are read from the signature once,
+    here; a call only looks its keywords up."""
+    known = keyword_names(fn)
+    names = frozenset(known)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        check_keywords(fn, kwargs)
+        if not names.issuperset(kwargs):
+            _refuse_unknown(fn.__name__, kwargs, known)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -21,7 +21,10 @@ break, and a request that skips compiles nothing new.
 
 from __future__ import annotations
 
-ACCELERATION_THRESHOLDS: dict[str, float | None] = {"none": None, "regular": 0.08, "high": 0.12}
+from .request import ACCELERATIONS, check_acceleration
+
+# The levels are request.ACCELERATIONS (their one definition and rule); these are their thresholds.
+ACCELERATION_THRESHOLDS: dict[str, float | None] = dict(zip(ACCELERATIONS, (None, 0.08, 0.12), strict=True))
 CACHE_CONTEXT = "srpo"  # diffusers keys the hooks' state by the name of the denoising call
 
 
@@ -31,8 +34,12 @@ def cache_threshold_for(acceleration: str, override: float | None = None) -> flo
     >>> cache_threshold_for("regular"), cache_threshold_for("none", 0.3)
     (0.08, 0.3)
     """
-    if acceleration not in ACCELERATION_THRESHOLDS:
-        raise ValueError(f"acceleration must be one of {list(ACCELERATION_THRESHOLDS)}, got {acceleration!r}")
+    return request_threshold(check_acceleration(acceleration), override)
+
+
+def request_threshold(acceleration: str, override: float | None = None) -> float | None:
+    """:func:`cache_threshold_for` of a level already checked (a built request's): the override alone
+    is checked here."""
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, (int, float)) or not override >= 0:
             raise ValueError(f"cache_threshold must be a number >= 0, got {override!r}")

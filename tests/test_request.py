@@ -170,3 +170,59 @@ def test_decoded_images_become_the_pixels_diffusers_postprocess_makes(dtype):
     assert [im.size for im in got] == [(40, 24)] * 2 and all(im.mode == "RGB" for im in got)
     for g_image, w_image in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g_image), np.asarray(w_image))
+
+
+def test_every_rule_sentence_is_defined_in_one_module():
+    """Each "<name> must be …" a library error starts with comes from one module: one rule, one place
+    (before: the acceleration levels' sentence stood in request.py and step_cache.py)."""
+    import ast
+    import collections
+    import re
+    from pathlib import Path
+
+    import srpo_infer
+
+    defined = collections.defaultdict(set)
+    for path in Path(srpo_infer.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value
+            elif isinstance(node, ast.JoinedStr):
+                text = ast.unparse(node)[2:-1]  # f"…" as its template: "{name} must be one of {…}"
+            else:
+                continue
+            sentence = re.match(r"(\{[^}]*\}|[A-Za-z_]+) must be (.*)", text)
+            if sentence:  # a named field's rule by its name; a rule for any name by its whole template
+                defined[sentence[0] if sentence[1].startswith("{") else sentence[1]].add(path.name)
+    assert "guidance_scale" in defined and any("ACCELERATIONS" in key for key in defined)  # the scan sees them
+    assert {name: sorted(m) for name, m in defined.items() if len(m) > 1} == {}
+
+
+def test_each_side_is_checked_once_per_request_on_the_library_and_http_paths(tiny_pipe, monkeypatch, tmp_path):
+    """The size rule runs at the boundary where a request is built, once per side: not again when the
+    seed is drawn, the LoRAs resolved or the size parsed (before: up to 4 times)."""
+    from fastapi.testclient import TestClient
+
+    from srpo_infer import request
+    from srpo_infer.server import create_app
+
+    checked = []
+    real = request._check_side
+    monkeypatch.setattr(request, "_check_side", lambda field, value: checked.append(field) or real(field, value))
+    tiny_pipe.generate("a kite", image_size="512x512", num_inference_steps=1)
+    assert checked == ["width", "height"], checked
+    checked.clear()
+    with TestClient(create_app(tiny_pipe, output_dir=tmp_path)) as client:
+        r = client.post(
+            "/v1/images/generations", json={"prompt": "a kite", "image_size": "square", "num_inference_steps": 1}
+        )
+    assert r.status_code == 200, r.text
+    assert checked == ["width", "height"], checked

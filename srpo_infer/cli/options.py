@@ -113,7 +113,7 @@ def rank() -> int:
 
 def sizes(texts: list[str], option: str) -> list[tuple[int, int]]:
     """``["1024x768"]`` → ``[(1024, 768)]``, each size checked by the library's rules."""
-    from ..request import resolve_image_size
+    from ..request import check_size
 
     found = []
     for text in texts:
@@ -121,5 +121,5 @@ def sizes(texts: list[str], option: str) -> list[tuple[int, int]]:
             w, h = (int(v) for v in text.lower().split("x"))
         except ValueError:
             raise ValueError(f"{option} takes WIDTHxHEIGHT values such as 1024x768, got {text!r}") from None
-        found.append(resolve_image_size(width=w, height=h))
+        found.append(check_size(w, h))
     return found

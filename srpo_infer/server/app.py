@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..request import ACCELERATIONS, GenerationRequest, unknown_names_message
+from ..request import GenerationRequest, check_acceleration, unknown_names_message
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_images
 from .errors import ApiError, error_response, unencodable, validation_error
 from .guard import Guard
@@ -242,8 +242,7 @@ def create_app(
 
     >>> # from fastapi import FastAPI; outer = FastAPI(); outer.mount("/srpo", create_app(pipe))
     """
-    if default_acceleration not in ACCELERATIONS:
-        raise ValueError(f"default_acceleration must be one of {list(ACCELERATIONS)}, got {default_acceleration!r}")
+    check_acceleration(default_acceleration, "default_acceleration")
     if max_cost is not None and not max_cost > 0:
         raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
     # The backend runs the jobs: our GPU worker thread, or another engine's (Ray Serve's RayBackend).

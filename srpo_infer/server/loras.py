@@ -143,7 +143,7 @@ class LoraLibrary:
                 f"loras rank {rank} (summed over the request's adapters) is over this server's maximum, "
                 f"{MAX_REQUEST_RANK}: use fewer or smaller adapters"
             )
-        return dataclasses.replace(req, loras=tuple((str(a.path), scale) for a, scale in adapters))
+        return req.with_fields(loras=tuple((str(a.path), scale) for a, scale in adapters))
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
