@@ -481,3 +481,36 @@ def test_metrics_time_generations_and_count_refusals(tiny_pipe, tmp_path):
         text = httpx.get(f"{live.url}/metrics").text
     assert "srpo_generation_seconds_count 1\n" in text  # the generation, not the refusals
     assert 'srpo_responses_total{code="422"} 3' in text and 'srpo_responses_total{code="200"} 1' in text
+
+
+def test_a_generations_body_is_parsed_once(tiny_pipe, tmp_path, monkeypatch):
+    """The JSON text becomes Python once (duplicate keys and lone surrogates refused in that parse) and
+    that object is checked against the schema once: no second parse by the framework or by us."""
+    from fastapi.testclient import TestClient
+
+    from srpo_infer.server.schema import GenerationBody
+
+    raw = json.dumps({"prompt": "a kite", "image_size": "square", "num_inference_steps": 1}).encode()
+    parses, validations = [], []
+    real_loads, real_validate = json.loads, GenerationBody.model_validate.__func__
+
+    def loads(text, *args, **kwargs):
+        if text in (raw, raw.decode()):
+            parses.append(1)
+        return real_loads(text, *args, **kwargs)
+
+    def validate(cls, *args, **kwargs):
+        validations.append(1)
+        return real_validate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", loads)
+    monkeypatch.setattr(GenerationBody, "model_validate", classmethod(validate))
+    monkeypatch.setattr(
+        GenerationBody, "model_validate_json", classmethod(lambda *a, **k: pytest.fail("a second parse"))
+    )
+    with TestClient(create_app(tiny_pipe, output_dir=tmp_path)) as client:
+        r = client.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert (len(parses), len(validations)) == (1, 1)
+    body = create_app(tiny_pipe, output_dir=tmp_path).openapi()["paths"]["/v1/images/generations"]["post"]
+    assert body["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerationBody")

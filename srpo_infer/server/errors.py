@@ -77,18 +77,23 @@ def field_of(message: str) -> str | None:
 
 
 def validation_error(errors: list[dict], body: object, fields: dict) -> JSONResponse:
-    """pydantic's type errors → our JSON error. A field the library's rules also refuse gets the
-    library's message (the CLI and ``generate()`` say the same for the same mistake); pydantic's wording
-    is the fallback for what only the schema knows (the first error that explains the input).
+    """:func:`validation_refusal` as the response."""
+    return validation_refusal(errors, body, fields).response()
+
+
+def validation_refusal(errors: list[dict], body: object, fields: dict) -> ApiError:
+    """pydantic's type errors → our error. A field the library's rules also refuse gets the library's
+    message (the CLI and ``generate()`` say the same for the same mistake); pydantic's wording is the
+    fallback for what only the schema knows (the first error that explains the input).
     ``fields``: the body model's fields."""
     errors = errors or [{}]
     if errors[0].get("type") == "json_invalid":
-        return error_response(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', 'cannot parse')}")
-    if tuple(errors[0].get("loc", ())) == ("body",):
-        return error_response(400, "the body must be a JSON object with at least a prompt")
+        return ApiError(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', 'cannot parse')}")
+    if tuple(errors[0].get("loc", ())) in (("body",), ()):
+        return ApiError(400, "the body must be a JSON object with at least a prompt")
     refused = _library_refusal(body, fields)
     if refused is not None:
-        return refused.response()
+        return refused
     # A union (image_size: object | preset) reports one error per branch; the branch that matches
     # the input's kind is the one that explains it.
     chosen = next((e for e in errors if e.get("type") not in ("model_attributes_type", "dict_type")), errors[0])
@@ -99,7 +104,7 @@ def validation_error(errors: list[dict], body: object, fields: dict) -> JSONResp
         message = f"must be one of {sorted(IMAGE_SIZE_PRESETS)} or an object with width and height"
     value = chosen.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    return error_response(422, f"{field}: {message} (got {shown[:100]})", field)
+    return ApiError(422, f"{field}: {message} (got {shown[:100]})", field)
 
 
 def _library_refusal(body: object, fields: dict) -> ApiError | None:

@@ -9,9 +9,10 @@ The JSON schema still states every range, for clients and for schema-driven test
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from ..request import (
     ACCELERATIONS,
@@ -35,7 +36,7 @@ from ..request import (
     check_output_format,
     resolve_image_size,
 )
-from .errors import ApiError
+from .errors import ApiError, unencodable, validation_refusal
 from .streaming import MAX_PARTIAL_IMAGES
 
 MODEL_NAMES = ("flux/srpo",)
@@ -170,3 +171,31 @@ class GenerationBody(BaseModel):
         if self.size is not None:
             return "size"
         return "image_size" if isinstance(self.image_size, ImageSize) else None
+
+
+def parse_body(raw: bytes) -> GenerationBody:
+    """The generations body, parsed once: the JSON text into Python (a key sent twice refused: which
+    one a parser keeps is not the client's choice to guess; text that cannot be encoded refused), then
+    that object checked against :class:`GenerationBody`'s types. Raises :class:`ApiError` (400, 422)."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"malformed JSON body: {getattr(exc, 'msg', exc)}") from None
+    refused = unencodable(data)  # before any message quotes the text that cannot be sent
+    if refused is not None:
+        raise refused
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object with at least a prompt")
+    try:
+        return GenerationBody.model_validate(data)
+    except ValidationError as exc:
+        raise validation_refusal(exc.errors(), data, GenerationBody.model_fields) from None
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ApiError(422, f"duplicate key {key!r} in the JSON body: send each field once", key)
+        seen.add(key)
+    return dict(pairs)
