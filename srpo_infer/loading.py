@@ -10,8 +10,9 @@ from dataclasses import replace
 import torch
 
 from .config import DEFAULT_MODEL, PipelineConfig
+from .names import check_keywords
 from .pipeline import SRPOPipeline
-from .request import MAX_SEQUENCE_LENGTH, check_keywords
+from .request import MAX_SEQUENCE_LENGTH
 from .result import GenerationResult
 
 log = logging.getLogger(__name__)

@@ -300,7 +300,7 @@ def optimize(
     """
     from .config import PipelineConfig
     from .guards import check_cache_fits, resolve_fuse_qkv
-    from .request import check_keywords
+    from .names import check_keywords
     from .step_cache import stock_cache
 
     transformer = _flux_transformer(pipe)

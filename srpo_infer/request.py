@@ -6,14 +6,15 @@ library caller, the CLI and the HTTP server all report the same message.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
+
+from .names import suggest_keywords, unknown_names_message
 
 # Presets of the hosted API (width, height).
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -193,11 +194,9 @@ def _check_loras(value: object) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _field(default=MISSING, rule: Callable | None = None, flag: str | None = None, help: str = "", **cli):
-    """A request field: its default, the rule that checks it (and returns the value in its one form),
-    the command-line flag that sets it (``None``: not a flag), that flag's help and its argparse options
-    (``cli``; ``flag_default`` is the flag's own default when it differs from the field's)."""
-    return field(default=default, metadata={"rule": rule, "flag": flag, "help": help, "cli": cli})
+def _field(default=MISSING, rule: Callable | None = None):
+    """A request field: its default and the rule that checks it (and returns the value in its one form)."""
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass(frozen=True)
@@ -207,10 +206,10 @@ class GenerationRequest:
     <srpo_infer.SRPOPipeline.generate>`, the denoising loop) trusts it. Immutable: change a field with
     :func:`dataclasses.replace`, which checks again.
 
-    The one definition of the request's fields, their defaults, their rules (in the library's
-    sentences, which the CLI and the server repeat) and their command-line flags: the CLI's flags,
-    :func:`validate_request` and ``generate``'s keywords are built from it; the HTTP body
-    (``srpo_infer.server.schema.GenerationBody``) is the only other listing, for the API's shape.
+    The one definition of the request's fields, their defaults and their rules (in the library's
+    sentences, which the CLI and the server repeat): :func:`validate_request` and ``generate``'s
+    keywords are built from it; the HTTP body (``srpo_infer.server.schema.GenerationBody``) lists them
+    for the API's shape, and ``srpo-infer generate``'s flags (``srpo_infer.cli.generate``) name them.
 
     >>> GenerationRequest("a cat", width=1440, height=512, seed=7).image_tokens
     2880
@@ -220,51 +219,17 @@ class GenerationRequest:
     ValueError: num_inference_steps must be in [1, 50], got 51
     """
 
-    prompt: str = _field(rule=_check_prompt, help="what to draw (1 to 4000 characters)")
-    width: int = _field(
-        DEFAULT_WIDTH,
-        _check_width,
-        "--width",
-        "512–1536, multiple of 32 [default: 1024]",
-        type=int,
-        flag_default=None,
-    )
-    height: int = _field(
-        DEFAULT_HEIGHT,
-        _check_height,
-        "--height",
-        "512–1536, multiple of 32 [default: 768]",
-        type=int,
-        flag_default=None,
-    )
-    seed: int | None = _field(
-        None, _check_seed, "--seed", "noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]", type=int
-    )
+    prompt: str = _field(rule=_check_prompt)
+    width: int = _field(DEFAULT_WIDTH, _check_width)
+    height: int = _field(DEFAULT_HEIGHT, _check_height)
+    seed: int | None = _field(None, _check_seed)
     num_inference_steps: int = _field(
-        DEFAULT_STEPS,
-        functools.partial(_check_int, "num_inference_steps", MIN_STEPS, MAX_STEPS),
-        "--steps",
-        "denoising steps, 1–50",
-        type=int,
+        DEFAULT_STEPS, functools.partial(_check_int, "num_inference_steps", MIN_STEPS, MAX_STEPS)
     )
-    guidance_scale: float = _field(DEFAULT_GUIDANCE, _check_guidance, "--guidance", "guidance scale, 1–20", type=float)
-    num_images: int = _field(
-        DEFAULT_IMAGES,
-        functools.partial(_check_int, "num_images", MIN_IMAGES, MAX_IMAGES),
-        "--num-images",
-        "1–4; image i uses seed + i",
-        type=int,
-    )
-    acceleration: str = _field(
-        "none",
-        check_acceleration,
-        "--acceleration",
-        "first-block step caching: none is exact; regular/high skip work on steps that change little",
-        choices=list(ACCELERATIONS),
-    )
-    loras: tuple[tuple[str, float], ...] = _field(
-        (), _check_loras, None, "LoRA adapters for this request: (path, scale) pairs, at most 3, |scale| <= 4"
-    )
+    guidance_scale: float = _field(DEFAULT_GUIDANCE, _check_guidance)
+    num_images: int = _field(DEFAULT_IMAGES, functools.partial(_check_int, "num_images", MIN_IMAGES, MAX_IMAGES))
+    acceleration: str = _field("none", check_acceleration)
+    loras: tuple[tuple[str, float], ...] = _field((), _check_loras)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # each rule returns the value in its one form (a float guidance, a tuple of loras)
@@ -361,58 +326,6 @@ def check_output_format(output_format: object) -> str:
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
     return fmt
-
-
-def unknown_names_message(names: Iterable[str], known: Iterable[str], what: str = "field") -> str:
-    """Every unknown name at once, each with the nearest known one: the one wording the server (fields),
-    the CLI (options) and the library (keyword arguments) use for the same mistake.
-
-    >>> unknown_names_message(["num_inferance_steps"], ["prompt", "num_inference_steps"])
-    "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?"
-    >>> unknown_names_message(["stpes", "zzz"], ["steps", "seed"], what="option")
-    "unknown options 'stpes' (did you mean 'steps'?), 'zzz'; known options: steps, seed"
-    """
-    names, known = sorted(names), list(known)
-    nearest = {n: next(iter(difflib.get_close_matches(n, known, n=1, cutoff=0.6)), None) for n in names}
-    listing = f"known {what}s: {', '.join(known)}"
-    if len(names) == 1:
-        near = nearest[names[0]]
-        return f"unknown {what} {names[0]!r}: {f'did you mean {near!r}?' if near else listing}"
-    parts = ", ".join(f"{n!r} (did you mean {near!r}?)" if near else repr(n) for n, near in nearest.items())
-    return f"unknown {what}s {parts}" + ("" if all(nearest.values()) else f"; {listing}")
-
-
-def keyword_names(fn: Callable) -> list[str]:
-    """The names ``fn`` accepts as keywords."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [n for n, p in inspect.signature(fn).parameters.items() if p.kind in kinds and n != "self"]
-
-
-def check_keywords(fn: Callable, keywords: Iterable[str], extra: Iterable[str] = ()) -> None:
-    """Raise ``TypeError`` naming every keyword ``fn`` does not take, with the nearest one it does."""
-    _refuse_unknown(fn.__name__, keywords, [*keyword_names(fn), *extra])
-
-
-def _refuse_unknown(name: str, keywords: Iterable[str], known: list[str]) -> None:
-    unknown = [k for k in keywords if k not in known]
-    if unknown:
-        raise TypeError(f"{name}(): {unknown_names_message(unknown, known, 'keyword argument')}")
-
-
-def suggest_keywords(fn: Callable) -> Callable:
-    """Decorator: a misspelled keyword argument is a ``TypeError`` that names the nearest real one
-    (Python's own says only "unexpected keyword argument"). The names are read from the signature once,
-    here; a call only looks its keywords up."""
-    known = keyword_names(fn)
-    names = frozenset(known)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not names.issuperset(kwargs):
-            _refuse_unknown(fn.__name__, kwargs, known)
-        return fn(*args, **kwargs)
-
-    return wrapper
 
 
 validate_request = takes_request_fields(validate_request)  # here: its decorator is defined above

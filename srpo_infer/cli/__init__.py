@@ -57,7 +57,7 @@ def _in_flags(message: str) -> str:
 
 def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
     """``unknown option '--stpes': did you mean '--steps'?``, in the words the server and library use."""
-    from ..request import unknown_names_message
+    from ..names import unknown_names_message
 
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     known = [o for a in commands.choices[command]._actions for o in a.option_strings if o.startswith("--")]

@@ -6,23 +6,61 @@ import argparse
 import json
 from pathlib import Path
 
-from ..request import IMAGE_SIZE_PRESETS
+from ..request import (
+    ACCELERATIONS,
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    IMAGE_SIZE_PRESETS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    MIN_IMAGES,
+    MIN_SIDE,
+    MIN_STEPS,
+    SIDE_MULTIPLE,
+)
 from .options import DefaultsHelp, add_load_options, load_options, rank
+
+# The request's fields that are flags (GenerationRequest defines them and their rules): the flag, its
+# help and its argparse options (``flag_default``: the flag's own default when it differs from the field's).
+REQUEST_FLAGS: dict[str, tuple[str, str, dict]] = {
+    "width": (
+        "--width",
+        f"{MIN_SIDE}–{MAX_SIDE}, multiple of {SIDE_MULTIPLE} [default: {DEFAULT_WIDTH}]",
+        dict(type=int, flag_default=None),
+    ),
+    "height": (
+        "--height",
+        f"{MIN_SIDE}–{MAX_SIDE}, multiple of {SIDE_MULTIPLE} [default: {DEFAULT_HEIGHT}]",
+        dict(type=int, flag_default=None),
+    ),
+    "seed": ("--seed", "noise seed, 0 to 2**63-1 [default: a random one, printed in the JSON]", dict(type=int)),
+    "num_inference_steps": ("--steps", f"denoising steps, {MIN_STEPS}–{MAX_STEPS}", dict(type=int)),
+    "guidance_scale": ("--guidance", f"guidance scale, {MIN_GUIDANCE:g}–{MAX_GUIDANCE:g}", dict(type=float)),
+    "num_images": ("--num-images", f"{MIN_IMAGES}–{MAX_IMAGES}; image i uses seed + i", dict(type=int)),
+    "acceleration": (
+        "--acceleration",
+        "first-block step caching: none is exact; regular/high skip work on steps that change little",
+        dict(choices=list(ACCELERATIONS)),
+    ),
+}
 
 
 def _request_flags() -> list:
-    """The fields of :class:`GenerationRequest` that are ``generate`` flags (their flag, help, argparse options)."""
+    """The fields of :class:`GenerationRequest` that are ``generate`` flags, in the request's order."""
     from dataclasses import fields
 
     from ..request import GenerationRequest
 
-    return [f for f in fields(GenerationRequest) if f.metadata["flag"]]
+    return [f for f in fields(GenerationRequest) if f.name in REQUEST_FLAGS]
 
 
 def _as_flags(message: str) -> str:
     """``num_inference_steps must be in [1, 50], got 0`` → ``--steps must be in [1, 50], got 0``: errors
     name what the user typed."""
-    flags = {f.name: f.metadata["flag"] for f in _request_flags()} | {
+    flags = {name: flag for name, (flag, _, _) in REQUEST_FLAGS.items()} | {
         "image_size": "--image-size",
         "prompt": "the prompt",
     }
@@ -40,12 +78,13 @@ def add_parser(sub) -> None:
     )
     g.add_argument("prompt", help="what to draw (1 to 4000 characters)")
     g.add_argument("--image-size", choices=sorted(IMAGE_SIZE_PRESETS), help="a preset instead of --width/--height")
-    for f in _request_flags():  # from GenerationRequest: the one definition of the request's fields
-        options = dict(f.metadata["cli"])
+    for f in _request_flags():  # GenerationRequest's fields and defaults, with their flags
+        flag, help_text, options = REQUEST_FLAGS[f.name]
+        options = dict(options)
         default = options.pop("flag_default", f.default)
         if "choices" not in options:  # --steps STEPS, not --steps NUM_INFERENCE_STEPS
-            options["metavar"] = f.metadata["flag"].lstrip("-").upper().replace("-", "_")
-        g.add_argument(f.metadata["flag"], dest=f.name, default=default, help=f.metadata["help"], **options)
+            options["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        g.add_argument(flag, dest=f.name, default=default, help=help_text, **options)
     g.add_argument(
         "--output",
         "-o",

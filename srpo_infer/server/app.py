@@ -25,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..request import GenerationRequest, check_acceleration, unknown_names_message
+from ..names import unknown_names_message
+from ..request import GenerationRequest, check_acceleration
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_images
 from .errors import ApiError, error_response, unencodable, validation_error
 from .guard import Guard
