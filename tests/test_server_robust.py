@@ -514,21 +514,28 @@ def test_an_fsspec_output_store_serves_and_expires_images():
 
 
 class _NeverFinishing:
-    """A backend (the worker interface) whose jobs never finish: the request's fate is the handler's."""
+    """A backend (server.backend.Backend) whose jobs never finish: the request's fate is the handler's."""
 
     def __init__(self):
-        from srpo_infer.server.worker import Job
+        from srpo_infer.server.backend import Capabilities, Job
 
         self.job = Job(GenerationRequest("a cat"))
         self.submitted = threading.Event()
         self.ready, self.depth, self.busy = True, 0, False
+        self.capabilities = Capabilities(streams=False, adapters=False)
+
+    def attach(self, pipeline) -> None:
+        pass
 
     def expected_wait(self) -> float:
         return 0.0
 
-    def submit(self, request):
+    def submit(self, request, previews=0, on_preview=None):
         self.submitted.set()
         return self.job
+
+    def cancel(self, job) -> None:
+        job.cancel()
 
     def stop(self, drain_timeout: float = 60.0) -> int:
         return 0

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..names import unknown_names_message
 from ..request import GenerationRequest, check_acceleration
 from ..result import CONTENT_TYPES, api_response, data_uri, encode_images
+from .backend import QueueFull, ShuttingDown
 from .errors import ApiError, error_response, unencodable, validation_error
 from .guard import Guard
 from .metrics import Metrics
@@ -35,7 +36,12 @@ from .outcome import outcome, wait_for
 from .schema import MODEL_NAMES, GenerationBody, parse_body
 from .storage import DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_SECONDS, ImageStore
 from .streaming import stream_refusal, streamed_job
-from .worker import QueueFull, ShuttingDown, Worker
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .loras import LoraLibrary
+    from .safety import SafetyChecker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class ServerState:
     """Where the app stands: loading → ready, or failed (the load failed, or a context-parallel peer
     was lost: with the reason); draining once stopping."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Backend):
         self.worker = worker
         self.failure: str | None = None  # why the model failed to load
         self.broken: str | None = None  # why a loaded model can no longer generate
@@ -92,7 +98,7 @@ class ServerState:
 class Served:
     """One app's parts and policy, shared by its routes (two apps in one process share nothing)."""
 
-    worker: Any  # a Worker, or another engine's backend with its interface (ray_serve.RayBackend)
+    worker: Backend  # our GPU worker thread, or another engine's (ray_serve.RayBackend)
     store: ImageStore
     metrics: Metrics
     state: ServerState
@@ -100,8 +106,8 @@ class Served:
     allow_unknown_fields: bool
     max_cost: float | None
     public_url: str | None
-    safety_checker: Any
-    loras: Any  # a server.loras.LoraLibrary, or None: requests may name no adapters
+    safety_checker: SafetyChecker | None
+    loras: LoraLibrary | None  # None: requests may name no adapters
 
     def admit(self, body: GenerationBody) -> GenerationRequest:
         """The request this body asks for, or the 4xx/503 that says why it cannot run here."""
@@ -110,7 +116,7 @@ class Served:
         self._refuse_unknown_fields(body)
         req = self._with_loras(body.to_request(self.default_acceleration))
         self._refuse_over_cost(req)
-        refusal = stream_refusal(body, getattr(self.worker, "streams", False), self.safety_checker is not None)
+        refusal = stream_refusal(body, self.worker.capabilities.streams, self.safety_checker is not None)
         if refusal is not None:
             raise ApiError(422, *refusal)
         self.state.check_can_serve()
@@ -228,7 +234,9 @@ def create_app(
     if max_cost is not None and not max_cost > 0:
         raise ValueError(f"max_cost must be > 0 megapixel-steps (or None), got {max_cost}")
     # The backend runs the jobs: our GPU worker thread, or another engine's (Ray Serve's RayBackend).
-    worker = backend if backend is not None else Worker(max_queue)
+    worker: Backend = backend if backend is not None else Worker(max_queue)
+    if loras is not None and not worker.capabilities.adapters:
+        raise ValueError(f"{type(worker).__name__} takes no per-request LoRAs: serve --lora-dir without it")
     store = ImageStore(output_dir, max_age=retention_seconds, max_bytes=retention_bytes)
     served = Served(
         worker,
@@ -252,8 +260,8 @@ def create_app(
     # Starlette's trailing-slash redirect builds its Location from the client's Host header: a 404 instead.
     app.router.redirect_slashes = False
     _expose(app, served)
-    if backend is None:
-        worker.pipeline = pipeline
+    if pipeline is not None:
+        worker.attach(pipeline)
     app.add_middleware(
         Guard, metrics=served.metrics, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout
     )
@@ -282,7 +290,7 @@ def _expose(app: FastAPI, served: Served) -> None:
     """What ``serve``, Ray and the tests drive: the pipeline's arrival, a failed load, the drain."""
 
     def set_pipeline(p) -> None:
-        served.worker.pipeline = p
+        served.worker.attach(p)
 
     def set_failed(reason: str) -> None:
         served.state.failure = reason

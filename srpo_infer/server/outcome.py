@@ -10,8 +10,8 @@ from starlette.requests import Request
 
 from ..context_parallel import ContextParallelError
 from ..pipeline import GenerationCancelled
+from .backend import ShuttingDown
 from .errors import ApiError, field_of
-from .worker import ShuttingDown
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ import logging
 import threading
 import time
 
-from .worker import Job, QueueFull, ServiceTimes, ShuttingDown
+from .backend import Capabilities, Job, QueueFull, ShuttingDown
+from .worker import ServiceTimes
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,12 @@ class SRPOModel:
 
 
 class RayBackend:
-    """The worker interface of :func:`create_app` (``submit``, ``depth``, ``busy``, ``expected_wait``,
-    ``stop``, ``ready``) over a Ray Serve deployment handle. It does not stream previews
-    (``stream: true`` is refused in one line): a replica's previews would need a second channel back."""
+    """:class:`~srpo_infer.server.backend.Backend` over a Ray Serve deployment handle. It does not stream
+    previews (``stream: true`` is refused in one line): a replica's previews would need a second
+    channel back."""
 
-    streams = False
+    # No previews: a replica's would need a second channel back; no --lora-dir on replicas yet.
+    capabilities = Capabilities(streams=False, adapters=False)
 
     def __init__(self, max_queue: int = 64, app_name: str = APP_NAME):
         from ray import serve
@@ -148,7 +150,16 @@ class RayBackend:
             work = sum(self.times.estimate(j.cost) for j in self._jobs)
         return work / max(1, self._replicas)
 
-    def submit(self, request) -> Job:
+    def attach(self, pipeline) -> None:
+        """Nothing to attach: each replica loads its own pipeline."""
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: its replica call is cancelled at the next check (a quarter second)."""
+        job.cancel()
+
+    def submit(self, request, previews: int = 0, on_preview=None) -> Job:
+        if previews:
+            raise ValueError("the Ray Serve backend sends no previews (capabilities.streams is False)")
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         job = Job(request)

@@ -9,11 +9,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..request import GenerationRequest
+from .backend import Capabilities, Job, QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +20,6 @@ log = logging.getLogger(__name__)
 # 0.1 s per 1024² step; a real model on a GPU is in the same range (H200, bf16: 0.174 s at 1024²).
 INITIAL_SECONDS_PER_MEGAPIXEL_STEP = 0.15
 MAX_PACE = 5.0  # the most the running job's pace may scale the estimate, either way
-
-
-class QueueFull(Exception):
-    """The bounded queue has no room; the client should retry later."""
-
-
-class ShuttingDown(Exception):
-    """The server is draining: no new jobs, and jobs still waiting when the drain time ran out."""
 
 
 class ServiceTimes:
@@ -74,58 +65,6 @@ class ServiceTimes:
         return 0.0, statistics.median(t / c for c, t in self.recent)
 
 
-@dataclass(eq=False)  # identity: jobs go in sets
-class Job:
-    """One validated request on its way to the pipeline, and how to cancel it."""
-
-    request: GenerationRequest
-    future: Future = field(default_factory=Future)
-    stop: threading.Event = field(default_factory=threading.Event)
-    withdraw: Callable[[Job], None] | None = None  # takes a waiting job out of its queue
-    previews: int = 0  # stream: true with partial_images: previews sent to on_preview as they form
-    on_preview: Callable[[Any], None] | None = None
-    clock: Callable[[], float] = time.monotonic
-    steps_begun: int = 0  # denoising steps begun so far (the pipeline asks should_stop before each)
-    first_step_at: float | None = None
-    last_step_at: float | None = None
-
-    @property
-    def cost(self) -> float:
-        """Megapixel-steps (:attr:`GenerationRequest.cost`): what the queue's time estimates scale with."""
-        return self.request.cost
-
-    def options(self) -> dict:
-        """The keywords ``pipeline.generate`` gets besides the request."""
-        options: dict[str, Any] = {"progress": False, "should_stop": self.at_step}
-        if self.previews:
-            options.update(previews=self.previews, on_preview=self.on_preview)
-        return options
-
-    def at_step(self) -> bool:
-        """The pipeline's ``should_stop``, asked before every denoising step: notes when each began (the
-        pace of the running job tells how fast the machine is now), and says whether to stop."""
-        now = self.clock()
-        if self.first_step_at is None:
-            self.first_step_at = now
-        self.last_step_at, self.steps_begun = now, self.steps_begun + 1
-        return self.stop.is_set()
-
-    def step_seconds(self) -> float | None:
-        """Seconds per denoising step so far (None before a whole step was timed)."""
-        if self.steps_begun < 2 or self.first_step_at is None or self.last_step_at is None:
-            return None
-        seconds = (self.last_step_at - self.first_step_at) / (self.steps_begun - 1)
-        return seconds if seconds > 0 else None
-
-    def cancel(self) -> None:
-        """Drop the job if it still waits (its queue slot is free at once); stop it before its next
-        denoising step if it runs."""
-        self.stop.set()
-        self.future.cancel()
-        if self.withdraw is not None:
-            self.withdraw(self)
-
-
 class Worker:
     """Runs ``pipeline.generate(job.request)`` for queued jobs on a single daemon thread.
 
@@ -133,7 +72,7 @@ class Worker:
     the waiting jobs (the one running is not counted). A cancelled job leaves the queue at once.
     """
 
-    streams = True  # jobs can send previews as they form (``stream: true``)
+    capabilities = Capabilities(streams=True, adapters=True)  # previews as they form; adapters in this process
 
     def __init__(self, max_queue: int = 16, clock: Callable[[], float] = time.monotonic):
         if max_queue < 1:
@@ -155,6 +94,14 @@ class Worker:
     def ready(self) -> bool:
         """A pipeline is loaded: jobs can run."""
         return self.pipeline is not None
+
+    def attach(self, pipeline: Any) -> None:
+        """The loaded pipeline this worker's thread runs."""
+        self.pipeline = pipeline
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` if it waits (its queue slot is free at once); stop it before its next step if it runs."""
+        job.cancel()
 
     @property
     def depth(self) -> int:
