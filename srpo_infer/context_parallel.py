@@ -301,7 +301,7 @@ def pad_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: tor
 
 def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over the whole sequence from this rank's ``[B, S_local, H, D]`` q/k/v (after RMSNorm and
-    RoPE): diffusers' ring or ring × Ulysses template around :func:`_attention_op`, the padding masked
+    RoPE): diffusers' ring or ring × Ulysses template around :func:`attention_with_lse`, the padding masked
     by :func:`pad_keys`. Returns ``[B, S_local, H, D]``."""
     from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
@@ -318,7 +318,7 @@ def sharded_attention(q, k, v, parallel_config, key_padding: torch.Tensor | None
         1.0 / math.sqrt(head_dim),
         False,
         False,
-        forward_op=_attention_op,
+        forward_op=attention_with_lse,
         backward_op=_no_backward,
         _parallel_config=parallel_config,
     )
@@ -392,7 +392,7 @@ def _waited(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.wait() if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
 
 
-def _attention_op(
+def attention_with_lse(
     ctx,
     query,
     key,

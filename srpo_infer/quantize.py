@@ -70,12 +70,13 @@ def check_quantize_available(mode: str | None, device: torch.device) -> None:
                 f"quantize='fp8' needs fp8 tensor cores (CUDA sm >= 89) and {device} has none; "
                 "use quantize='fp8-weight' to save memory (weight-only, not faster)"
             )
-        _require("torchao", "fp8")
+        require_extra("torchao", "fp8")
     else:
-        _require("optimum.quanto", "fp8-weight")
+        require_extra("optimum.quanto", "fp8-weight")
 
 
-def _require(module: str, extra: str) -> None:
+def require_extra(module: str, extra: str) -> None:
+    """A one-line error naming the pip extra when ``module`` (a quantization backend) is missing."""
     import importlib.util
 
     try:

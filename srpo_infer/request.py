@@ -51,7 +51,8 @@ def _check_int(field: str, lo: int, hi: int, value: object) -> int:
     return value
 
 
-def _check_side(field: str, value: object) -> int:
+def check_side(field: str, value: object) -> int:
+    """The one rule for an image side (``field``: ``width`` or ``height``)."""
     if not _is_int(value) or not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_MULTIPLE:
         raise ValueError(
             f"{field} must be an integer in [{MIN_SIDE}, {MAX_SIDE}] and a multiple of {SIDE_MULTIPLE}, got {value!r}"
@@ -60,11 +61,11 @@ def _check_side(field: str, value: object) -> int:
 
 
 def _check_width(value: object) -> int:
-    return _check_side("width", value)
+    return check_side("width", value)
 
 
 def _check_height(value: object) -> int:
-    return _check_side("height", value)
+    return check_side("height", value)
 
 
 def resolve_image_size(
@@ -117,7 +118,7 @@ def check_size(width: object, height: object) -> tuple[int, int]:
     >>> check_size(1440, 512)
     (1440, 512)
     """
-    return _check_side("width", width), _check_side("height", height)
+    return check_side("width", width), check_side("height", height)
 
 
 def _short(value: object, limit: int = 40) -> str:

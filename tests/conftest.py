@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be on before they are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+from live_server import PARSERS
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each, or torch's own threads fight over the cores.
     torch.set_num_threads(1)
@@ -55,3 +57,9 @@ def tiny_state():
     from srpo_infer.tiny import build_tiny_transformer
 
     return {k: v.clone() for k, v in build_tiny_transformer().state_dict().items()}
+
+
+@pytest.fixture(params=PARSERS)
+def parser(request) -> str:
+    """Each of uvicorn's HTTP parsers the server's limits must hold under (live_server.PARSERS)."""
+    return request.param

@@ -45,7 +45,7 @@ def transformer_inputs(seed=0, batch=1, txt=5, h=3, w=7):
 
 
 @pytest.fixture(scope="module")
-def stock():
+def stock_flux():
     """The tiny transformer with diffusers' own processor, and its output."""
     model = build_tiny_transformer().to(DEVICE)
     inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs().items()}
@@ -71,8 +71,8 @@ CASES = [
         for b, f in CASES
     ],
 )
-def test_backend_matches_stock_processor(stock, backend, fused):
-    model, inputs, ref = stock
+def test_backend_matches_stock_processor(stock_flux, backend, fused):
+    model, inputs, ref = stock_flux
     ours = copy.deepcopy(model)
     if fused:
         ours.fuse_qkv_projections()
@@ -88,7 +88,7 @@ def test_backend_matches_stock_processor(stock, backend, fused):
 @needs_kernels
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="tma: sm90")
 @pytest.mark.parametrize(("backend", "how"), [("triton", "config"), ("triton-int8-fp8", "environment")])
-def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
+def test_the_chosen_design_reaches_the_model(stock_flux, backend, how, monkeypatch):
     """``attention_design="tma"`` (PipelineConfig's field, passed down to the processor) or, for ``auto``,
     ``SRPO_ATTENTION_DESIGN=tma`` runs the descriptor design inside the transformer, same result."""
     calls = []
@@ -96,7 +96,7 @@ def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
     monkeypatch.setattr(launch, "resolve_design", lambda d, dev, *a: calls.append(real(d, dev, *a)) or calls[-1])
     if how == "environment":
         monkeypatch.setenv(launch.DESIGN_ENV, "tma")
-    model, inputs, ref = stock
+    model, inputs, ref = stock_flux
     ours = copy.deepcopy(model)
     set_attention_backend(ours, backend, "tma" if how == "config" else "auto")
     with torch.inference_mode():
@@ -106,9 +106,9 @@ def test_the_chosen_design_reaches_the_model(stock, backend, how, monkeypatch):
 
 
 @needs_kernels
-def test_compile_fullgraph_traces_the_custom_op(stock):
+def test_compile_fullgraph_traces_the_custom_op(stock_flux):
     """torch.compile(fullgraph=True) must see the kernel as one op: no graph break, same output."""
-    model, inputs, _ = stock
+    model, inputs, _ = stock_flux
     # One block of each kind: dynamo traces every block it inlines, and one of each is the question.
     short = copy.deepcopy(model)
     short.transformer_blocks, short.single_transformer_blocks = (

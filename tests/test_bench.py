@@ -190,14 +190,14 @@ def test_the_default_table_leaves_out_what_cannot_run_here_and_says_why(monkeypa
     and says so in one line, instead of error rows."""
     import srpo_infer.bench as bench
     from srpo_infer.bench.configs import select_configs
-    from srpo_infer.quantize import _require
+    from srpo_infer.quantize import require_extra
 
     def missing(module, extra):
         if module == "optimum.quanto":
             raise ValueError("quantize='fp8-weight' needs optimum-quanto: pip install 'srpo-infer[fp8-weight]'")
-        return _require(module, extra)
+        return require_extra(module, extra)
 
-    monkeypatch.setattr("srpo_infer.quantize._require", missing)
+    monkeypatch.setattr("srpo_infer.quantize.require_extra", missing)
     cpu = torch.device("cpu")
     assert "+fp8-weight" not in [c.name for c in select_configs(None, cpu)]
     assert bench.skipped_configs(None, cpu) == {

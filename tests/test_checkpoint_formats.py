@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import write_checkpoint, write_fp8, write_gguf
+from helpers import standard_request
 from peak_memory import medium_state_dict, peak_memory_of_loading
 from safetensors.torch import save_file
 
 import srpo_infer
-from srpo_infer import CheckpointError, GenerationRequest
+from srpo_infer import CheckpointError
 from srpo_infer.bench.deviation import psnr, relative_error
 from srpo_infer.checkpoint import load_transformer
 from srpo_infer.tiny import build_tiny_transformer
 
 pytest.importorskip("gguf")
-REQ = GenerationRequest("a fox in the snow", 512, 512, seed=3, num_inference_steps=4)
+REQ = standard_request(num_inference_steps=4)
 
 # Measured on the tiny model (2026-11-26, CPU): latent relative error vs the fp32 file and PSNR of the
 # decoded image. GGUF Q8_0: 1.7e-2, 49.4 dB; fp8 scaled: 7.2e-2, 36.7 dB; fp8 plain cast: 5.8e-2,
@@ -30,7 +31,7 @@ BOUNDS = {"gguf-q8_0": (0.05, 42.0), "fp8-scaled": (0.15, 30.0), "fp8-plain": (0
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def checkpoint_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("formats")
     sd = build_tiny_transformer().state_dict()
     return {
@@ -48,25 +49,25 @@ def _outputs(path):
 
 
 @pytest.mark.parametrize("kind", list(BOUNDS))
-def test_quantized_files_load_by_detection_close_to_fp32(files, kind):
-    ref_latents, ref_image = _outputs(files["fp32"])
-    latents, image = _outputs(files[kind])
+def test_quantized_files_load_by_detection_close_to_fp32(checkpoint_files, kind):
+    ref_latents, ref_image = _outputs(checkpoint_files["fp32"])
+    latents, image = _outputs(checkpoint_files[kind])
     max_err, min_psnr = BOUNDS[kind]
     err, db = relative_error(latents, ref_latents), psnr(image, ref_image)
     assert 1e-4 < err < max_err, err  # quantized for real, and close
     assert db > min_psnr, db
 
 
-def test_gguf_and_fp8_weights_are_dequantized_exactly_as_stored(files):
+def test_gguf_and_fp8_weights_are_dequantized_exactly_as_stored(checkpoint_files):
     """Per tensor, the loaded weight equals the file's content upcast (with its scale): no silent loss."""
     from safetensors import safe_open
 
-    loaded = load_transformer(str(files["fp8-scaled"]), dtype=torch.float32)
-    with safe_open(str(files["fp8-scaled"]), "pt") as f:
+    loaded = load_transformer(str(checkpoint_files["fp8-scaled"]), dtype=torch.float32)
+    with safe_open(str(checkpoint_files["fp8-scaled"]), "pt") as f:
         w = f.get_tensor("transformer_blocks.0.attn.to_q.weight").float()
         s = f.get_tensor("transformer_blocks.0.attn.to_q.scale_weight").float()
     assert torch.equal(loaded.transformer_blocks[0].attn.to_q.weight, w * s)
-    gguf_model = load_transformer(str(files["gguf-q8_0"]), dtype=torch.float32)
+    gguf_model = load_transformer(str(checkpoint_files["gguf-q8_0"]), dtype=torch.float32)
     fp32 = build_tiny_transformer()
     q = gguf_model.transformer_blocks[0].attn.to_q.weight  # a row slice of the Q8_0 fused qkv
     assert 0 < (q - fp32.transformer_blocks[0].attn.to_q.weight).abs().max() < 0.01
@@ -89,7 +90,7 @@ def test_loading_keeps_peak_host_memory_near_the_model_size(tmp_path, kind):
     assert r["peak_delta"] < 0.8 * fp32_bytes, r
 
 
-def test_bad_files_are_refused_before_any_weight_loads(tmp_path, files):
+def test_bad_files_are_refused_before_any_weight_loads(tmp_path, checkpoint_files):
     import gguf
 
     sd = build_tiny_transformer().state_dict()
@@ -107,7 +108,7 @@ def test_bad_files_are_refused_before_any_weight_loads(tmp_path, files):
     writer.close()
     with pytest.raises(CheckpointError, match="GGUF type IQ2_XXS, which srpo_infer does not load"):
         load_transformer(str(tmp_path / "iq2.gguf"))
-    data = files["gguf-q8_0"].read_bytes()
+    data = checkpoint_files["gguf-q8_0"].read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         load_transformer(str(tmp_path / "cut.gguf"))

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import free_port, wait_healthy
 
 from srpo_infer import load_pipeline
 from srpo_infer.config import PipelineConfig
-from srpo_infer.context_parallel import MASK_CHANNELS, _attention_op, pad_keys, plan_degrees
+from srpo_infer.context_parallel import MASK_CHANNELS, attention_with_lse, pad_keys, plan_degrees
 
 WORKER = Path(__file__).parent / "context_parallel_worker.py"
 
@@ -124,7 +125,7 @@ def test_padding_keys_get_exactly_zero_weight(dtype):
 def test_the_ring_attention_op_returns_the_log_sum_exp():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, n, 3, 24, generator=g) for n in (11, 13, 13))
-    out, lse = _attention_op(None, q, k, v, scale=0.2, return_lse=True)
+    out, lse = attention_with_lse(None, q, k, v, scale=0.2, return_lse=True)
     scores = torch.einsum("bshd,bthd->bhst", q, k) * 0.2
     torch.testing.assert_close(out, _attention(q, k, v, 0.2))
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1).transpose(1, 2))
@@ -171,29 +172,10 @@ def test_a_degree_without_its_processes_is_one_line(monkeypatch):
 # ----------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_healthy(url: str, processes: list[subprocess.Popen]) -> None:
-    """Until ``/health`` says 200 while the ranks load and warm up; no clock: a failed start ends a process."""
-    import time
-
-    import httpx
-
-    while True:
-        for p in processes:
-            assert p.poll() is None, p.stdout.read()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+def _split_serve_args(port: int, output_dir) -> list[str]:
+    """``-m srpo_infer serve`` on the tiny model, split over 2 processes."""
+    args = "-m srpo_infer serve --model tiny-random --device cpu --context-parallel 2".split()
+    return [*args, "--port", str(port), "--output-dir", str(output_dir)]
 
 
 @pytest.mark.slow
@@ -209,7 +191,7 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
 
     from srpo_infer.server import create_app
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -217,19 +199,7 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node=2",
-        "-m",
-        "srpo_infer",
-        "serve",
-        "--model",
-        "tiny-random",
-        "--device",
-        "cpu",
-        "--context-parallel",
-        "2",
-        "--port",
-        str(port),
-        "--output-dir",
-        str(tmp_path / "split"),
+        *_split_serve_args(port, tmp_path / "split"),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -248,7 +218,7 @@ def test_a_two_process_server_returns_the_one_process_image(tmp_path, tiny_pipe)
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), dtype=int)
 
     try:
-        _wait_until_healthy(url, [proc])
+        wait_healthy(url, [proc])
         split = image(url)
         refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "acceleration": "high"}, timeout=60)
         with LiveServer(create_app(tiny_pipe, output_dir=tmp_path / "whole")) as one:
@@ -268,31 +238,19 @@ def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
 
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": "2",
     }
     env.pop("TRITON_INTERPRET", None)
     cmd = [
         sys.executable,
-        "-m",
-        "srpo_infer",
-        "serve",
-        "--model",
-        "tiny-random",
-        "--device",
-        "cpu",
-        "--context-parallel",
-        "2",
-        "--port",
-        str(port),
-        "--output-dir",
-        str(tmp_path),
+        *_split_serve_args(port, tmp_path),
     ]
 
     def rank(r: int) -> subprocess.Popen:
@@ -302,7 +260,7 @@ def test_a_lost_rank_answers_503_and_fails_health(tmp_path):
     ranks = [rank(0), rank(1)]
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(url, ranks)
+        wait_healthy(url, ranks)
         ranks[1].kill()
         ranks[1].wait()
         body = {"prompt": "a cat", "image_size": "square", "num_inference_steps": 2}

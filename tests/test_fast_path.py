@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import EAGER_COMPILE, load_tiny, standard_request
 
 import srpo_infer
 from srpo_infer import GenerationRequest
@@ -16,7 +17,7 @@ from srpo_infer.bench.deviation import relative_error
 from srpo_infer.compile import graph_breaks
 from srpo_infer.quantize import weight_bytes
 
-REQ = GenerationRequest("a red fox in snow", 512, 512, seed=3, num_inference_steps=2)
+REQ = standard_request()
 
 
 @pytest.fixture(scope="module")
@@ -220,15 +221,7 @@ def test_a_fused_lora_leaves_a_plain_model_that_every_optimization_takes(compile
 def test_full_compile_matches_eager_and_compiles_nothing_after_warmup(eager_latents):
     """Backend "eager": the same dynamo capture (and graph count) as Inductor, without a C++ build."""
     torch._dynamo.reset()
-    pipe = srpo_infer.load_pipeline(
-        "tiny-random",
-        device="cpu",
-        progress=False,
-        compile=True,
-        compile_scope="full",
-        compile_backend="eager",
-        cache_dir=None,
-    )
+    pipe = load_tiny(**EAGER_COMPILE, compile_scope="full")
     assert pipe.optimized.steps[0] == "fuse_qkv" and pipe.optimized.steps[-1] == "compile:eager:full:default"
     before = pipe.compiled_graphs()  # a process-wide counter
     got = pipe.generate_latents(REQ)

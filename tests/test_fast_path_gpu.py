@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import standard_request
 
 import srpo_infer
-from srpo_infer import GenerationRequest
 from srpo_infer.bench.deviation import relative_error
 
 CUDA = torch.cuda.is_available()
 FP8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
-REQ = GenerationRequest("a red fox in snow", 512, 512, seed=3, num_inference_steps=4)
+REQ = standard_request(num_inference_steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from srpo_infer.lora import LoraError, has_adapter
 
 pytest.importorskip("peft")
 pytest.importorskip("fastapi")
+from helpers import pixels, post
+
 from srpo_infer.server import create_app
 from srpo_infer.server.loras import LoraLibrary
 
@@ -43,10 +45,6 @@ SCALE = 0.7
 
 def load(**kw):
     return srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, **kw)
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +121,9 @@ def compiled_server(folder, tmp_path_factory):
         yield live
 
 
-def post(server, **change):
-    return httpx.post(f"{server.url}/v1/images/generations", json={**BODY, **change}, timeout=120)
+def post_changed(server, **change):
+    """The standard body, with ``change``."""
+    return post(server, {**BODY, **change})
 
 
 def image_of(r) -> Image.Image:
@@ -134,14 +133,14 @@ def image_of(r) -> Image.Image:
 
 def test_moving_between_adapters_compiles_nothing_and_nothing_bleeds(compiled_server, reference):
     pipe = compiled_server.pipe
-    base = image_of(post(compiled_server))
+    base = image_of(post_changed(compiled_server))
     assert np.array_equal(pixels(base), pixels(reference["base"]))
     graphs = pipe.compiled_graphs()
     a = [{"path": "a.safetensors", "scale": SCALE}]
-    first = image_of(post(compiled_server, loras=a))
-    b = image_of(post(compiled_server, loras=[{"path": "b", "scale": 1.0}]))
-    none = image_of(post(compiled_server))
-    again = image_of(post(compiled_server, loras=a))
+    first = image_of(post_changed(compiled_server, loras=a))
+    b = image_of(post_changed(compiled_server, loras=[{"path": "b", "scale": 1.0}]))
+    none = image_of(post_changed(compiled_server))
+    again = image_of(post_changed(compiled_server, loras=a))
     assert pipe.compiled_graphs() == graphs, "moving between adapters compiled a graph"
     with pytest.raises(LoraError, match=r"rank 160 .* is over this pipeline's maximum, 128"):  # the library's own check
         pipe.generate("a red fox in snow", loras=[(str(library_file(compiled_server, "huge")), 1.0)], **KW)
@@ -190,16 +189,16 @@ def test_the_folder_is_listed_with_rank_and_target(compiled_server):
     ],
 )
 def test_bad_loras_are_refused_in_one_line_and_leave_nothing(compiled_server, reference, loras, words):
-    r = post(compiled_server, loras=loras)
+    r = post_changed(compiled_server, loras=loras)
     assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
     assert str(compiled_server.folder) not in r.text  # the server's folder is never shown to a client
     assert r.json()["error"]["field"].startswith("loras") and "\n" not in r.json()["error"]["message"]
-    assert np.array_equal(pixels(image_of(post(compiled_server))), pixels(reference["base"]))
+    assert np.array_equal(pixels(image_of(post_changed(compiled_server))), pixels(reference["base"]))
 
 
 def test_a_server_without_a_lora_folder_refuses_loras(tiny_pipe, tmp_path):
     with LiveServer(create_app(tiny_pipe, output_dir=tmp_path)) as live:
-        r = post(live, loras=[{"path": "a"}])
+        r = post_changed(live, loras=[{"path": "a"}])
         assert r.status_code == 422 and "serve --lora-dir" in r.json()["error"]["message"]
         assert httpx.get(f"{live.url}/v1/loras").json()["data"] == []
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import write_checkpoint
+from helpers import standard_request
 
 import srpo_infer
-from srpo_infer import GenerationRequest
 from srpo_infer.checkpoint import count_parameters
 from srpo_infer.components import estimate_component_bytes
 from srpo_infer.memory import expected_peak, plan_memory
 
-REQ = GenerationRequest("a fox in the snow", 512, 512, seed=3, num_inference_steps=2)
+REQ = standard_request()
 GiB = 2**30
 CUDA = torch.device("cuda")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flux_pipelines import count_calls
+from helpers import pixels
 
 import srpo_infer
 from srpo_infer import GenerationRequest, PromptTruncatedWarning
@@ -19,23 +20,19 @@ SEED_DOC_MISSING = "needs the hosted API's seed document (../shared/seed/), whic
 STEPS = 2
 
 
-def pixels(result):
-    return [np.asarray(im) for im in result.images]
-
-
 def test_same_seed_same_pixels_different_seed_different(tiny_pipe):
     a = tiny_pipe.generate("a red fox", width=512, height=576, seed=11, num_inference_steps=STEPS)
     b = tiny_pipe.generate("a red fox", width=512, height=576, seed=11, num_inference_steps=STEPS)
     c = tiny_pipe.generate("a red fox", width=512, height=576, seed=12, num_inference_steps=STEPS)
     assert a.images[0].size == (512, 576)
-    assert np.array_equal(pixels(a)[0], pixels(b)[0])
-    assert np.abs(pixels(a)[0].astype(int) - pixels(c)[0].astype(int)).mean() > 1.0
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+    assert np.abs(pixels(a.images[0]) - pixels(c.images[0])).mean() > 1.0
 
 
 def test_prompt_changes_the_image(tiny_pipe):
     a = tiny_pipe.generate("a red fox", width=512, height=512, seed=5, num_inference_steps=STEPS)
     b = tiny_pipe.generate("a blue whale", width=512, height=512, seed=5, num_inference_steps=STEPS)
-    assert not np.array_equal(pixels(a)[0], pixels(b)[0])
+    assert not np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
 
 
 def test_num_images_uses_consecutive_seeds_and_matches_single_runs(tiny_pipe):
@@ -52,14 +49,15 @@ def test_num_images_uses_consecutive_seeds_and_matches_single_runs(tiny_pipe):
     assert r.to_dict()["seeds"] == [40, 41, 42]
     # The README's claim: each image's pixels are within 1/255 of the single run's.
     single = tiny_pipe.generate("a lighthouse", width=512, height=512, seed=41, num_inference_steps=1)
-    diff = np.abs(pixels(r)[1].astype(int) - pixels(single)[0].astype(int))
+    diff = np.abs(pixels(r.images[1]) - pixels(single.images[0]))
     assert diff.max() <= 1, diff.max()
 
 
 def test_noise_is_device_and_dtype_independent(tiny_pipe):
     noise = tiny_pipe.prepare_noise([3], 512, 512)
     again = torch.randn((4, 64, 64), generator=torch.Generator("cpu").manual_seed(3))
-    assert torch.equal(noise[0], tiny_pipe.flux._pack_latents(again[None], 1, 4, 64, 64)[0])
+    packed = again.view(4, 32, 2, 32, 2).permute(1, 3, 0, 2, 4).reshape(32 * 32, 16)  # Flux's 2×2 patches
+    assert torch.equal(noise[0], packed)
     # Other dtypes (and devices, where there is a GPU) get the same float32 draw, cast and moved.
     others = [("cpu", "bfloat16"), *([("cuda", "bfloat16"), ("cuda", "float32")] if torch.cuda.is_available() else [])]
     for device, dtype in others:
@@ -73,7 +71,7 @@ def test_random_seed_is_reported_and_reproduces(tiny_pipe):
     r = tiny_pipe.generate("a tree", width=512, height=512, num_inference_steps=1)
     assert isinstance(r.seed, int) and 0 <= r.seed < 2**63
     again = tiny_pipe.generate("a tree", width=512, height=512, seed=r.seed, num_inference_steps=1)
-    assert np.array_equal(pixels(r)[0], pixels(again)[0])
+    assert np.array_equal(pixels(r.images[0]), pixels(again.images[0]))
 
 
 def test_our_loop_matches_diffusers_flux_pipeline(tiny_pipe):

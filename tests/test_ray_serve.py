@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from helpers import post, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]  # a replica restart on a busy 2-core machine
 ray = pytest.importorskip("ray")
@@ -21,6 +22,8 @@ serve = pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
 from srpo_infer.server.ray_serve import APP_NAME, MODEL_DEPLOYMENT, build_application  # noqa: E402
+
+RAY_TIMEOUT = 1800  # a replica's first request on a busy CPU includes its start-up
 
 # The hosted API's example body, at 4 steps: 16 of them at its 28 steps took over 5 minutes on a busy 2-core box.
 SEED_BODY = {
@@ -61,26 +64,10 @@ def cluster(tmp_path_factory):
         ray.shutdown()
 
 
-def post(url: str, body: dict, timeout: float = 1800) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
-
-
-def _wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("the deployment did not become healthy")
-
-
 def test_sixteen_concurrent_seed_requests_are_all_answered_by_both_replicas(cluster):
-    _wait_healthy(cluster)
+    wait_healthy(cluster, timeout=120)
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: post(cluster, SEED_BODY), range(16)))
+        answers = list(pool.map(lambda _: post(cluster, SEED_BODY, timeout=RAY_TIMEOUT), range(16)))
     assert [a.status_code for a in answers] == [200] * 16, [a.text[:200] for a in answers if a.status_code != 200]
     for a in answers:
         image = a.json()["images"][0]
@@ -91,7 +78,7 @@ def test_sixteen_concurrent_seed_requests_are_all_answered_by_both_replicas(clus
 
 
 def test_bad_requests_get_the_same_422_as_the_single_process_server(cluster):
-    r = post(cluster, {"prompt": "a cat", "num_inferance_steps": 1})
+    r = post(cluster, {"prompt": "a cat", "num_inferance_steps": 1}, timeout=RAY_TIMEOUT)
     assert r.status_code == 422
     assert r.json() == {
         "error": {
@@ -100,7 +87,7 @@ def test_bad_requests_get_the_same_422_as_the_single_process_server(cluster):
             "status": 422,
         }
     }
-    r = post(cluster, {"prompt": "a cat", "seed": True})
+    r = post(cluster, {"prompt": "a cat", "seed": True}, timeout=RAY_TIMEOUT)
     assert r.status_code == 422 and r.json()["error"]["field"] == "seed"
 
 
@@ -110,7 +97,7 @@ def _replica_infos(handle, calls: int = 8) -> dict:
 
 
 def test_a_client_that_hangs_up_stops_its_generation_on_the_replica(cluster):
-    _wait_healthy(cluster)
+    wait_healthy(cluster, timeout=120)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
     before = sum(i["cancelled"] for i in _replica_infos(handle).values())
     long = {"prompt": "a long one", "image_size": "square_hd", "num_inference_steps": 50}
@@ -126,15 +113,25 @@ def test_a_client_that_hangs_up_stops_its_generation_on_the_replica(cluster):
 
 
 def test_a_killed_replica_loses_no_request_and_the_deployment_serves_again(cluster):
-    _wait_healthy(cluster)
+    wait_healthy(cluster, timeout=120)
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
     pids = {handle.info.remote().result()["pid"] for _ in range(8)}
     assert len(pids) == 2
     body = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 10}
+    victim = sorted(pids)[0]
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(post, cluster, body) for _ in range(6)]
-        time.sleep(3)  # requests are running on both replicas
-        os.kill(sorted(pids)[0], signal.SIGKILL)
+        futures = [pool.submit(post, cluster, body, RAY_TIMEOUT) for _ in range(6)]
+        # Kill the replica only once it is inside a generation (a step begun, not yet finished): the kill
+        # must hit a running request, which the backend then retries on the live replica.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            info = _replica_infos(handle).get(victim, {})
+            if info.get("running", 0) > 0 and info.get("steps_begun", 0) > 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the replica to kill never ran a request")
+        os.kill(victim, signal.SIGKILL)
         answers = [f.result() for f in futures]  # a request left without an answer would raise here
     codes = [a.status_code for a in answers]
     assert set(codes) <= {200, 503}, [a.text[:200] for a in answers]
@@ -142,10 +139,15 @@ def test_a_killed_replica_loses_no_request_and_the_deployment_serves_again(clust
     for a in answers:
         if a.status_code == 503:
             assert "replica died" in a.json()["error"]["message"]
-    _wait_healthy(cluster)
+    wait_healthy(cluster, timeout=120)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Ray Serve restarts the dead replica
         if len({handle.info.remote().result()["pid"] for _ in range(8)}) == 2:
             break
         time.sleep(1)
-    assert post(cluster, {"prompt": "after", "image_size": "square", "num_inference_steps": 2}).status_code == 200
+    assert (
+        post(
+            cluster, {"prompt": "after", "image_size": "square", "num_inference_steps": 2}, timeout=RAY_TIMEOUT
+        ).status_code
+        == 200
+    )

@@ -21,14 +21,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import doc_snippets
 import pytest
+from helpers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,12 +75,6 @@ def _argv(command: str, tmp_path: Path) -> list[str]:
     if "generate" in argv and not {"-o", "--output"} & set(argv):
         argv += ["-o", str(tmp_path / "outputs")]
     return argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -203,7 +196,7 @@ def test_the_readme_shows_each_way_in_and_stays_one_screen():
 def _check_serve(argv: list[str], tmp_path: Path) -> None:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     if "--port" in argv:
         argv[argv.index("--port") + 1] = str(port)
     else:
@@ -233,7 +226,7 @@ def test_the_client_blocks_run_against_the_tiny_server(tmp_path):
     pytest.importorskip("fastapi", reason="the [server] extra")
     pages = doc_snippets.python_pages(include_server=True)
     assert pages, "no block is marked needs: server"
-    port = _free_port()
+    port = free_port()
     argv = _argv(f"srpo-infer serve --model tiny-random --port {port}", tmp_path)
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -248,14 +241,8 @@ def test_the_client_blocks_run_against_the_tiny_server(tmp_path):
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, tmp_path: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + START_S
-    status = None
-    while status != 200 and proc.poll() is None and time.monotonic() < deadline:
-        try:
-            status = httpx.get(f"{url}/health", timeout=10).status_code
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    assert status == 200, (proc.poll(), (tmp_path / "serve.log").read_text()[-3000:])
+    """helpers.wait_healthy, with the server's log in the failure (its output goes to serve.log)."""
+    try:
+        wait_healthy(url, [proc], timeout=START_S)
+    except AssertionError:
+        raise AssertionError((proc.poll(), (tmp_path / "serve.log").read_text()[-3000:])) from None

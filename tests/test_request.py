@@ -215,8 +215,8 @@ def test_each_side_is_checked_once_per_request_on_the_library_and_http_paths(tin
     from srpo_infer.server import create_app
 
     checked = []
-    real = request._check_side
-    monkeypatch.setattr(request, "_check_side", lambda field, value: checked.append(field) or real(field, value))
+    real = request.check_side
+    monkeypatch.setattr(request, "check_side", lambda field, value: checked.append(field) or real(field, value))
     tiny_pipe.generate("a kite", image_size="512x512", num_inference_steps=1)
     assert checked == ["width", "height"], checked
     checked.clear()

@@ -16,6 +16,8 @@ from live_server import LiveServer
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from helpers import post
+
 from srpo_infer import GenerationRequest
 from srpo_infer.server import SafetyChecker, create_app
 from srpo_infer.server.worker import ServiceTimes, Worker
@@ -32,10 +34,6 @@ def server(tiny_pipe, tmp_path_factory):
     with LiveServer(make_app=lambda url: create_app(tiny_pipe, output_dir=out, max_queue=32, public_url=url)) as live:
         live.out = out
         yield live
-
-
-def post(server, body, **kw):
-    return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120, **kw)
 
 
 def test_seed_example_body(server):

@@ -39,21 +39,21 @@ class EchoPipeline:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def fuzz_server(tmp_path_factory):
     app = create_app(EchoPipeline(), output_dir=tmp_path_factory.mktemp("fuzz-out"), max_queue=64)
     with LiveServer(app) as server:
         yield server
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_openapi_schema_fuzz_has_no_server_errors(live, mode):
+def test_openapi_schema_fuzz_has_no_server_errors(fuzz_server, mode):
     """Valid (positive) and schema-violating (negative) cases for every operation of the schema."""
     from hypothesis import given
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
 
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/images/generations", "/files/{name}", "/health", "/metrics"}
     failures, cases = [], []
@@ -63,7 +63,7 @@ def test_openapi_schema_fuzz_has_no_server_errors(live, mode):
         @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
         def fuzz(case):
             cases.append(case)
-            response = case.call(base_url=live.url, timeout=30)
+            response = case.call(base_url=fuzz_server.url, timeout=30)
             if response.status_code >= 500:
                 failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
             case.validate_response(response, checks=[not_a_server_error])

@@ -57,16 +57,11 @@ class Gated:
 
 
 @pytest.fixture(scope="module", params=PARSERS)
-def live(request, tmp_path_factory):
+def hostile_server(request, tmp_path_factory):
     """One server per parser for the tests that change nothing in it."""
     app = create_app(Gated(open_gate=True), output_dir=tmp_path_factory.mktemp("out"))
     with LiveServer(app, http=request.param) as server:
         yield server
-
-
-@pytest.fixture(params=PARSERS)
-def parser(request) -> str:
-    return request.param
 
 
 def _connect(port: int, rcvbuf: int | None = None) -> socket.socket:
@@ -105,12 +100,12 @@ def _rss_bytes() -> int:
 
 
 def test_a_completed_header_block_over_the_limit_gets_431_json_and_is_closed(tmp_path, parser):
-    with LiveServer(create_app(None, output_dir=tmp_path), http=parser) as live:
-        with _connect(live.port) as sock:  # a 15 KB block is under the 16 KB default: answered
+    with LiveServer(create_app(None, output_dir=tmp_path), http=parser) as hostile_server:
+        with _connect(hostile_server.port) as sock:  # a 15 KB block is under the 16 KB default: answered
             pad = b"X-Pad: " + b"a" * 15000 + b"\r\n"
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + pad + b"Connection: close\r\n\r\n")
             assert _response(sock)[0] == 503  # loading: but read and answered
-        with _connect(live.port) as sock:
+        with _connect(hostile_server.port) as sock:
             block = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 2_000_000 + b"\r\n\r\n"
             try:
                 sock.sendall(block)  # 2 MB that does end: refused at its 16th KB
@@ -127,9 +122,9 @@ def test_a_header_flood_costs_the_server_little_memory(tmp_path, parser):
     httptools). Bounded: the loop stops after its 48 MB, or at the first refused send."""
     line = b"X-Flood: " + b"f" * 8180 + b"\r\n"
     limits = ConnectionLimits(header_timeout=600.0)
-    with LiveServer(create_app(None, output_dir=tmp_path), limits=limits, http=parser) as live:
+    with LiveServer(create_app(None, output_dir=tmp_path), limits=limits, http=parser) as hostile_server:
         before, peak = _rss_bytes(), 0
-        socks = [_connect(live.port) for _ in range(4)]
+        socks = [_connect(hostile_server.port) for _ in range(4)]
         open_ = set(range(4))
         for sock in socks:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -159,11 +154,11 @@ def test_slow_readers_cannot_hold_the_connection_cap(tmp_path, parser):
     app = create_app(Gated(open_gate=True), output_dir=tmp_path)
     name = app.state.store.save(bytes(12 * 2**20), "png")  # more than the kernel's socket buffers hold
     limits = ConnectionLimits(max_connections=3, send_timeout=1.0)
-    with LiveServer(app, limits=limits, http=parser) as live:
-        readers = [_connect(live.port, rcvbuf=4096) for _ in range(3)]
+    with LiveServer(app, limits=limits, http=parser) as hostile_server:
+        readers = [_connect(hostile_server.port, rcvbuf=4096) for _ in range(3)]
         for sock in readers:
             sock.sendall(f"GET /files/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        connections, answering = live.server.server_state.connections, set()
+        connections, answering = hostile_server.server.server_state.connections, set()
 
         def all_three_answered() -> bool:  # seen over time: on a slow machine one may be dropped already
             answering.update(id(c) for c in list(connections) if getattr(c, "cycle", None) is not None)
@@ -175,7 +170,7 @@ def test_slow_readers_cannot_hold_the_connection_cap(tmp_path, parser):
         deadline = time.monotonic() + WAIT_S
         while True:
             try:
-                if httpx.get(f"{live.url}/health", timeout=WAIT_S).status_code == 200:
+                if httpx.get(f"{hostile_server.url}/health", timeout=WAIT_S).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -198,10 +193,10 @@ SURROGATE_BODIES = {
 
 
 @pytest.mark.parametrize("shape", list(SURROGATE_BODIES))
-def test_a_lone_surrogate_in_any_field_is_a_422_naming_it(live, shape):
+def test_a_lone_surrogate_in_any_field_is_a_422_naming_it(hostile_server, shape):
     template, field = SURROGATE_BODIES[shape]
     r = httpx.post(
-        f"{live.url}/v1/images/generations",
+        f"{hostile_server.url}/v1/images/generations",
         content=(template % SURROGATE).encode(),
         headers={"content-type": "application/json"},
         timeout=WAIT_S,
@@ -226,9 +221,9 @@ def test_a_lone_surrogate_in_any_field_is_a_422_naming_it(live, shape):
         ("GET", "/health%00"),
     ],
 )
-def test_a_control_character_in_the_path_is_a_404(live, method, path):
+def test_a_control_character_in_the_path_is_a_404(hostile_server, method, path):
     body = {"prompt": "a cat", "num_inference_steps": 1, "image_size": "square", "sync_mode": True}
-    r = httpx.request(method, live.url + path, json=body if method == "POST" else None, timeout=WAIT_S)
+    r = httpx.request(method, hostile_server.url + path, json=body if method == "POST" else None, timeout=WAIT_S)
     assert r.status_code == 404 and r.json()["error"]["status"] == 404, r.text[:200]
 
 
@@ -296,17 +291,19 @@ def test_a_hang_up_mid_stream_leaves_no_pending_task(tmp_path, parser, caplog):
     pipe = Gated()
     app = create_app(pipe, output_dir=tmp_path)
     body = {"prompt": "a cat", "stream": True, "response_format": "b64_json", "num_inference_steps": 8}
-    with caplog.at_level(logging.ERROR), LiveServer(app, http=parser) as live:
-        with httpx.stream("POST", f"{live.url}/v1/images/generations", json={**body, "image_size": "square"}) as r:
+    with caplog.at_level(logging.ERROR), LiveServer(app, http=parser) as hostile_server:
+        with httpx.stream(
+            "POST", f"{hostile_server.url}/v1/images/generations", json={**body, "image_size": "square"}
+        ) as r:
             assert r.status_code == 200
             pipe.gate.release(1)
             wait_until(lambda: app.state.worker.busy, WAIT_S)
-            loop = next(iter(live.server.server_state.connections)).loop
+            loop = next(iter(hostile_server.server.server_state.connections)).loop
         # The client hung up with the generation waiting before a step.
         wait_until(lambda: pipe.should_stop is not None and pipe.should_stop(), WAIT_S)
         pipe.gate.release(100)
         wait_until(lambda: not app.state.worker.busy, WAIT_S)
-        assert httpx.get(f"{live.url}/health", timeout=WAIT_S).status_code == 200  # the slot is free
+        assert httpx.get(f"{hostile_server.url}/health", timeout=WAIT_S).status_code == 200  # the slot is free
 
         async def waiting_reads() -> list:
             await asyncio.sleep(0.05)  # a cancelled task finishes on one of the loop's next turns
@@ -321,28 +318,28 @@ def test_a_hang_up_mid_stream_leaves_no_pending_task(tmp_path, parser, caplog):
 # ----------------------------------------------------------------------------- 8. the smaller ones
 
 
-def test_a_request_the_parser_cannot_read_gets_a_json_400(live):
-    with _connect(live.port) as sock:
+def test_a_request_the_parser_cannot_read_gets_a_json_400(hostile_server):
+    with _connect(hostile_server.port) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n")
         status, headers, body = _response(sock)
     assert status == 400 and headers["content-type"] == "application/json", body[:200]
     assert json.loads(body)["error"]["message"].startswith("malformed HTTP request")
 
 
-def test_allow_lists_each_method_once(live):
-    r = httpx.request("OPTIONS", f"{live.url}/openapi.json")
+def test_allow_lists_each_method_once(hostile_server):
+    r = httpx.request("OPTIONS", f"{hostile_server.url}/openapi.json")
     assert r.status_code == 405 and sorted(r.headers["allow"].split(", ")) == ["GET", "HEAD"]
-    r = httpx.post(f"{live.url}/health")
+    r = httpx.post(f"{hostile_server.url}/health")
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
 
 
-def test_docs_are_off_by_default_and_say_how_to_turn_them_on(live, tmp_path):
-    r = httpx.get(f"{live.url}/docs")
+def test_docs_are_off_by_default_and_say_how_to_turn_them_on(hostile_server, tmp_path):
+    r = httpx.get(f"{hostile_server.url}/docs")
     assert r.status_code == 404 and "--docs" in r.json()["error"]["message"]
-    assert httpx.get(f"{live.url}/openapi.json").status_code == 200
-    schema = httpx.get(f"{live.url}/openapi.json").json()
+    assert httpx.get(f"{hostile_server.url}/openapi.json").status_code == 200
+    schema = httpx.get(f"{hostile_server.url}/openapi.json").json()
     assert "/docs" not in schema["paths"]
-    assert httpx.get(f"{live.url}/redoc").status_code == 404
+    assert httpx.get(f"{hostile_server.url}/redoc").status_code == 404
     on = create_app(None, output_dir=tmp_path, docs=True)
     assert any(getattr(route, "path", None) == "/docs" for route in on.routes)
 

@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from live_server import PARSERS, LiveServer
+from live_server import LiveServer
 
 pytest.importorskip("fastapi")
 from srpo_infer.server import create_app
@@ -46,11 +46,6 @@ def _closed(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     except ConnectionResetError:
         return True
-
-
-@pytest.fixture(params=PARSERS)
-def parser(request) -> str:
-    return request.param
 
 
 def _live(tmp_path, parser: str, **limits) -> LiveServer:

@@ -24,6 +24,8 @@ from live_server import LiveServer, wait_until
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from helpers import free_port, post
+
 from srpo_infer.pipeline import GenerationCancelled
 from srpo_infer.request import GenerationRequest, validate_request
 from srpo_infer.result import GenerationResult
@@ -32,10 +34,6 @@ from srpo_infer.server.storage import ImageStore
 
 FAST = {"num_inference_steps": 2, "image_size": "square"}
 SQUARE = {"image_size": "square"}
-
-
-def post(url: str, body, timeout: float = 120, **kw) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout, **kw)
 
 
 class SlowPipeline:
@@ -71,24 +69,18 @@ class SlowPipeline:
 
 def test_a_failed_load_shows_in_health_and_every_post(tmp_path):
     app = create_app(None, output_dir=tmp_path)
-    with LiveServer(app) as live:
+    with LiveServer(app) as robust_server:
         app.state.set_failed("CheckpointError: model file '/x.safetensors' does not exist")
-        health = httpx.get(f"{live.url}/health")
+        health = httpx.get(f"{robust_server.url}/health")
         assert health.status_code == 500
         assert health.json()["status"] == "failed" and "does not exist" in health.json()["reason"]
-        r = post(live.url, {"prompt": "a cat", **FAST})
+        r = post(robust_server.url, {"prompt": "a cat", **FAST})
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert "does not exist" in r.json()["error"]["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -185,38 +177,40 @@ def _queue_depth(url: str) -> int:
 def test_a_drain_that_runs_out_of_time_answers_the_rest_with_503(tmp_path):
     pipe = SlowPipeline(step_s=0.05)
     app = create_app(pipe, output_dir=tmp_path, max_queue=8)
-    with LiveServer(app) as live, ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(post, live.url, {"prompt": f"job {i}", "num_inference_steps": 50}) for i in range(3)]
+    with LiveServer(app) as robust_server, ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(post, robust_server.url, {"prompt": f"job {i}", "num_inference_steps": 50}) for i in range(3)
+        ]
         wait_until(lambda: app.state.worker.busy and app.state.worker.depth == 2)
         assert app.state.drain(0.3) == 3  # the running one stopped, two queued ones failed
         answers = [f.result() for f in futures]
         assert [a.status_code for a in answers] == [503] * 3
         assert all("shut down" in a.json()["error"]["message"] for a in answers)
         assert len(pipe.stopped) == 1 and pipe.started == pipe.stopped and pipe.finished == []  # whichever ran first
-        assert httpx.get(f"{live.url}/health").json()["status"] == "draining"
-        assert post(live.url, {"prompt": "late", **FAST}).status_code == 503
+        assert httpx.get(f"{robust_server.url}/health").json()["status"] == "draining"
+        assert post(robust_server.url, {"prompt": "late", **FAST}).status_code == 503
 
 
 # ----------------------------------------------------------------------------- strict requests
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def robust_server(tmp_path_factory):
     app = create_app(SlowPipeline(step_s=0.0), output_dir=tmp_path_factory.mktemp("out"), max_queue=32)
     with LiveServer(app) as server:
         server.app = app
         yield server
 
 
-def test_unknown_fields_are_refused_with_the_nearest_name(live):
-    r = post(live.url, {"prompt": "a cat", "num_inferance_steps": 1})
+def test_unknown_fields_are_refused_with_the_nearest_name(robust_server):
+    r = post(robust_server.url, {"prompt": "a cat", "num_inferance_steps": 1})
     assert r.status_code == 422
     assert r.json()["error"] == {
         "message": "unknown field 'num_inferance_steps': did you mean 'num_inference_steps'?",
         "field": "num_inferance_steps",
         "status": 422,
     }
-    r = post(live.url, {"prompt": "a cat", "zzz": 1})
+    r = post(robust_server.url, {"prompt": "a cat", "zzz": 1})
     assert r.status_code == 422 and "known fields: model, prompt" in r.json()["error"]["message"]
 
 
@@ -238,8 +232,8 @@ WRONG_TYPES = [
 
 
 @pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
-def test_types_are_strict_and_the_same_in_server_and_library(live, field, value):
-    r = post(live.url, {"prompt": "a cat", **FAST, field: value})
+def test_types_are_strict_and_the_same_in_server_and_library(robust_server, field, value):
+    r = post(robust_server.url, {"prompt": "a cat", **FAST, field: value})
     assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
     with pytest.raises(ValueError, match=field) as refused:
         validate_request("a cat", **{"width": 512, "height": 512, field: value})
@@ -259,8 +253,8 @@ def test_types_are_strict_and_the_same_in_server_and_library(live, field, value)
         {"output_format": "gif"},
     ],
 )
-def test_range_errors_are_the_librarys_words(live, change):
-    r = post(live.url, {"prompt": "a cat", **FAST, **change})
+def test_range_errors_are_the_librarys_words(robust_server, change):
+    r = post(robust_server.url, {"prompt": "a cat", **FAST, **change})
     assert r.status_code == 422, r.text
     message = r.json()["error"]["message"]
     assert "Input should" not in message and "must" in message, message
@@ -268,14 +262,16 @@ def test_range_errors_are_the_librarys_words(live, change):
 
 
 @pytest.mark.parametrize("field", ["sync_mode", "enable_safety_checker"])
-def test_booleans_are_strict(live, field):
-    r = post(live.url, {"prompt": "a cat", **FAST, field: 1})
+def test_booleans_are_strict(robust_server, field):
+    r = post(robust_server.url, {"prompt": "a cat", **FAST, field: 1})
     assert r.status_code == 422 and r.json()["error"]["field"] == field
 
 
-def test_duplicate_keys_are_refused(live):
+def test_duplicate_keys_are_refused(robust_server):
     raw = b'{"prompt": "a cat", "num_inference_steps": 2, "prompt": "a dog"}'
-    r = httpx.post(f"{live.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{robust_server.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["error"]["field"] == "prompt"
     assert "duplicate key 'prompt'" in r.json()["error"]["message"]
 

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import EAGER_COMPILE, load_tiny, standard_request
 
-import srpo_infer
-from srpo_infer import GenerationRequest
 from srpo_infer.step_cache import ACCELERATION_THRESHOLDS
 
 STEPS = 6
-REQ = GenerationRequest("a fox in the snow", 512, 576, seed=8, num_inference_steps=STEPS)
+REQ = standard_request(height=576, seed=8, num_inference_steps=STEPS)
 
 
-def test_levels_use_the_published_thresholds():
-    assert ACCELERATION_THRESHOLDS == {"none": None, "regular": 0.08, "high": 0.12}
+def test_the_docs_state_the_thresholds_the_levels_use():
+    """docs/step-caching.md names each level's threshold and where it comes from: it must say what the
+    code runs (a changed threshold changes the docs, or this fails)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "step-caching.md").read_text()
+    stated = {level: float(v) for level, v in re.findall(r"`(regular|high)` (0\.\d+)", text)}
+    assert stated == {k: v for k, v in ACCELERATION_THRESHOLDS.items() if v is not None}
+    assert ACCELERATION_THRESHOLDS["none"] is None
 
 
 def test_threshold_zero_is_identical_to_none(tiny_pipe):
@@ -49,15 +56,7 @@ def test_bad_threshold_is_clear(tiny_pipe):
 
 
 def test_the_whole_model_compile_refuses_step_caching_in_one_line():
-    pipe = srpo_infer.load_pipeline(
-        "tiny-random",
-        device="cpu",
-        progress=False,
-        compile=True,
-        compile_scope="full",
-        compile_backend="eager",
-        cache_dir=None,
-    )
+    pipe = load_tiny(**EAGER_COMPILE, compile_scope="full")
     assert pipe.optimized.runtime.step_cache is None
     with pytest.raises(
         ValueError, match=r"acceleration 'regular' .*\(compile_scope='full'\).* use compile_scope='regional'"

@@ -4,9 +4,7 @@ stops its generation before the next step."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import threading
 
@@ -17,6 +15,8 @@ from live_server import LiveServer, wait_until
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from helpers import pixels
+
 from srpo_infer.pipeline import GenerationCancelled
 from srpo_infer.preview import Preview, preview_steps
 from srpo_infer.result import GenerationResult
@@ -25,10 +25,6 @@ from srpo_infer.server.schema import GenerationBody
 from srpo_infer.server.streaming import stream_refusal
 
 FOUR = {"num_inference_steps": 4, "image_size": "square", "acceleration": "none"}
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_preview_steps_are_spread_and_never_the_last():
@@ -53,14 +49,14 @@ def test_library_previews_leave_the_image_unchanged(tiny_pipe):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pipe, tmp_path_factory):
+def streaming_server(tiny_pipe, tmp_path_factory):
     with LiveServer(create_app(tiny_pipe, output_dir=tmp_path_factory.mktemp("out"))) as live:
         yield live
 
 
-def test_the_openai_sdk_streams_two_previews_then_the_image(server):
+def test_the_openai_sdk_streams_two_previews_then_the_image(streaming_server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{streaming_server.url}/v1", api_key="unused", max_retries=0)
     extra = {"num_inference_steps": 4, "seed": 11, "acceleration": "none"}
     events = list(
         client.images.generate(
@@ -79,10 +75,10 @@ def test_the_openai_sdk_streams_two_previews_then_the_image(server):
     assert np.array_equal(pixels(events[-1].b64_json), pixels(plain.data[0].b64_json))
 
 
-def test_partial_images_zero_sends_only_the_completed_event(server):
+def test_partial_images_zero_sends_only_the_completed_event(streaming_server):
     with httpx.stream(
         "POST",
-        f"{server.url}/v1/images/generations",
+        f"{streaming_server.url}/v1/images/generations",
         timeout=120,
         json={"prompt": "a cat", "stream": True, "partial_images": 0, **FOUR},
     ) as r:
@@ -102,9 +98,9 @@ def test_partial_images_zero_sends_only_the_completed_event(server):
         ({"partial_images": 4}, "partial_images", "less than or equal to 3"),
     ],
 )
-def test_stream_combinations_that_cannot_work_are_refused_in_one_line(server, change, field, words):
+def test_stream_combinations_that_cannot_work_are_refused_in_one_line(streaming_server, change, field, words):
     body = {"prompt": "a cat", "stream": True, **FOUR, **change}
-    r = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=60)
+    r = httpx.post(f"{streaming_server.url}/v1/images/generations", json=body, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
     assert words in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
 

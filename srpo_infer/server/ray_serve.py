@@ -62,6 +62,8 @@ class SRPOModel:
             torch.set_num_threads(1)  # CPU replicas share the host's cores: do not oversubscribe them
         self.pipe = load_pipeline(model, progress=False, **pipeline_options)
         self.cancelled = 0
+        self.steps_begun = 0  # denoising steps begun by this replica's generations (health, tests)
+        self.running = 0
         warm_up(self.pipe, warmup_sizes, accelerations)
         log.info("replica %s ready", self.replica)
 
@@ -75,12 +77,19 @@ class SRPOModel:
 
         stop = threading.Event()
 
+        def at_step() -> bool:
+            self.steps_begun += 1
+            return stop.is_set()
+
         def work():
+            self.running += 1
             try:
-                return self.pipe.generate(request, progress=False, should_stop=stop.is_set)
+                return self.pipe.generate(request, progress=False, should_stop=at_step)
             except GenerationCancelled:
                 self.cancelled += 1
                 raise
+            finally:
+                self.running -= 1
 
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, work)
@@ -91,11 +100,17 @@ class SRPOModel:
         return result
 
     def info(self) -> dict:
-        """This replica's id, process id (tests kill replicas by pid) and how many generations it
-        stopped early because their request was cancelled."""
+        """This replica's id, process id (tests kill replicas by pid), how many generations it stopped
+        early because their request was cancelled, how many run now and the steps they have begun."""
         import os
 
-        return {"replica": self.replica, "pid": os.getpid(), "cancelled": self.cancelled}
+        return {
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "cancelled": self.cancelled,
+            "running": self.running,
+            "steps_begun": self.steps_begun,
+        }
 
 
 class RayBackend:
