@@ -156,7 +156,15 @@ def apply_optimizations(
         constants=request_constants,
         context_parallel=context_parallel,
     )
-    return Optimized(runtime, decode_fn, steps, cache_file, scope, memory_plan, residency)
+    return Optimized(
+        runtime=runtime,
+        vae_decode=decode_fn,
+        steps=steps,
+        cache_file=cache_file,
+        scope=scope,
+        memory_plan=memory_plan,
+        residency=residency,
+    )
 
 
 def load_lora_after(flux, config: PipelineConfig, state: dict, scale: float) -> None:
