@@ -209,6 +209,7 @@ def test_every_rule_sentence_is_defined_in_one_module():
 def test_each_side_is_checked_once_per_request_on_the_library_and_http_paths(tiny_pipe, monkeypatch, tmp_path):
     """The size rule runs at the boundary where a request is built, once per side: not again when the
     seed is drawn, the LoRAs resolved or the size parsed (before: up to 4 times)."""
+    pytest.importorskip("fastapi", reason="the [server] extra")
     from fastapi.testclient import TestClient
 
     from srpo_infer import request
