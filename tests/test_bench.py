@@ -17,6 +17,7 @@ from srpo_infer.cli import main
 ORDER = ["diffusers", "+cache-high", "ours-eager", "+fp8-weight"]
 
 
+@pytest.mark.slow  # ~8 s: four configurations at two sizes; CI's slow step
 def test_bench_smoke_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(
@@ -103,6 +104,7 @@ def test_the_compiled_row_is_the_baselines_math_and_compiles_nothing_at_the_seco
     assert rows[("+compile", "640x512@2")]["recompiles_after_first_size"] == 0
 
 
+@pytest.mark.slow  # ~4 s: CI's slow step
 def test_a_configuration_past_its_time_box_becomes_an_error_row_and_the_next_runs(monkeypatch):
     """Event-driven, not a race with the clock: the stuck call records that the box interrupted it, and
     the next configuration's generation is a canned one, so a slow machine cannot push it past its box."""

@@ -141,7 +141,10 @@ def _count_attention_calls(pipe) -> list[int]:
     return count_calls(pipe.transformer.transformer_blocks[0].attn)
 
 
-@pytest.mark.parametrize("cache, compiled", [("taylorseer", False), ("magcache", True)])
+@pytest.mark.parametrize(
+    "cache, compiled",
+    [("taylorseer", False), pytest.param("magcache", True, marks=pytest.mark.slow)],  # compiled: ~4 s, slow step
+)
 def test_taylorseer_and_magcache_skip_work_and_run_under_regional_compile(cache, compiled):
     """diffusers' TaylorSeer (attention outputs predicted between full steps) and MagCache (FLUX.1-dev
     magnitude ratios) as named options: they skip work, stay close to the uncached image on the tiny

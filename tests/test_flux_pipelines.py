@@ -205,6 +205,7 @@ def test_a_lora_loaded_after_qkv_fusion_is_refused_and_removed(tmp_path):
     np.testing.assert_array_equal(generate(pipe, inputs, steps=2), before)  # nothing half-loaded
 
 
+@pytest.mark.slow  # ~4 s: a compile with a LoRA; CI's slow step
 def test_a_lora_loaded_before_optimize_keeps_qkv_unfused_and_takes_effect(tmp_path):
     """fuse_qkv='auto' (on with compile) leaves QKV unfused while a LoRA on them is live, and
     fuse_qkv=True is refused; once merged (pipe.fuse_lora()) fusing keeps it."""
