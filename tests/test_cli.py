@@ -315,7 +315,13 @@ def test_ctrl_c_during_generate_is_one_line_exit_130_and_no_file(tmp_path):
     out_dir = tmp_path / "out"
     argv = [str(BIN / "srpo-infer"), "generate", "a cat", "--model", "tiny-random", "--image-size", "square"]
     proc = subprocess.Popen(
-        [*argv, "--steps", "50", "-o", str(out_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+        [*argv, "--steps", "50", "-o", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+        # ignored SIGINT ignored: give the command the default a terminal would, however CI was started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = b""
     try:
