@@ -133,7 +133,9 @@ def diffusers_pipeline(
     config = PipelineConfig(
         model=os.fspath(model), base=base, device=device, dtype=dtype, progress=progress, **options
     ).resolved()
-    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps, compiled=config.compile)
+    cached = stock_cache(
+        acceleration, cache_threshold, cache, cache_steps, compiled=config.compile, cuda_graphs=config.cuda_graphs
+    )
     config, components, lora_state = _load(config)
     flux = flux_pipeline_class()(**components)
     flux.set_progress_bar_config(disable=not progress)

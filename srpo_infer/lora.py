@@ -303,40 +303,42 @@ def slot_rank(transformer: torch.nn.Module) -> int:
 @contextlib.contextmanager
 def request_adapter(pipe, loras: tuple[tuple[str, float], ...]):
     """While the block runs, ``pipe`` carries the scaled sum of ``loras`` (``(path, scale)`` pairs, read
-    through ``pipe.lora_cache``); afterwards nothing of them is left. On a pipeline with a hotswap slot
-    (compiled, loaded with ``lora_fuse=False``) the sum is swapped into the slot without recompiling
-    and the slot goes back to scale 0; otherwise the adapter is loaded and deleted again."""
+    through ``pipe.lora_cache``); afterwards nothing of them is left. On a pipeline with a slot
+    (``lora_slot``) the sum is swapped into it (compiled: without recompiling), and the slot goes back
+    to scale 0 and off; on an eager pipeline without one the adapter is loaded and deleted again. A
+    pipeline that carries a LoRA of its own refuses them: they would replace it."""
     merged = merge_loras([(_read_for_request(pipe.lora_cache, path), scale) for path, scale in loras])
     rank, transformer = max_rank(merged), pipe.transformer
     slot = has_slot(transformer)
-    # A compiled pipeline's own separate LoRA is swapped in place too (no recompile), and left at 0.
-    swap = slot or (has_adapter(transformer) and pipe.config.compile)
-    if swap and rank > slot_rank(transformer):
+    if not slot and has_adapter(transformer):  # never replace what the user loaded: it would be lost
+        raise LoraError(
+            "this pipeline carries a LoRA of its own (lora=... with lora_fuse=False, or load_lora): a request's "
+            "loras would replace it; build the pipeline with lora_slot=LAYERS for per-request LoRAs (serve "
+            "--lora-dir does), or merge yours with lora_fuse=True"
+        )
+    if slot and rank > slot_rank(transformer):
         raise LoraError(
             f"loras rank {rank} (summed over the request's adapters) is over this pipeline's maximum, "
             f"{slot_rank(transformer)}: use fewer or smaller adapters"
         )
-    if not swap and (pipe.config.compile or pipe.config.fuse_qkv):
+    if not slot and (pipe.config.compile or pipe.config.fuse_qkv):
         raise LoraError(
-            "loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora=FILE, "
-            "lora_fuse=False, lora_max_rank=R (serve --lora-dir does)"
+            "loras need a LoRA slot on a compiled or QKV-fused pipeline: load it with lora_slot=LAYERS and "
+            "fuse_qkv left to 'auto' (serve --lora-dir does)"
         )
-    if not swap and has_adapter(transformer):  # an eager pipeline's own separate LoRA: the request replaces it
-        pipe.flux.delete_adapters(ADAPTER)
     try:
         if slot:
             transformer.enable_lora()  # the slot is off between requests that name no LoRA
         try:
             with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel", on every transformer LoRA
-                apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=swap)
+                apply_lora(pipe.flux, merged, 1.0, fuse=False, hotswap=slot)
         except LoraError as exc:
             names = ", ".join(repr(Path(path).name) for path, _ in loras)
             raise LoraError(f"loras {names}: {exc}") from exc
         yield
     finally:
-        if swap:
+        if slot:
             pipe.flux.set_adapters([ADAPTER], [0.0])  # the slot stays, at scale 0: the base model exactly
-            if slot:
-                transformer.disable_lora()  # and off: the next request without loras skips its GEMMs
+            transformer.disable_lora()  # and off: the next request without loras skips its GEMMs
         elif has_adapter(transformer):
             pipe.flux.delete_adapters(ADAPTER)

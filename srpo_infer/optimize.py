@@ -172,8 +172,13 @@ def load_lora_after(flux, config: PipelineConfig, state: dict, scale: float) -> 
     order set: swapped into the adapter already there (compiled: without recompiling, up to the rank it
     was prepared for), else loaded separate, and refused where fused QKV or a compile without an adapter
     to swap into leaves no place for it."""
-    from .lora import LoraError, apply_lora, has_adapter
+    from .lora import LoraError, apply_lora, has_adapter, has_slot
 
+    if has_slot(flux.transformer):
+        raise LoraError(
+            "this pipeline's LoRA slot (lora_slot) takes the adapters requests name in loras, one request at a "
+            "time: name yours there, or build a pipeline with lora=FILE, lora_fuse=False to load your own"
+        )
     swap = has_adapter(flux.transformer)
     if not swap and (config.compile or config.fuse_qkv):
         raise LoraError(
@@ -345,7 +350,9 @@ def optimize(
         progress=False,
         **options,
     ).resolved()
-    cached = stock_cache(acceleration, cache_threshold, cache, cache_steps, compiled=config.compile)
+    cached = stock_cache(
+        acceleration, cache_threshold, cache, cache_steps, compiled=config.compile, cuda_graphs=config.cuda_graphs
+    )
     check_cache_fits(pipe, None if cached is None else cache or "first-block")
     check_available(config)
     return optimize_stock(pipe, config, cached, memory_placement=memory is not None)

@@ -140,8 +140,10 @@ class SRPOPipeline:
         return request_adapter(self, loras)
 
     def _require_lora(self):
-        from .lora import LoraError, has_adapter
+        from .lora import LoraError, has_adapter, has_slot
 
+        if has_slot(self.transformer):
+            raise LoraError("this pipeline's LoRA slot serves the loras requests name; no LoRA of its own is loaded")
         if not has_adapter(self.transformer):
             raise LoraError("no separate LoRA is loaded (a fused one is part of the weights)")
         return self.flux

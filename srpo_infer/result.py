@@ -45,14 +45,14 @@ class StageClock:
     """
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.marks: list[tuple[str, object]] = [("start", self._now())]
 
     def _now(self):
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the pipeline's device, whichever is current
         return event
 
     def mark(self, stage: str) -> None:

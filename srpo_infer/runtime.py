@@ -43,16 +43,18 @@ class ModelRuntime:
         """A one-line error when this runtime cannot cache steps (``acceleration``: the request's level)."""
         if self.step_cache is not None:
             return
-        what = f"acceleration {acceleration!r}" if acceleration != "none" else "cache_threshold"
+        if acceleration != "none":
+            what, instead = f"acceleration {acceleration!r}", "acceleration 'none'"
+        else:
+            what, instead = "cache_threshold", "no cache_threshold"
         if self.context_parallel is not None:
             raise ValueError(
                 f"{what} (first-block caching) does not run with context_parallel={self.context_parallel.degree} "
-                "yet: each process would decide to skip on its own tokens; use acceleration 'none'"
+                f"yet: each process would decide to skip on its own tokens; use {instead}"
             )
         raise ValueError(
             f"{what} (first-block caching) does not run under the whole-model compile (compile_scope='full'), "
-            "whose one graph the skip decision would break: use compile_scope='regional' (the default) or "
-            "acceleration 'none'"
+            f"whose one graph the skip decision would break: use compile_scope='regional' (the default) or {instead}"
         )
 
     @contextlib.contextmanager

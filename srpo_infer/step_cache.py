@@ -56,6 +56,7 @@ def stock_cache(
     cache: str | None = None,
     cache_steps: int = 28,
     compiled: bool = False,
+    cuda_graphs: bool = False,
 ) -> tuple[object, str] | None:
     """The diffusers cache config a stock pipeline gets for every call, and its step label; ``None``
     when nothing asks for a cache.
@@ -68,7 +69,8 @@ def stock_cache(
     ``regular`` level (those defaults; 0.08 for ``first-block``); an ``acceleration`` or a
     ``cache_threshold`` alone takes ``first-block``; ``acceleration="none"`` with a ``cache`` is refused,
     since it would cache nothing. ``compiled``: TaylorSeer is refused with the regional compile (its
-    hooks sit on the attentions inside the compiled blocks).
+    hooks sit on the attentions inside the compiled blocks). ``cuda_graphs``: every cache is refused
+    (diffusers' hooks keep block outputs a replay overwrites; our own loop's cache copies what it keeps).
 
     >>> stock_cache("regular")[1], stock_cache(cache="taylorseer")[1], stock_cache()
     ('cache:first-block(0.08)', 'cache:taylorseer(interval 5)', None)
@@ -82,6 +84,11 @@ def stock_cache(
             "cache='taylorseer' with compile=True: TaylorSeer hooks every attention inside the compiled blocks, so "
             "its per-step choice would break their graphs and compile new ones; use cache='first-block' or "
             "'magcache' (their hooks wrap whole blocks and run outside the graphs), or compile=False"
+        )
+    if cuda_graphs and (acceleration not in (None, "none") or cache is not None or cache_threshold is not None):
+        raise ValueError(
+            "a step cache with CUDA graphs on a diffusers pipeline: diffusers' cache hooks keep block outputs that "
+            "a graph's next replay overwrites; pass cuda_graphs=False (or leave compile_mode at 'default'), or no cache"
         )
     if cache is not None and acceleration == "none":
         raise ValueError(

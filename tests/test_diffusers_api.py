@@ -209,3 +209,14 @@ def test_diffusers_pipeline_refuses_taylorseer_under_compile_before_loading(monk
     monkeypatch.setattr(loading, "_load", lambda config: pytest.fail("loaded before refusing"))
     with pytest.raises(ValueError, match=r"cache='taylorseer' with compile=True"):
         srpo_infer.diffusers_pipeline("tiny-random", device="cpu", cache="taylorseer", compile=True)
+
+
+def test_a_stock_cache_with_cuda_graphs_is_refused_in_one_line():
+    """diffusers' first-block cache and MagCache keep a block's output across blocks without a copy; a
+    CUDA graph replay reuses that memory. optimize() resolves cuda_graphs before choosing the cache."""
+    from srpo_infer.step_cache import stock_cache
+
+    for options in ({"acceleration": "regular"}, {"cache": "magcache"}, {"cache_threshold": 0.1}):
+        with pytest.raises(ValueError, match="a step cache with CUDA graphs on a diffusers pipeline"):
+            stock_cache(**options, cuda_graphs=True)
+    assert stock_cache(cuda_graphs=True) is None and stock_cache("none", cuda_graphs=True) is None

@@ -247,3 +247,26 @@ def test_an_eager_pipeline_with_a_slot_swaps_request_loras_into_it(folder, refer
     assert np.abs(pixels(got) - pixels(reference["a"])).max() <= 1
     assert has_slot(pipe.transformer)
     assert np.array_equal(pixels(pipe.generate("a red fox in snow", **KW).images[0]), pixels(reference["base"]))
+
+
+def test_a_pipeline_with_a_slot_refuses_a_lora_of_its_own(folder):
+    """The slot is the requests': load_lora or set_lora_scale on it would do nothing visible (the slot is
+    off between requests) and be overwritten by the next request, so each is refused in one line."""
+    from srpo_infer.server.loras import LoraLibrary
+
+    pipe = load(lora_slot=LoraLibrary(folder).slot_layers())
+    with pytest.raises(LoraError, match=r"LoRA slot \(lora_slot\) takes the adapters requests name"):
+        pipe.load_lora(folder / "a.safetensors", scale=0.7)
+    with pytest.raises(LoraError, match="LoRA slot serves the loras requests name"):
+        pipe.set_lora_scale(1.0)
+
+
+def test_a_request_lora_never_replaces_the_pipelines_own_lora(folder, reference):
+    """A pipeline loaded with its own separate LoRA keeps it: a request naming loras is refused in one
+    line instead of deleting it (before, the request's adapter replaced it for good)."""
+    a = str(folder / "a.safetensors")
+    pipe = load(lora=a, lora_scale=SCALE, lora_fuse=False)
+    with pytest.raises(LoraError, match=r"carries a LoRA of its own .* would replace it"):
+        pipe.generate("a red fox in snow", loras=[(str(folder / "b.safetensors"), 1.0)], **KW)
+    assert has_adapter(pipe.transformer)
+    assert np.abs(pixels(pipe.generate("a red fox in snow", **KW).images[0]) - pixels(reference["a"])).max() <= 1

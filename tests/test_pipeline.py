@@ -233,7 +233,7 @@ def test_request_timing_waits_for_the_gpu_once_at_the_end(monkeypatch):
         def __init__(self, enable_timing):
             assert enable_timing
 
-        def record(self):
+        def record(self, stream=None):
             self.at = next(clock_ms)
 
         def synchronize(self):
@@ -243,6 +243,7 @@ def test_request_timing_waits_for_the_gpu_once_at_the_end(monkeypatch):
             return other.at - self.at
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("a device-wide synchronize"))
     clock = StageClock(torch.device("cuda"))
     for stage in ("encode", "denoise", "decode"):

@@ -512,3 +512,19 @@ def test_a_generations_body_is_parsed_once(tiny_pipe, tmp_path, monkeypatch):
     assert (len(parses), len(validations)) == (1, 1)
     body = create_app(tiny_pipe, output_dir=tmp_path).openapi()["paths"]["/v1/images/generations"]["post"]
     assert body["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerationBody")
+
+
+def test_deeply_nested_or_non_json_bodies_are_refused_not_a_500(tiny_pipe, tmp_path):
+    from fastapi.testclient import TestClient
+
+    url = "/v1/images/generations"
+    with TestClient(create_app(tiny_pipe, output_dir=tmp_path)) as client:
+        json_type = {"content-type": "application/json"}
+        deep = client.post(url, content=b"[" * 5000 + b"]" * 5000, headers=json_type)
+        assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+        inner = client.post(url, content=b'{"prompt":"a","x":' + b"[" * 5000 + b"]" * 5000 + b"}", headers=json_type)
+        assert inner.status_code == 400, inner.text
+        text = client.post(url, content=b'{"prompt": "a"}', headers={"content-type": "text/plain"})
+        assert text.status_code == 415 and "Content-Type: application/json" in text.json()["error"]["message"]
+        bare = client.post(url, content=json.dumps({"prompt": "a", "num_inference_steps": 1, "image_size": "square"}))
+        assert bare.status_code == 200, bare.text  # curl -d without -H sends no JSON type: taken as JSON

@@ -354,7 +354,8 @@ async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
 async def generations(request: Request):
     """Generate images: the hosted ``flux/srpo`` request and response."""
     served = _served(request)
-    body = parse_body(await request.body())  # the one parse of the body (its schema: GenerationBody)
+    raw = await request.body()
+    body = parse_body(raw, request.headers.get("content-type"))  # the one parse (its schema: GenerationBody)
     req = served.admit(body)
     if body.stream:
         previews = streamed_job(body)

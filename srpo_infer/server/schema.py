@@ -173,15 +173,22 @@ class GenerationBody(BaseModel):
         return "image_size" if isinstance(self.image_size, ImageSize) else None
 
 
-def parse_body(raw: bytes) -> GenerationBody:
+def parse_body(raw: bytes, content_type: str | None = None) -> GenerationBody:
     """The generations body, parsed once: the JSON text into Python (a key sent twice refused: which
     one a parser keeps is not the client's choice to guess; text that cannot be encoded refused), then
-    that object checked against :class:`GenerationBody`'s types. Raises :class:`ApiError` (400, 422)."""
+    that object checked against :class:`GenerationBody`'s types. ``content_type``: the request's header;
+    none (curl -d without -H) is taken as JSON, another type refused. Raises :class:`ApiError` (400, 415,
+    422)."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"the body must be JSON (Content-Type: application/json), got Content-Type {media!r}")
     try:
         data = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+        refused = unencodable(data)  # before any message quotes the text that cannot be sent
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ApiError(400, f"malformed JSON body: {getattr(exc, 'msg', exc)}") from None
-    refused = unencodable(data)  # before any message quotes the text that cannot be sent
+    except RecursionError:  # arrays or objects nested thousands deep: no request field is
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
     if refused is not None:
         raise refused
     if not isinstance(data, dict):
