@@ -40,7 +40,7 @@ class RequestConstants:
     """
 
     def __init__(self, transformer: torch.nn.Module):
-        self.generation = 0  # 0: outside a request
+        self.active = False  # inside a request: reuse what its first call computed
         self.hooks = []
         for name in CONSTANT_MODULES:
             try:
@@ -54,11 +54,11 @@ class RequestConstants:
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         """One request: its first call computes, later calls reuse; nothing kept after it."""
-        self.generation = self._next = getattr(self, "_next", 0) + 1
+        self.active = True
         try:
             yield
         finally:
-            self.generation = 0
+            self.active = False
             for hook in self.hooks:
                 hook.drop()
 
@@ -76,14 +76,12 @@ class _Reuse(ModelHook):
         self.drop()
 
     def drop(self) -> None:
-        self.generation, self.signature, self.output = 0, None, None
+        self.signature, self.output = None, None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        generation = self.constants.generation
-        if generation == 0:
+        if not self.constants.active:
             return self.fn_ref.original_forward(*args, **kwargs)
         signature = _signature(args, kwargs)
-        if self.generation != generation or self.signature != signature:
-            self.output = self.fn_ref.original_forward(*args, **kwargs)
-            self.generation, self.signature = generation, signature
+        if self.output is None or self.signature != signature:
+            self.output, self.signature = self.fn_ref.original_forward(*args, **kwargs), signature
         return self.output

@@ -25,7 +25,6 @@ from .request import ACCELERATIONS, check_acceleration
 
 # The levels are request.ACCELERATIONS (their one definition and rule); these are their thresholds.
 ACCELERATION_THRESHOLDS: dict[str, float | None] = dict(zip(ACCELERATIONS, (None, 0.08, 0.12), strict=True))
-CACHE_CONTEXT = "srpo"  # diffusers keys the hooks' state by the name of the denoising call
 
 
 def cache_threshold_for(acceleration: str, override: float | None = None) -> float | None:

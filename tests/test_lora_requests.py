@@ -17,13 +17,13 @@ from loras import diffusers_lora, kohya_lora, lora_factors
 from PIL import Image
 from safetensors.torch import save_file
 
-import srpo_infer
 from srpo_infer import GenerationRequest
 from srpo_infer.bench.deviation import relative_error
 from srpo_infer.lora import LoraError, has_adapter
 
 pytest.importorskip("peft")
 pytest.importorskip("fastapi")
+from helpers import load_tiny as load
 from helpers import pixels, post
 
 from srpo_infer.server import create_app
@@ -41,10 +41,6 @@ BODY = {
     "output_format": "png",
 }
 SCALE = 0.7
-
-
-def load(**kw):
-    return srpo_infer.load_pipeline("tiny-random", device="cpu", progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
